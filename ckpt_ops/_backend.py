@@ -1,0 +1,222 @@
+"""Backend selection: which kernels serve which op family on which device.
+
+Backends (DESIGN §2):
+
+``"triton"``     Triton kernels (``ckpt_ops.triton_kernels``): CUDA tensors, and CPU tensors when
+                 ``TRITON_INTERPRET=1`` was set before Triton was imported (slow; for testing).
+``"cuda"``       the CUDA kernels of the extension ``ckpt_ops._C`` (CUDA tensors).
+``"cpu"``        the C++ kernels of the extension ``ckpt_ops._C`` (CPU tensors).
+``"reference"``  pure PyTorch (``ckpt_ops.reference``): any device, always available.
+``"auto"``       CUDA tensors: triton, else cuda, else reference; CPU tensors: cpu, else reference.
+
+The request comes from a ``backend=`` argument, else the ``CKPT_OPS_BACKEND`` environment
+variable, else ``"auto"``. An explicit request for a backend that cannot serve the call raises
+``RuntimeError``; ``"auto"`` may fall back, and then logs a warning once and records it, so
+``ckpt_ops.backend_info()`` always says who serves what.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import os
+import threading
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+
+__all__ = ["BACKENDS", "ENV_VAR", "backend_info", "resolve", "kernel", "register_family"]
+
+log = logging.getLogger("ckpt_ops")
+
+BACKENDS = ("auto", "triton", "cuda", "cpu", "reference")
+ENV_VAR = "CKPT_OPS_BACKEND"
+_AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
+
+# ---------------------------------------------------------------------------------------------
+# The extension
+# ---------------------------------------------------------------------------------------------
+_ext_error: Optional[str] = None
+try:
+    from ckpt_ops import _C  # noqa: F401  (registers torch.ops.ckpt_ops.*)
+
+    _ext_info = dict(_C.build_info())
+except ImportError as e:  # not built, or built against another torch
+    _C = None
+    _ext_info = {"with_cuda": False, "cuda_archs": "", "torch_version": ""}
+    _ext_error = f"{type(e).__name__}: {e}"
+
+
+def extension_loaded() -> bool:
+    return _C is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton
+# ---------------------------------------------------------------------------------------------
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpret() -> bool:
+    """True when Triton kernels run under the interpreter (set TRITON_INTERPRET=1 before import)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ---------------------------------------------------------------------------------------------
+# Op families: the kernels each backend provides
+# ---------------------------------------------------------------------------------------------
+# family -> backend -> {kernel name -> "module:attr" or "torch.ops:name" or callable}
+_FAMILIES: Dict[str, Dict[str, Dict[str, object]]] = {}
+_resolved_kernels: Dict[Tuple[str, str, str], Callable] = {}
+_fallbacks: Dict[Tuple[str, str], Dict[str, str]] = {}
+_lock = threading.Lock()
+
+
+_TRITON_MODULES: Dict[str, str] = {}
+
+
+def register_family(family: str, kernels: Dict[str, Dict[str, object]], triton_module: Optional[str] = None) -> None:
+    """Declare the kernels of an op family. ``kernels[backend][name]`` is a callable, a
+    ``"torch.ops.ckpt_ops.<op>"`` string, or ``"<module>:<attr>"``. `triton_module` is imported
+    (registering its ``triton_op``s) the first time a Triton kernel of the family is used, so
+    ``import ckpt_ops`` never imports Triton."""
+    _FAMILIES[family] = kernels
+    if triton_module is not None:
+        _TRITON_MODULES[family] = triton_module
+
+
+def _load(spec: object) -> Callable:
+    if callable(spec):
+        return spec
+    assert isinstance(spec, str)
+    if spec.startswith("torch.ops.ckpt_ops."):
+        return getattr(torch.ops.ckpt_ops, spec.rsplit(".", 1)[1])
+    module, attr = spec.split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def _unavailable_reason(family: str, backend: str, device_type: str) -> Optional[str]:
+    """None when `backend` can serve `family` on `device_type`, else why not."""
+    if family not in _FAMILIES:
+        raise KeyError(f"unknown op family {family!r}")
+    if backend not in _FAMILIES[family]:
+        return f"no {backend} kernels exist for {family}"
+    if backend == "reference":
+        return None
+    if backend == "cpu":
+        if device_type != "cpu":
+            return f"backend 'cpu' serves CPU tensors, got {device_type} tensors"
+        return None if _C is not None else f"the extension ckpt_ops._C is not loaded ({_ext_error})"
+    if backend == "cuda":
+        if device_type != "cuda":
+            return f"backend 'cuda' serves CUDA tensors, got {device_type} tensors"
+        if _C is None:
+            return f"the extension ckpt_ops._C is not loaded ({_ext_error})"
+        return None if _ext_info["with_cuda"] else "ckpt_ops._C was built without CUDA kernels"
+    if backend == "triton":
+        if not _triton_installed():
+            return "triton is not installed"
+        if device_type == "cuda":
+            return None
+        if device_type == "cpu":
+            return None if triton_interpret() else "Triton runs CPU tensors only with TRITON_INTERPRET=1"
+        return f"Triton does not serve {device_type} tensors"
+    raise AssertionError(backend)
+
+
+def _requested(backend: Optional[str]) -> str:
+    req = backend if backend is not None else (os.environ.get(ENV_VAR) or "auto")
+    if not isinstance(req, str):
+        raise TypeError(f"backend must be a str, one of {BACKENDS}; got {type(req).__name__}")
+    req = req.strip().lower()
+    if req not in BACKENDS:
+        src = "backend" if backend is not None else f"the environment variable {ENV_VAR}"
+        raise ValueError(f"{src} must be one of {BACKENDS}; got {req!r}")
+    return req
+
+
+def resolve(family: str, device: torch.device, backend: Optional[str] = None) -> str:
+    """The backend that serves `family` for tensors on `device` (see the module docstring)."""
+    req = _requested(backend)
+    device_type = device.type
+    if req != "auto":
+        reason = _unavailable_reason(family, req, device_type)
+        if reason is not None:
+            raise RuntimeError(f"ckpt_ops: backend {req!r} cannot run {family}: {reason}")
+        return req
+    order = _AUTO_ORDER.get(device_type, ("reference",))
+    reasons = []
+    for cand in order:
+        reason = _unavailable_reason(family, cand, device_type)
+        if reason is None:
+            if cand != order[0]:
+                _record_fallback(family, device_type, order[0], cand, "; ".join(reasons))
+            return cand
+        reasons.append(f"{cand}: {reason}")
+    raise AssertionError("the reference backend is always available")
+
+
+def _record_fallback(family: str, device_type: str, wanted: str, got: str, why: str) -> None:
+    key = (family, device_type)
+    if key in _fallbacks:
+        return
+    with _lock:
+        if key not in _fallbacks:
+            _fallbacks[key] = {"wanted": wanted, "using": got, "why": why}
+            log.warning("ckpt_ops: %s on %s tensors falls back from %r to %r (%s)", family, device_type, wanted,
+                        got, why)
+
+
+def kernel(family: str, backend: str, name: str) -> Callable:
+    """The callable implementing kernel `name` (e.g. "fwd") of `family` on `backend`."""
+    key = (family, backend, name)
+    fn = _resolved_kernels.get(key)
+    if fn is None:
+        if backend == "triton" and family in _TRITON_MODULES:
+            importlib.import_module(_TRITON_MODULES[family])
+        fn = _load(_FAMILIES[family][backend][name])
+        _resolved_kernels[key] = fn
+    return fn
+
+
+def backend_info() -> dict:
+    """Which backend serves which op family on which device, and how the extension was built.
+
+    Returns a dict::
+
+        {"requested": "auto" | ... (CKPT_OPS_BACKEND),
+         "extension": {"loaded", "with_cuda", "cuda_archs", "torch_version", "error"},
+         "triton": {"installed", "interpret", "version"},
+         "cuda_available": bool,
+         "ops": {family: {"cpu": backend or error, "cuda": backend or error}},
+         "fallbacks": [{"op", "device", "wanted", "using", "why"}, ...]}   # auto fall-backs so far
+    """
+    try:
+        requested = _requested(None)
+    except ValueError as e:
+        requested = f"invalid: {e}"
+    ops = {}
+    for family in sorted(_FAMILIES):
+        ops[family] = {}
+        for device_type in ("cpu", "cuda"):
+            try:
+                ops[family][device_type] = resolve(family, torch.device(device_type))
+            except (RuntimeError, ValueError) as e:
+                ops[family][device_type] = f"unavailable: {e}"
+    triton_version = None
+    if _triton_installed():
+        try:
+            from importlib.metadata import version
+
+            triton_version = version("triton")
+        except Exception:  # pragma: no cover - metadata missing
+            triton_version = "unknown"
+    return {
+        "requested": requested,
+        "extension": {"loaded": _C is not None, "error": _ext_error, **_ext_info},
+        "triton": {"installed": _triton_installed(), "interpret": triton_interpret(), "version": triton_version},
+        "cuda_available": torch.cuda.is_available(),
+        "ops": ops,
+        "fallbacks": [{"op": f, "device": d, **v} for (f, d), v in sorted(_fallbacks.items())],
+    }

@@ -1,0 +1,64 @@
+"""Argument checks shared by the functional API. Every check raises before any kernel runs:
+``TypeError`` for a wrong type or dtype, ``ValueError`` for a wrong value, shape or device, each
+naming the argument and the expectation."""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def tensor(x: object, name: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(x).__name__}")
+    return x
+
+
+def float_tensor(x: object, name: str) -> torch.Tensor:
+    x = tensor(x, name)
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64); "
+                        f"got {x.dtype}")
+    if x.numel() == 0:
+        raise ValueError(f"{name} must not be empty; got shape {tuple(x.shape)}")
+    return x
+
+
+def param_like(p: Optional[torch.Tensor], name: str, shape: Tuple[int, ...], like: torch.Tensor) -> None:
+    """`p` (a weight or bias) is None or a tensor of `shape` with `like`'s dtype and device."""
+    if p is None:
+        return
+    tensor(p, name)
+    if tuple(p.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}; got {tuple(p.shape)}")
+    if p.dtype != like.dtype:
+        raise TypeError(f"{name} must have the input's dtype {like.dtype}; got {p.dtype}")
+    if p.device != like.device:
+        raise ValueError(f"{name} must be on the input's device {like.device}; got {p.device}")
+
+
+def normalized_shape(shape: Union[int, Sequence[int], torch.Size], x: torch.Tensor) -> Tuple[int, ...]:
+    if isinstance(shape, numbers.Integral) and not isinstance(shape, bool):
+        shape = (int(shape),)
+    try:
+        shape = tuple(int(s) for s in shape)  # type: ignore[union-attr]
+    except TypeError:
+        raise TypeError(f"normalized_shape must be an int or a sequence of ints; got {shape!r}") from None
+    if len(shape) == 0 or any(s <= 0 for s in shape):
+        raise ValueError(f"normalized_shape must be non-empty with positive sizes; got {shape}")
+    if x.dim() < len(shape) or tuple(x.shape[-len(shape):]) != shape:
+        raise ValueError(f"input of shape {tuple(x.shape)} must end with normalized_shape {shape}")
+    return shape
+
+
+def eps(value: object, name: str = "eps") -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float; got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0; got {value}")
+    return value

@@ -1,0 +1,4 @@
+"""Functional API of the fused checkpointed layers (see each function's docstring)."""
+from ckpt_ops.norm import layer_norm, rms_norm
+
+__all__ = ["layer_norm", "rms_norm"]

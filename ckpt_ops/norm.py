@@ -1,0 +1,199 @@
+"""LayerNorm and RMSNorm as checkpointed segments.
+
+Forward runs one fused kernel that writes y and the per-row statistics (mean and rstd for
+LayerNorm, rstd for RMSNorm; fp32, fp64 for fp64 inputs). Backward runs one fused kernel that
+rebuilds the normalized input xhat from x and the statistics *inside the kernel* while computing
+dx, dweight and dbias, so the normalized output is never stored:
+
+    saved    x (the segment input) + 4 or 8 bytes per row; nothing when only the bias trains,
+             nothing at all under ``torch.no_grad()``
+    eager    saves x + mean + rstd as well (PyTorch's native layer_norm backward also recomputes
+             xhat), so on its own the norm costs the same memory both ways; the win comes when a
+             norm is fused into a larger segment (MLP, attention, block) whose output it feeds.
+    GEMMs    none
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+
+from ckpt_ops import _backend, _validate
+from ckpt_ops import reference as _ref
+
+Tensor = torch.Tensor
+
+for _name in ("layer_norm", "rms_norm"):
+    _backend.register_family(
+        _name,
+        {
+            "cpu": {"fwd": f"torch.ops.ckpt_ops.{_name}_fwd", "bwd": f"torch.ops.ckpt_ops.{_name}_bwd"},
+            "cuda": {"fwd": f"torch.ops.ckpt_ops.{_name}_fwd", "bwd": f"torch.ops.ckpt_ops.{_name}_bwd"},
+            "triton": {"fwd": f"torch.ops.ckpt_ops.{_name}_fwd_triton", "bwd": f"torch.ops.ckpt_ops.{_name}_bwd_triton"},
+            "reference": {"fwd": getattr(_ref, f"{_name}_fwd"), "bwd": getattr(_ref, f"{_name}_bwd")},
+        },
+        triton_module="ckpt_ops.triton_kernels.norm",
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Fake (meta) implementations of the extension's ops, for torch.compile and opcheck
+# ------------------------------------------------------------------------------------------------
+def _empty_or(flag: bool, like: Tensor, dtype: torch.dtype) -> Tensor:
+    return like.new_empty(like.shape, dtype=dtype) if flag else like.new_empty(0, dtype=dtype)
+
+
+def _fake_layer_norm_fwd(x, weight, bias, eps):
+    acc = _ref.acc_dtype(x.dtype)
+    return torch.empty_like(x), x.new_empty(x.shape[0], dtype=acc), x.new_empty(x.shape[0], dtype=acc)
+
+
+def _fake_layer_norm_bwd(dy, x, weight, mean, rstd, need_dx, need_dweight, need_dbias):
+    n = x.shape[1]
+    wdtype = weight.dtype if weight is not None else x.dtype
+    return (_empty_or(need_dx, x, x.dtype), x.new_empty(n if need_dweight else 0, dtype=wdtype),
+            x.new_empty(n if need_dbias else 0, dtype=x.dtype))
+
+
+def _fake_rms_norm_fwd(x, weight, eps):
+    return torch.empty_like(x), x.new_empty(x.shape[0], dtype=_ref.acc_dtype(x.dtype))
+
+
+def _fake_rms_norm_bwd(dy, x, weight, rstd, need_dx, need_dweight):
+    dx, dw, _ = _fake_layer_norm_bwd(dy, x, weight, rstd, rstd, need_dx, need_dweight, False)
+    return dx, dw
+
+
+if _backend.extension_loaded():
+    for _op, _fake in (("layer_norm_fwd", _fake_layer_norm_fwd), ("layer_norm_bwd", _fake_layer_norm_bwd),
+                       ("rms_norm_fwd", _fake_rms_norm_fwd), ("rms_norm_bwd", _fake_rms_norm_bwd)):
+        torch.library.register_fake(f"ckpt_ops::{_op}")(_fake)
+
+
+# ------------------------------------------------------------------------------------------------
+# Autograd Functions
+# ------------------------------------------------------------------------------------------------
+class LayerNormFunction(torch.autograd.Function):
+    """LayerNorm over the last dim of a 2-D contiguous x.
+
+    Saves: x, mean/rstd (fp32 per row) and the weight (a parameter: not counted) when dx or
+    dweight is needed; nothing when only dbias is needed.
+    Recomputes: xhat = (x - mean) * rstd inside the backward kernel. Extra GEMMs: none.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, backend):
+        y, mean, rstd = _backend.kernel("layer_norm", backend, "fwd")(x, weight, bias, eps)
+        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        ctx.backend = backend
+        ctx.need = (need_dx, need_dw and weight is not None, need_db and bias is not None)
+        if need_dx or ctx.need[1]:
+            ctx.save_for_backward(x, weight, mean, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        need_dx, need_dw, need_db = ctx.need
+        if not (need_dx or need_dw or need_db):
+            return None, None, None, None, None
+        dy = dy.contiguous()
+        if need_dx or need_dw:
+            x, weight, mean, rstd = ctx.saved_tensors
+            dx, dw, db = _backend.kernel("layer_norm", ctx.backend, "bwd")(
+                dy, x, weight, mean, rstd, need_dx, need_dw, need_db)
+        else:  # only the bias trains: db = sum of dy over rows, nothing was saved
+            dx = dw = None
+            db = dy.sum(0, dtype=_ref.acc_dtype(dy.dtype)).to(dy.dtype)
+        return (dx if need_dx else None, dw if need_dw else None, db if need_db else None, None, None)
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """RMSNorm over the last dim of a 2-D contiguous x.
+
+    Saves: x, rstd (fp32 per row) and the weight (a parameter: not counted) when dx or dweight
+    is needed. Recomputes: xhat = x * rstd inside the backward kernel.
+    Extra GEMMs: none.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, eps, backend):
+        y, rstd = _backend.kernel("rms_norm", backend, "fwd")(x, weight, eps)
+        need_dx, need_dw = ctx.needs_input_grad[:2]
+        ctx.backend = backend
+        ctx.need = (need_dx, need_dw and weight is not None)
+        if need_dx or ctx.need[1]:
+            ctx.save_for_backward(x, weight, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        need_dx, need_dw = ctx.need
+        if not (need_dx or need_dw):
+            return None, None, None, None
+        x, weight, rstd = ctx.saved_tensors
+        dx, dw = _backend.kernel("rms_norm", ctx.backend, "bwd")(dy.contiguous(), x, weight, rstd, need_dx, need_dw)
+        return (dx if need_dx else None, dw if need_dw else None, None, None)
+
+
+# ------------------------------------------------------------------------------------------------
+# Functional API
+# ------------------------------------------------------------------------------------------------
+def _prepare(input, normalized_shape, params, names):
+    x = _validate.float_tensor(input, "input")
+    shape = _validate.normalized_shape(normalized_shape, x)
+    for p, name in zip(params, names):
+        _validate.param_like(p, name, shape, x)
+    if torch.is_autocast_enabled(x.device.type):
+        # Like torch's autocast policy for layer_norm: normalisation runs and returns in fp32.
+        x = x.float()
+        params = [p.float() if p is not None else None for p in params]
+    n = 1
+    for s in shape:
+        n *= s
+    params = [p.reshape(n) if p is not None else None for p in params]
+    return x, x.reshape(-1, n).contiguous(), params
+
+
+def _needs_graph(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def layer_norm(input: Tensor, normalized_shape: Union[int, Sequence[int]], weight: Optional[Tensor] = None,
+               bias: Optional[Tensor] = None, eps: float = 1e-5, *, backend: Optional[str] = None) -> Tensor:
+    """Fused LayerNorm, a drop-in for ``torch.nn.functional.layer_norm``.
+
+    Args:
+        input: (..., *normalized_shape) float16/bfloat16/float32/float64 tensor, any strides.
+        normalized_shape: trailing shape normalised over.
+        weight, bias: ``normalized_shape`` tensors of the input's dtype and device, or None.
+        eps: added to the variance.
+        backend: ``"auto"`` (default: ``$CKPT_OPS_BACKEND`` or auto), ``"triton"``, ``"cuda"``,
+            ``"cpu"`` or ``"reference"`` (see ``ckpt_ops.backend_info()``).
+
+    Saves x plus mean/rstd per row for backward (see the module docstring).
+    """
+    eps = _validate.eps(eps)
+    x, x2d, (w, b) = _prepare(input, normalized_shape, [weight, bias], ["weight", "bias"])
+    be = _backend.resolve("layer_norm", x.device, backend)
+    if _needs_graph(x2d, w, b):
+        y = LayerNormFunction.apply(x2d, w, b, eps, be)
+    else:
+        y = _backend.kernel("layer_norm", be, "fwd")(x2d, w, b, eps)[0]
+    return y.view(x.shape)
+
+
+def rms_norm(input: Tensor, normalized_shape: Union[int, Sequence[int]], weight: Optional[Tensor] = None,
+             eps: Optional[float] = None, *, backend: Optional[str] = None) -> Tensor:
+    """Fused RMSNorm, a drop-in for ``torch.nn.functional.rms_norm``.
+
+    ``eps=None`` means ``torch.finfo(input.dtype).eps``, as in PyTorch. Other arguments as in
+    :func:`layer_norm`. Saves x plus rstd per row for backward.
+    """
+    x, x2d, (w,) = _prepare(input, normalized_shape, [weight], ["weight"])
+    eps = torch.finfo(x.dtype).eps if eps is None else _validate.eps(eps)
+    be = _backend.resolve("rms_norm", x.device, backend)
+    if _needs_graph(x2d, w):
+        y = RMSNormFunction.apply(x2d, w, eps, be)
+    else:
+        y = _backend.kernel("rms_norm", be, "fwd")(x2d, w, eps)[0]
+    return y.view(x.shape)

@@ -1,0 +1,60 @@
+// ckpt_ops._C: the op schemas (defined once, here) and the Python module.
+//
+// Each device registers its kernels beside its own code with
+// TORCH_LIBRARY_IMPL(ckpt_ops, CPU|CUDA, m) (csrc/cpu/*.cpp, csrc/cuda/*.cu).
+// Fake (meta) implementations are registered in Python (ckpt_ops/_ops.py) so
+// torch.compile can trace every op without running it.
+#include <Python.h>
+
+#include <torch/library.h>
+
+TORCH_LIBRARY(ckpt_ops, m) {
+  // ---- LayerNorm / RMSNorm (csrc/cpu/norm.cpp, csrc/cuda/norm.cu) --------
+  // x: contiguous (M, N); weight/bias: (N,) of x's dtype; mean/rstd: (M,) in
+  // the accumulation dtype (fp32, or fp64 for fp64 x). Gradients that are not
+  // requested come back as empty tensors.
+  m.def("layer_norm_fwd(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor y, Tensor mean, Tensor rstd)");
+  m.def(
+      "layer_norm_bwd(Tensor dy, Tensor x, Tensor? weight, Tensor mean, Tensor rstd, bool need_dx, "
+      "bool need_dweight, bool need_dbias) -> (Tensor dx, Tensor dweight, Tensor dbias)");
+  m.def("rms_norm_fwd(Tensor x, Tensor? weight, float eps) -> (Tensor y, Tensor rstd)");
+  m.def(
+      "rms_norm_bwd(Tensor dy, Tensor x, Tensor? weight, Tensor rstd, bool need_dx, bool need_dweight) "
+      "-> (Tensor dx, Tensor dweight)");
+}
+
+namespace {
+
+PyObject* build_info(PyObject* /*self*/, PyObject* /*args*/) {
+#ifdef CKPT_OPS_WITH_CUDA
+  PyObject* with_cuda = Py_True;
+#ifdef CKPT_OPS_CUDA_ARCHS
+  const char* archs = CKPT_OPS_CUDA_ARCHS;
+#else
+  const char* archs = "";
+#endif
+#else
+  PyObject* with_cuda = Py_False;
+  const char* archs = "";
+#endif
+#ifdef CKPT_OPS_TORCH_VERSION
+  const char* torch_version = CKPT_OPS_TORCH_VERSION;
+#else
+  const char* torch_version = "";
+#endif
+  return Py_BuildValue("{s:O,s:s,s:s}", "with_cuda", with_cuda, "cuda_archs", archs,
+                       "torch_version", torch_version);
+}
+
+PyMethodDef methods[] = {
+    {"build_info", build_info, METH_NOARGS,
+     "Compile-time facts: with_cuda (bool), cuda_archs, torch_version built against."},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C",
+                      "ckpt_ops C++/CUDA kernels (registered as torch.ops.ckpt_ops.*)", -1,
+                      methods};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module); }
