@@ -136,8 +136,9 @@ def _requested(backend: Optional[str]) -> str:
     return req
 
 
-def resolve(family: str, device: torch.device, backend: Optional[str] = None) -> str:
-    """The backend that serves `family` for tensors on `device` (see the module docstring)."""
+def resolve(family: str, device: torch.device, backend: Optional[str] = None, *, record: bool = True) -> str:
+    """The backend that serves `family` for tensors on `device` (see the module docstring).
+    An "auto" fall-back is logged once and recorded (unless `record` is False: a mere query)."""
     req = _requested(backend)
     device_type = device.type
     if req != "auto":
@@ -150,7 +151,7 @@ def resolve(family: str, device: torch.device, backend: Optional[str] = None) ->
     for cand in order:
         reason = _unavailable_reason(family, cand, device_type)
         if reason is None:
-            if cand != order[0]:
+            if cand != order[0] and record:
                 _record_fallback(family, device_type, order[0], cand, "; ".join(reasons))
             return cand
         reasons.append(f"{cand}: {reason}")
@@ -201,7 +202,7 @@ def backend_info() -> dict:
         ops[family] = {}
         for device_type in ("cpu", "cuda"):
             try:
-                ops[family][device_type] = resolve(family, torch.device(device_type))
+                ops[family][device_type] = resolve(family, torch.device(device_type), record=False)
             except (RuntimeError, ValueError) as e:
                 ops[family][device_type] = f"unavailable: {e}"
     triton_version = None

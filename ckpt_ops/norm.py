@@ -18,7 +18,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from ckpt_ops import _backend, _validate
+from ckpt_ops import _backend, _meta, _validate
 from ckpt_ops import reference as _ref
 
 Tensor = torch.Tensor
@@ -39,35 +39,9 @@ for _name in ("layer_norm", "rms_norm"):
 # ------------------------------------------------------------------------------------------------
 # Fake (meta) implementations of the extension's ops, for torch.compile and opcheck
 # ------------------------------------------------------------------------------------------------
-def _empty_or(flag: bool, like: Tensor, dtype: torch.dtype) -> Tensor:
-    return like.new_empty(like.shape, dtype=dtype) if flag else like.new_empty(0, dtype=dtype)
-
-
-def _fake_layer_norm_fwd(x, weight, bias, eps):
-    acc = _ref.acc_dtype(x.dtype)
-    return torch.empty_like(x), x.new_empty(x.shape[0], dtype=acc), x.new_empty(x.shape[0], dtype=acc)
-
-
-def _fake_layer_norm_bwd(dy, x, weight, mean, rstd, need_dx, need_dweight, need_dbias):
-    n = x.shape[1]
-    wdtype = weight.dtype if weight is not None else x.dtype
-    return (_empty_or(need_dx, x, x.dtype), x.new_empty(n if need_dweight else 0, dtype=wdtype),
-            x.new_empty(n if need_dbias else 0, dtype=x.dtype))
-
-
-def _fake_rms_norm_fwd(x, weight, eps):
-    return torch.empty_like(x), x.new_empty(x.shape[0], dtype=_ref.acc_dtype(x.dtype))
-
-
-def _fake_rms_norm_bwd(dy, x, weight, rstd, need_dx, need_dweight):
-    dx, dw, _ = _fake_layer_norm_bwd(dy, x, weight, rstd, rstd, need_dx, need_dweight, False)
-    return dx, dw
-
-
 if _backend.extension_loaded():
-    for _op, _fake in (("layer_norm_fwd", _fake_layer_norm_fwd), ("layer_norm_bwd", _fake_layer_norm_bwd),
-                       ("rms_norm_fwd", _fake_rms_norm_fwd), ("rms_norm_bwd", _fake_rms_norm_bwd)):
-        torch.library.register_fake(f"ckpt_ops::{_op}")(_fake)
+    for _op in ("layer_norm_fwd", "layer_norm_bwd", "rms_norm_fwd", "rms_norm_bwd"):
+        torch.library.register_fake(f"ckpt_ops::{_op}")(getattr(_meta, _op))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,0 +1,36 @@
+"""Fake (meta) implementations of the kernel ops: output shapes and dtypes only.
+
+One function per op contract, shared by the extension's ops (``ckpt_ops::<op>``, registered in
+the op-family modules) and the Triton ops (``ckpt_ops::<op>_triton``, registered in
+``ckpt_ops.triton_kernels``), so torch.compile traces both without running a kernel.
+"""
+import torch
+
+from ckpt_ops.reference import acc_dtype
+
+
+def _maybe(flag, shape, dtype, device):
+    return torch.empty(shape if flag else 0, dtype=dtype, device=device)
+
+
+def layer_norm_fwd(x, weight, bias, eps):
+    m, acc = x.shape[0], acc_dtype(x.dtype)
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            x.new_empty(m, dtype=acc), x.new_empty(m, dtype=acc))
+
+
+def layer_norm_bwd(dy, x, weight, mean, rstd, need_dx, need_dweight, need_dbias):
+    n = x.shape[1]
+    dw_dtype = weight.dtype if weight is not None else x.dtype
+    return (_maybe(need_dx, x.shape, x.dtype, x.device), _maybe(need_dweight, n, dw_dtype, x.device),
+            _maybe(need_dbias, n, x.dtype, x.device))
+
+
+def rms_norm_fwd(x, weight, eps):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            x.new_empty(x.shape[0], dtype=acc_dtype(x.dtype)))
+
+
+def rms_norm_bwd(dy, x, weight, rstd, need_dx, need_dweight):
+    dx, dweight, _ = layer_norm_bwd(dy, x, weight, None, rstd, need_dx, need_dweight, False)
+    return dx, dweight
