@@ -1,0 +1,1 @@
+"""ckpt_ops benchmarks: ``python -m bench --help``."""
