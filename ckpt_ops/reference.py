@@ -107,3 +107,129 @@ def rms_norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], rstd: Tensor, 
     """Kernel contract of ``ckpt_ops::rms_norm_bwd``."""
     dx, dw, _ = _norm_bwd(dy, x, weight, rstd.new_empty(0), rstd, True, need_dx, need_dweight, False)
     return dx, dw
+
+
+# ------------------------------------------------------------------------------------------------
+# Activations (MLP). Codes shared with the kernels: ckpt_ops/_consts.py ACTIVATIONS.
+# ------------------------------------------------------------------------------------------------
+_SQRT_2_OVER_PI = 0.7978845608028654
+_GELU_TANH_C = 0.044715
+_INV_SQRT_2 = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+
+
+def act_and_grad(x: Tensor, activation: int) -> Tuple[Tensor, Tensor]:
+    """(act(x), act'(x)) in x's dtype (call it on fp32/fp64 values). Codes: 0 gelu (erf),
+    1 gelu_tanh, 2 relu, 3 silu."""
+    if activation == 0:
+        cdf = 0.5 * (1.0 + torch.erf(x * _INV_SQRT_2))
+        return x * cdf, cdf + x * torch.exp(-0.5 * x * x) * _INV_SQRT_2PI
+    if activation == 1:
+        t = torch.tanh(_SQRT_2_OVER_PI * (x + _GELU_TANH_C * x * x * x))
+        d = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_TANH_C * x * x)
+        return 0.5 * x * (1.0 + t), d
+    if activation == 2:
+        return torch.clamp_min(x, 0.0), (x > 0).to(x.dtype)
+    if activation == 3:
+        s = torch.sigmoid(x)
+        return x * s, s * (1.0 + x * (1.0 - s))
+    raise ValueError(f"unknown activation code {activation}")
+
+
+def act_fwd(h: Tensor, g: Optional[Tensor], activation: int) -> Tensor:
+    """Kernel contract of ``ckpt_ops::act_fwd``: a = act(h), or for gated MLPs a = act(g) * h
+    (h the "up" projection fc1, g the gate). Elementwise over contiguous tensors of one shape."""
+    acc = acc_dtype(h.dtype)
+    if g is None:
+        return act_and_grad(h.to(acc), activation)[0].to(h.dtype)
+    return (act_and_grad(g.to(acc), activation)[0] * h.to(acc)).to(h.dtype)
+
+
+def act_bwd(da: Tensor, h: Tensor, g: Optional[Tensor], activation: int,
+            need_a: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """Kernel contract of ``ckpt_ops::act_bwd``: one pass that recomputes the activation output
+    (when `need_a`, e.g. for fc2's weight gradient) and applies the activation's derivative:
+
+        non-gated: a = act(h),      dh = da * act'(h),       dg = empty
+        gated:     a = act(g) * h,  dh = da * act(g),        dg = da * h * act'(g)
+    """
+    acc = acc_dtype(h.dtype)
+    daa, ha = da.to(acc), h.to(acc)
+    if g is None:
+        fa, dfa = act_and_grad(ha, activation)
+        a = fa.to(h.dtype) if need_a else _empty(h.dtype, h.device)
+        return a, (daa * dfa).to(h.dtype), _empty(h.dtype, h.device)
+    fg, dfg = act_and_grad(g.to(acc), activation)
+    a = (fg * ha).to(h.dtype) if need_a else _empty(h.dtype, h.device)
+    return a, (daa * fg).to(h.dtype), (daa * ha * dfg).to(h.dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# Dropout from a counter-based generator (Philox4x32-10), identical in every backend
+# ------------------------------------------------------------------------------------------------
+PHILOX_M0, PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
+PHILOX_W0, PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
+_U32 = 0xFFFFFFFF
+
+
+def _mulhilo32(a: Tensor, b: int) -> Tuple[Tensor, Tensor]:
+    """(hi, lo) 32-bit halves of a * b for uint32 values held in int64 (no int64 overflow)."""
+    b_hi, b_lo = b >> 16, b & 0xFFFF
+    x, y = a * b_hi, a * b_lo  # each < 2**48
+    hi = (x + (y >> 16)) >> 16
+    lo = (y + ((x & 0xFFFF) << 16)) & _U32
+    return hi, lo
+
+
+def philox_uint32(seed: int, index: Tensor) -> Tensor:
+    """First 32-bit output of Philox4x32-10 with counter (index lo, index hi, 0, 0) and key
+    (seed lo, seed hi), as int64 values in [0, 2**32). Same rounds as csrc/include/ckpt_ops/philox.h
+    and the Triton kernels (and as Triton's tl.randint for 32-bit counters)."""
+    c0, c1 = index & _U32, (index >> 32) & _U32
+    c2 = torch.zeros_like(index)
+    c3 = torch.zeros_like(index)
+    k0, k1 = seed & _U32, (seed >> 32) & _U32
+    for _ in range(10):
+        hi_b, lo_b = _mulhilo32(c2, PHILOX_M1)
+        hi_a, lo_a = _mulhilo32(c0, PHILOX_M0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + PHILOX_W0) & _U32, (k1 + PHILOX_W1) & _U32
+    return c0
+
+
+def dropout_threshold(p: float) -> int:
+    """An element is kept when its Philox value is >= this threshold (keep rate 1 - p)."""
+    return min(int(p * 4294967296.0), 4294967295)
+
+
+def dropout_keep_mask(seed: Tensor, numel: int, p: float, device: torch.device) -> Tensor:
+    """The boolean keep mask of ``numel`` elements (flat, row-major) for this seed and p."""
+    s = int(seed.reshape(-1)[0].item())
+    idx = torch.arange(numel, dtype=torch.int64, device=device)
+    return philox_uint32(s, idx) >= dropout_threshold(p)
+
+
+def dropout_scale(p: float, dtype: torch.dtype) -> float:
+    """1 / (1 - p) rounded once to the accumulation dtype (the kernels receive the same value)."""
+    return float(torch.tensor(1.0 / (1.0 - p), dtype=acc_dtype(dtype)))
+
+
+def dropout_fwd(y: Tensor, residual: Optional[Tensor], seed: Tensor, p: float) -> Tensor:
+    """Kernel contract of ``ckpt_ops::dropout_fwd``: out = residual + y * keep * 1/(1-p), computed
+    in the accumulation dtype; `seed` is a 1-element int64 tensor; p == 0 keeps everything."""
+    acc = acc_dtype(y.dtype)
+    ya = y.to(acc)
+    if p > 0.0:
+        keep = dropout_keep_mask(seed, y.numel(), p, y.device).view(y.shape)
+        ya = torch.where(keep, ya * dropout_scale(p, y.dtype), torch.zeros((), dtype=acc, device=y.device))
+    if residual is not None:
+        ya = residual.to(acc) + ya
+    return ya.to(y.dtype)
+
+
+def dropout_bwd(dout: Tensor, seed: Tensor, p: float) -> Tensor:
+    """Kernel contract of ``ckpt_ops::dropout_bwd``: dy = dout * keep * 1/(1-p), the mask rebuilt
+    from the seed (never stored)."""
+    if p == 0.0:
+        return dout.clone()
+    return dropout_fwd(dout, None, seed, p)

@@ -21,6 +21,20 @@ TORCH_LIBRARY(ckpt_ops, m) {
   m.def(
       "rms_norm_bwd(Tensor dy, Tensor x, Tensor? weight, Tensor rstd, bool need_dx, bool need_dweight) "
       "-> (Tensor dx, Tensor dweight)");
+
+  // ---- MLP elementwise kernels (csrc/cpu/mlp.cpp, csrc/cuda/mlp.cu) ---------
+  // Elementwise over contiguous tensors of one shape; the flat element index is
+  // the Philox counter. activation: 0 gelu (erf), 1 gelu_tanh, 2 relu, 3 silu.
+  //   act_fwd:  a = act(h)            | gated (g given): a = act(g) * h
+  //   act_bwd:  a (if need_a), dh = da * act'(h), dg empty
+  //             gated: a = act(g) * h, dh = da * act(g), dg = da * h * act'(g)
+  //   dropout_fwd: out = residual + y * keep / (1 - p)   (keep: Philox >= threshold(p))
+  //   dropout_bwd: dy = dout * keep / (1 - p)
+  // seed: a 1-element int64 tensor on the tensors' device.
+  m.def("act_fwd(Tensor h, Tensor? g, int activation) -> Tensor");
+  m.def("act_bwd(Tensor da, Tensor h, Tensor? g, int activation, bool need_a) -> (Tensor a, Tensor dh, Tensor dg)");
+  m.def("dropout_fwd(Tensor y, Tensor? residual, Tensor seed, float p) -> Tensor");
+  m.def("dropout_bwd(Tensor dout, Tensor seed, float p) -> Tensor");
 }
 
 namespace {
