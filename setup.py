@@ -116,7 +116,10 @@ def _extensions():
         # headers include; a bare toolkit may lack them.
         site = os.path.dirname(os.path.dirname(torch.__file__))
         include_dirs += [d for d in glob.glob(os.path.join(site, "nvidia", "cu*", "include")) if os.path.isdir(d)]
-        nvcc = ["-O3", "-lineinfo", "-DCKPT_OPS_WITH_CUDA", "--expt-relaxed-constexpr"]
+        # --fmad=false: no FMA contraction, so an expression recomputed in a backward kernel rounds
+        # exactly as in the forward kernel (bitwise-identical recompute); these kernels are
+        # memory-bound, the cost is nil.
+        nvcc = ["-O3", "-lineinfo", "-DCKPT_OPS_WITH_CUDA", "--expt-relaxed-constexpr", "--fmad=false"]
         ext = CUDAExtension("ckpt_ops._C", sources, include_dirs=include_dirs,
                             extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=link)
     else:

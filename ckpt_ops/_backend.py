@@ -51,6 +51,27 @@ def extension_loaded() -> bool:
     return _C is not None
 
 
+def extension_ops() -> list:
+    """Names of the ops the extension defines (``ckpt_ops::<name>``, Triton ops excluded)."""
+    return sorted(n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names()
+                  if n.startswith("ckpt_ops::") and not n.endswith("_triton"))
+
+
+def _register_extension_fakes() -> None:
+    """Every extension op gets its fake (meta) implementation from ckpt_ops._meta (same name), so
+    torch.compile traces it without running it. A missing one fails test_build."""
+    from ckpt_ops import _meta
+
+    for name in extension_ops():
+        fake = getattr(_meta, name, None)
+        if fake is not None:
+            torch.library.register_fake(f"ckpt_ops::{name}")(fake)
+
+
+if _C is not None:
+    _register_extension_fakes()
+
+
 # ---------------------------------------------------------------------------------------------
 # Triton
 # ---------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from ckpt_ops import _backend, _meta, _validate
+from ckpt_ops import _backend, _validate
 from ckpt_ops import reference as _ref
 
 Tensor = torch.Tensor
@@ -34,14 +34,6 @@ for _name in ("layer_norm", "rms_norm"):
         },
         triton_module="ckpt_ops.triton_kernels.norm",
     )
-
-
-# ------------------------------------------------------------------------------------------------
-# Fake (meta) implementations of the extension's ops, for torch.compile and opcheck
-# ------------------------------------------------------------------------------------------------
-if _backend.extension_loaded():
-    for _op in ("layer_norm_fwd", "layer_norm_bwd", "rms_norm_fwd", "rms_norm_bwd"):
-        torch.library.register_fake(f"ckpt_ops::{_op}")(getattr(_meta, _op))
 
 
 # ------------------------------------------------------------------------------------------------

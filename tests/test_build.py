@@ -17,12 +17,12 @@ EXPECT_CUDA = os.environ.get("CKPT_OPS_EXPECT_CUDA_BUILD") == "1"
 
 # Every op the extension defines; a new schema in csrc/ops.cpp must be added here (and so gets
 # the per-device registration check below).
-EXTENSION_OPS = {"layer_norm_fwd", "layer_norm_bwd", "rms_norm_fwd", "rms_norm_bwd"}
+EXTENSION_OPS = {"layer_norm_fwd", "layer_norm_bwd", "rms_norm_fwd", "rms_norm_bwd",
+                 "act_fwd", "act_bwd", "dropout_fwd", "dropout_bwd"}
 
 
 def ckpt_op_names():
-    return {n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names()
-            if n.startswith("ckpt_ops::") and not n.endswith("_triton")}
+    return set(_backend.extension_ops())
 
 
 def test_extension_loaded_when_expected():
@@ -34,11 +34,13 @@ def test_extension_loaded_when_expected():
 
 @pytest.mark.skipif(not _backend.extension_loaded(), reason="extension not built")
 def test_every_op_has_cpu_kernel_and_fake():
-    assert ckpt_op_names() >= EXTENSION_OPS
+    assert ckpt_op_names() == EXTENSION_OPS
+    from ckpt_ops import _meta
+
     for op in EXTENSION_OPS:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"ckpt_ops::{op}", "CPU"), op
-        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"ckpt_ops::{op}", "Meta") or \
-            torch._library.simple_registry.singleton.find(f"ckpt_ops::{op}").fake_impl.kernel is not None, op
+        assert callable(getattr(_meta, op, None)), f"no fake implementation for {op} in ckpt_ops._meta"
+        assert torch._library.simple_registry.singleton.find(f"ckpt_ops::{op}").fake_impl.kernel is not None, op
 
 
 @pytest.mark.skipif(not _backend.extension_loaded(), reason="extension not built")
