@@ -157,15 +157,21 @@ def _requested(backend: Optional[str]) -> str:
     return req
 
 
+@torch.compiler.assume_constant_result
 def resolve(family: str, device: torch.device, backend: Optional[str] = None, *, record: bool = True) -> str:
     """The backend that serves `family` for tensors on `device` (see the module docstring).
-    An "auto" fall-back is logged once and recorded (unless `record` is False: a mere query)."""
+    An "auto" fall-back is logged once and recorded (unless `record` is False: a mere query).
+
+    Under torch.compile it runs once at trace time and its answer is a constant of the graph
+    (it imports kernel modules lazily, which Dynamo must not trace); changing CKPT_OPS_BACKEND
+    afterwards does not recompile."""
     req = _requested(backend)
     device_type = device.type
     if req != "auto":
         reason = _unavailable_reason(family, req, device_type)
         if reason is not None:
             raise RuntimeError(f"ckpt_ops: backend {req!r} cannot run {family}: {reason}")
+        _ensure_kernels(family, req)
         return req
     order = _AUTO_ORDER.get(device_type, ("reference",))
     reasons = []
@@ -174,6 +180,8 @@ def resolve(family: str, device: torch.device, backend: Optional[str] = None, *,
         if reason is None:
             if cand != order[0] and record:
                 _record_fallback(family, device_type, order[0], cand, "; ".join(reasons))
+            if record:
+                _ensure_kernels(family, cand)
             return cand
         reasons.append(f"{cand}: {reason}")
     raise AssertionError("the reference backend is always available")
@@ -188,6 +196,15 @@ def _record_fallback(family: str, device_type: str, wanted: str, got: str, why: 
             _fallbacks[key] = {"wanted": wanted, "using": got, "why": why}
             log.warning("ckpt_ops: %s on %s tensors falls back from %r to %r (%s)", family, device_type, wanted,
                         got, why)
+
+
+def _ensure_kernels(family: str, backend: str) -> None:
+    """Load (once) every kernel of `family` on `backend`. Called by resolve(), i.e. outside the
+    autograd Functions: torch.compile does not allow a Function's forward/backward to mutate state
+    from outside it, so the lazy imports and the cache fill must happen before."""
+    for name in _FAMILIES[family][backend]:
+        if (family, backend, name) not in _resolved_kernels:
+            kernel(family, backend, name)
 
 
 def kernel(family: str, backend: str, name: str) -> Callable:
