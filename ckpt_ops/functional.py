@@ -1,4 +1,5 @@
 """Functional API of the fused checkpointed layers (see each function's docstring)."""
+from ckpt_ops.mlp import mlp
 from ckpt_ops.norm import layer_norm, rms_norm
 
-__all__ = ["layer_norm", "rms_norm"]
+__all__ = ["layer_norm", "rms_norm", "mlp"]

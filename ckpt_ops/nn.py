@@ -10,9 +10,39 @@ from typing import Optional
 
 import torch
 
+from ckpt_ops import mlp as _mlp
 from ckpt_ops import norm as _norm
+from ckpt_ops._consts import ACTIVATIONS
 
-__all__ = ["LayerNorm", "RMSNorm"]
+__all__ = ["LayerNorm", "RMSNorm", "MLP"]
+
+
+def _check_level(recompute, levels):
+    if recompute not in levels:
+        raise ValueError(f"recompute must be one of {levels}; got {recompute!r}")
+    return recompute
+
+
+def _positive_int(v, name):
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise ValueError(f"{name} must be a positive int; got {v!r}")
+    return v
+
+
+def _dropout_p(p):
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout must be a float in [0, 1); got {p!r}")
+    return float(p)
+
+
+def _make_norm(norm, d_model, factory):
+    if norm is None:
+        return None
+    if norm == "layernorm":
+        return LayerNorm(d_model, **factory)
+    if norm == "rmsnorm":
+        return RMSNorm(d_model, **factory)
+    raise ValueError(f"norm must be None, 'layernorm' or 'rmsnorm'; got {norm!r}")
 
 
 class LayerNorm(torch.nn.LayerNorm):
@@ -37,3 +67,54 @@ class RMSNorm(torch.nn.RMSNorm):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return _norm.rms_norm(input, self.normalized_shape, self.weight, self.eps, backend=self.backend)
+
+
+class MLP(torch.nn.Module):
+    """Fused checkpointed MLP: ``[x +] dropout(fc2(act(fc1(n))))`` (gated:
+    ``fc2(act(gate(n)) * fc1(n))``) with ``n = norm(x)`` or ``x``; see ``ckpt_ops.mlp`` for what
+    each ``recompute`` level saves and recomputes.
+
+    Submodules ``norm`` (only with ``norm=``), ``fc1``, ``gate`` (gated activations only), ``fc2``
+    are ordinary ``nn.Linear`` / norm modules, so weights load from an eager MLP by name.
+    Dropout is active in ``train()`` mode only.
+    """
+
+    def __init__(self, d_model: int, d_hidden: int, activation: str = "gelu_tanh", bias: bool = True,
+                 dropout: float = 0.0, norm: Optional[str] = None, residual: bool = False,
+                 recompute: str = "full", device=None, dtype=None):
+        super().__init__()
+        _positive_int(d_model, "d_model")
+        _positive_int(d_hidden, "d_hidden")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}; got {activation!r}")
+        factory = {"device": device, "dtype": dtype}
+        self.d_model, self.d_hidden, self.activation = d_model, d_hidden, activation
+        self.dropout = _dropout_p(dropout)
+        self.residual = bool(residual)
+        self.recompute = _check_level(recompute, _mlp.LEVELS)
+        self.backend: Optional[str] = None
+        self.norm = _make_norm(norm, d_model, factory)
+        self.fc1 = torch.nn.Linear(d_model, d_hidden, bias=bias, **factory)
+        self.gate = torch.nn.Linear(d_model, d_hidden, bias=bias, **factory) if ACTIVATIONS[activation][1] else None
+        self.fc2 = torch.nn.Linear(d_hidden, d_model, bias=bias, **factory)
+
+    @property
+    def norm_kind(self) -> Optional[str]:
+        if self.norm is None:
+            return None
+        return "layernorm" if isinstance(self.norm, torch.nn.LayerNorm) else "rmsnorm"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        nk = self.norm_kind
+        return _mlp.mlp(
+            x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, activation=self.activation,
+            gate_weight=self.gate.weight if self.gate is not None else None,
+            gate_bias=self.gate.bias if self.gate is not None else None, norm=nk,
+            norm_weight=self.norm.weight if nk else None,
+            norm_bias=getattr(self.norm, "bias", None) if nk == "layernorm" else None,
+            norm_eps=self.norm.eps if nk else None, dropout=self.dropout, training=self.training,
+            residual=self.residual, recompute=self.recompute, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, d_hidden={self.d_hidden}, activation={self.activation!r}, "
+                f"dropout={self.dropout}, residual={self.residual}, recompute={self.recompute!r}")

@@ -1,0 +1,315 @@
+"""The MLP as one checkpointed segment:
+
+    out = [x +] dropout(fc2(act(fc1(n))))                      non-gated
+    out = [x +] dropout(fc2(act(gate(n)) * fc1(n)))            gated (swiglu, geglu)
+    with n = norm(x) or x
+
+GEMMs run through ATen (cuBLAS / MKL); everything elementwise runs in fused kernels of the chosen
+backend: norm (forward writes n and the row statistics), bias-free activation forward
+(``act_fwd``), one backward pass that recomputes the activation output *and* applies its
+derivative (``act_bwd``), dropout (+ residual) forward and backward whose mask is regenerated
+from a Philox seed, never stored.
+
+Recompute levels (what ``MLPFunction`` keeps for backward; parameters are not counted):
+
+=============  ==========================================  =====================================
+level          saves                                       recomputes in backward
+=============  ==========================================  =====================================
+``"full"``     x, the dropout seed                         norm (stats + n, the forward kernel
+                                                           itself: bit-identical), fc1 (+gate),
+                                                           the activation -- never fc2
+``"selective"``x, h = fc1(n) (+ g = gate(n)), seed         norm, the activation (elementwise)
+``"none"``     x, norm stats, n, h (+ g), a, seed          nothing but the dropout mask
+=============  ==========================================  =====================================
+
+GEMM count of one training step (forward + backward), non-gated / gated:
+
+=====================================================  ============  ===========
+strategy                                               non-gated     gated
+=====================================================  ============  ===========
+eager, ``"none"``, ``"selective"``                     6             9
+``"full"``                                             7             11
+torch.utils.checkpoint(use_reentrant=False)            7             11
+  ... with dropout after fc2 (its stored mask forces
+  fc2 to be replayed)                                  8             12
+torch.utils.checkpoint(use_reentrant=True)             8             12
+=====================================================  ============  ===========
+
+(forward: fc1, [gate], fc2; backward: fc2 dgrad + wgrad, fc1 dgrad + wgrad, [gate dgrad + wgrad];
+``"full"`` adds the fc1 [and gate] replay.) Only what ``ctx.needs_input_grad`` requires is saved
+and computed: frozen weights skip their weight gradients, a frozen fc2 skips the activation
+output, an input without grad skips dx, and under ``torch.no_grad()`` nothing is saved.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ckpt_ops import _backend, _validate
+from ckpt_ops import reference as _ref
+from ckpt_ops._consts import ACTIVATIONS
+
+Tensor = torch.Tensor
+
+LEVELS = ("full", "selective", "none")
+NORMS = (None, "layernorm", "rmsnorm")
+
+_backend.register_family(
+    "mlp",
+    {
+        "cpu": {k: f"torch.ops.ckpt_ops.{k}" for k in ("act_fwd", "act_bwd", "dropout_fwd", "dropout_bwd")},
+        "cuda": {k: f"torch.ops.ckpt_ops.{k}" for k in ("act_fwd", "act_bwd", "dropout_fwd", "dropout_bwd")},
+        "triton": {k: f"torch.ops.ckpt_ops.{k}_triton" for k in ("act_fwd", "act_bwd", "dropout_fwd", "dropout_bwd")},
+        "reference": {k: getattr(_ref, k) for k in ("act_fwd", "act_bwd", "dropout_fwd", "dropout_bwd")},
+    },
+    triton_module="ckpt_ops.triton_kernels.mlp",
+)
+
+
+class MLPConfig(NamedTuple):
+    """Python constants of one MLP segment (passed to the Function as one argument)."""
+    norm: Optional[str]
+    norm_eps: Optional[float]
+    activation: int
+    gated: bool
+    p: float
+    residual: bool
+    level: str
+    backend: str
+
+
+def _norm_fwd(cfg: MLPConfig, x, nw, nb):
+    """(n, mean, rstd) with the backend's fused norm kernel; n = x without a norm."""
+    if cfg.norm == "layernorm":
+        return _backend.kernel("layer_norm", cfg.backend, "fwd")(x, nw, nb, cfg.norm_eps)
+    if cfg.norm == "rmsnorm":
+        n, rstd = _backend.kernel("rms_norm", cfg.backend, "fwd")(x, nw, cfg.norm_eps)
+        return n, None, rstd
+    return x, None, None
+
+
+class _Plan(NamedTuple):
+    """What backward must produce and therefore what forward keeps (from ctx.needs_input_grad)."""
+    up: bool          # anything upstream of fc2's input trains: da = dy @ w2 and dh are needed
+    h: bool           # h (and g) are needed: for dh, or to rebuild a for fc2's weight gradient
+    n: bool           # n is needed in backward: for fc1/gate weight gradients or the fc1 replay
+    norm_bwd: bool    # the norm's backward runs (dx or the norm's own parameters train)
+    dn: bool          # dn = dh @ w1 (+ dg @ wg) is needed (dx or norm parameters)
+
+
+def _plan(cfg: MLPConfig, need) -> _Plan:
+    need_x, need_nw, need_nb, need_w1, need_b1, need_wg, need_bg, need_w2 = need[:8]
+    dn = need_x or need_nw or need_nb
+    up = dn or need_w1 or need_b1 or need_wg or need_bg
+    h = up or need_w2
+    n = need_w1 or need_wg or (h and cfg.level == "full")
+    return _Plan(up, h, n, cfg.norm is not None and dn, dn)
+
+
+class MLPFunction(torch.autograd.Function):
+    """The MLP segment (see the module docstring for the saved/recomputed table and GEMM counts).
+
+    forward(x (M, D) contiguous, norm_weight, norm_bias, w1, b1, wg, bg, w2, b2, seed, cfg).
+    """
+
+    @staticmethod
+    def forward(ctx, x, nw, nb, w1, b1, wg, bg, w2, b2, seed, cfg: MLPConfig):
+        k = lambda name: _backend.kernel("mlp", cfg.backend, name)  # noqa: E731
+        n, mean, rstd = _norm_fwd(cfg, x, nw, nb)
+        h = F.linear(n, w1, b1)
+        g = F.linear(n, wg, bg) if cfg.gated else None
+        a = k("act_fwd")(h, g, cfg.activation)
+        y = F.linear(a, w2, b2)
+        if cfg.p > 0.0 or cfg.residual:
+            out = k("dropout_fwd")(y, x if cfg.residual else None, seed, cfg.p)
+        else:
+            out = y
+
+        plan = _plan(cfg, ctx.needs_input_grad)
+        lvl, has_norm = cfg.level, cfg.norm is not None
+        keep_n = lvl == "none" and plan.n and has_norm            # "none" keeps n itself
+        rebuild_n = lvl != "none" and has_norm and (plan.n or plan.norm_bwd)  # norm re-run in bwd
+        keep_x = plan.norm_bwd or (plan.n and not keep_n)         # n is x without a norm
+        replay_h = lvl == "full" and plan.h
+        keep_h = lvl != "full" and (plan.up or (plan.h and lvl == "selective"))
+        keep_a = lvl == "none" and ctx.needs_input_grad[7]
+        ctx.cfg, ctx.plan = cfg, plan
+        ctx.save_for_backward(
+            x if keep_x else None,
+            mean if lvl == "none" and plan.norm_bwd else None,
+            rstd if lvl == "none" and plan.norm_bwd else None,
+            n if keep_n else None,
+            h if keep_h else None,
+            g if keep_h else None,
+            a if keep_a else None,
+            nw if (plan.norm_bwd or rebuild_n) else None,
+            nb if rebuild_n else None,
+            w1 if (plan.dn or replay_h) else None,
+            b1 if replay_h else None,
+            wg if (plan.dn or replay_h) else None,
+            bg if replay_h else None,
+            w2 if plan.up else None,
+            seed if cfg.p > 0.0 else None,
+        )
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        cfg: MLPConfig = ctx.cfg
+        plan: _Plan = ctx.plan
+        need = ctx.needs_input_grad
+        x, mean, rstd, n, h, g, a, nw, nb, w1, b1, wg, bg, w2, seed = ctx.saved_tensors
+        k = lambda name: _backend.kernel("mlp", cfg.backend, name)  # noqa: E731
+        dout = dout.contiguous()
+        grads = [None] * 11
+        dy = k("dropout_bwd")(dout, seed, cfg.p) if cfg.p > 0.0 else dout
+        if need[8]:
+            grads[8] = dy.sum(0)
+        if need[0] and cfg.residual and not plan.dn:
+            grads[0] = dout
+        if not plan.h:
+            return tuple(grads)
+
+        if n is None and (plan.n or (plan.norm_bwd and rstd is None)):
+            if cfg.norm is None:
+                n = x
+            else:  # the forward's own norm kernel: n, mean and rstd bit-identical to the forward's
+                n, mean, rstd = _norm_fwd(cfg, x, nw, nb)
+        if h is None:  # "full": replay fc1 (and gate), bit-identical to the forward
+            h = F.linear(n, w1, b1)
+            g = F.linear(n, wg, bg) if cfg.gated else None
+
+        rebuild_a = need[7] and a is None
+        if plan.up:
+            a_re, dh, dg = k("act_bwd")(dy @ w2, h, g, cfg.activation, rebuild_a)
+            if rebuild_a:
+                a = a_re
+        elif rebuild_a:
+            a = k("act_fwd")(h, g, cfg.activation)
+        if need[7]:
+            grads[7] = dy.t() @ a
+        if not plan.up:
+            return tuple(grads)
+
+        if need[3]:
+            grads[3] = dh.t() @ n
+        if need[4]:
+            grads[4] = dh.sum(0)
+        if cfg.gated and need[5]:
+            grads[5] = dg.t() @ n
+        if cfg.gated and need[6]:
+            grads[6] = dg.sum(0)
+        if not plan.dn:
+            return tuple(grads)
+        dn = dh @ w1
+        if cfg.gated:
+            dn = dn + dg @ wg
+        if cfg.norm == "layernorm":
+            dx, grads[1], grads[2] = _backend.kernel("layer_norm", cfg.backend, "bwd")(
+                dn, x, nw, mean, rstd, need[0], need[1], need[2])
+        elif cfg.norm == "rmsnorm":
+            dx, grads[1] = _backend.kernel("rms_norm", cfg.backend, "bwd")(dn, x, nw, rstd, need[0], need[1])
+        else:
+            dx = dn
+        grads[1] = grads[1] if need[1] else None
+        grads[2] = grads[2] if need[2] else None
+        if need[0]:
+            grads[0] = dx + dout if cfg.residual else dx
+        return tuple(grads)
+
+
+# ------------------------------------------------------------------------------------------------
+# Functional API
+# ------------------------------------------------------------------------------------------------
+def _check_linear(w: Optional[Tensor], b: Optional[Tensor], name: str, shape, like: Tensor, required=True):
+    if w is None:
+        if required:
+            raise TypeError(f"{name}_weight must be a tensor of shape {tuple(shape)}; got None")
+        if b is not None:
+            raise ValueError(f"{name}_bias given without {name}_weight")
+        return
+    _validate.param_like(w, f"{name}_weight", shape, like)
+    _validate.param_like(b, f"{name}_bias", (shape[0],), like)
+
+
+def mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Tensor,
+        fc2_bias: Optional[Tensor], *, activation: str = "gelu_tanh", gate_weight: Optional[Tensor] = None,
+        gate_bias: Optional[Tensor] = None, norm: Optional[str] = None, norm_weight: Optional[Tensor] = None,
+        norm_bias: Optional[Tensor] = None, norm_eps: Optional[float] = None, dropout: float = 0.0,
+        training: bool = True, residual: bool = False, recompute: str = "full",
+        backend: Optional[str] = None) -> Tensor:
+    """Fused checkpointed MLP segment ``[x +] dropout(fc2(act(fc1(norm(x)))))``.
+
+    Args:
+        x: (..., d_model), float16/bfloat16/float32/float64, any strides.
+        fc1_weight, fc1_bias: (d_hidden, d_model), (d_hidden,) or None -- the "up" projection.
+        fc2_weight, fc2_bias: (d_model, d_hidden), (d_model,) or None.
+        activation: "gelu" | "gelu_tanh" | "relu" | "silu" | "swiglu" | "geglu". The gated ones
+            (swiglu = silu(gate(n)) * fc1(n), geglu = gelu_tanh(gate(n)) * fc1(n)) need
+            gate_weight (d_hidden, d_model) and optionally gate_bias.
+        norm: None | "layernorm" | "rmsnorm", fused into the segment, with norm_weight/norm_bias
+            (d_model,) (bias: layernorm only) and norm_eps (default 1e-5 for layernorm,
+            ``finfo(dtype).eps`` for rmsnorm, as PyTorch).
+        dropout: probability in [0, 1) applied to the fc2 output when ``training``; the mask comes
+            from a Philox seed drawn from the device's torch generator (``torch.manual_seed``
+            reproduces it) and is regenerated in backward, never stored.
+        residual: add x to the output.
+        recompute: "full" | "selective" | "none" (see the module docstring).
+        backend: see ``ckpt_ops.backend_info()``.
+    """
+    x = _validate.float_tensor(x, "x")
+    if not isinstance(activation, str) or activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}; got {activation!r}")
+    if recompute not in LEVELS:
+        raise ValueError(f"recompute must be one of {LEVELS} for the MLP; got {recompute!r}")
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}; got {norm!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not (0.0 <= dropout < 1.0):
+        raise ValueError(f"dropout must be a float in [0, 1); got {dropout!r}")
+    code, gated = ACTIVATIONS[activation]
+    d_model = x.shape[-1]
+    _validate.tensor(fc1_weight, "fc1_weight")
+    if fc1_weight.dim() != 2:
+        raise ValueError(f"fc1_weight must be 2-D (d_hidden, d_model); got shape {tuple(fc1_weight.shape)}")
+    d_hidden = fc1_weight.shape[0]
+    _check_linear(fc1_weight, fc1_bias, "fc1", (d_hidden, d_model), x)
+    _check_linear(fc2_weight, fc2_bias, "fc2", (d_model, d_hidden), x)
+    if gated:
+        _check_linear(gate_weight, gate_bias, "gate", (d_hidden, d_model), x)
+    elif gate_weight is not None or gate_bias is not None:
+        raise ValueError(f"gate_weight/gate_bias are only used by gated activations, not {activation!r}")
+    if norm is None:
+        if norm_weight is not None or norm_bias is not None:
+            raise ValueError("norm_weight/norm_bias given without norm")
+        eps = None
+    else:
+        _validate.param_like(norm_weight, "norm_weight", (d_model,), x)
+        if norm == "rmsnorm" and norm_bias is not None:
+            raise ValueError("norm_bias: rmsnorm has no bias")
+        _validate.param_like(norm_bias, "norm_bias", (d_model,), x)
+        if norm_eps is None:
+            eps = 1e-5 if norm == "layernorm" else torch.finfo(x.dtype).eps
+        else:
+            eps = _validate.eps(norm_eps, "norm_eps")
+    p = float(dropout) if training else 0.0
+    be = _backend.resolve("mlp", x.device, backend)
+    cfg = MLPConfig(norm, eps, code, gated, p, bool(residual), recompute, be)
+    x2d = x.reshape(-1, d_model).contiguous()
+    seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=x.device) if p > 0.0 else None
+    args = (x2d, norm_weight, norm_bias, fc1_weight, fc1_bias, gate_weight, gate_bias, fc2_weight, fc2_bias)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
+        out = MLPFunction.apply(*args, seed, cfg)
+    else:
+        with torch.no_grad():
+            out = MLPFunction.forward(_NoCtx(), *args, seed, cfg)
+    return out.view(x.shape)
+
+
+class _NoCtx:
+    """Stands in for ctx when nothing needs gradients: nothing is saved."""
+    needs_input_grad = (False,) * 11
+
+    def save_for_backward(self, *tensors):
+        pass
