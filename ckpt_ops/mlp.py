@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from ckpt_ops import _backend, _validate
 from ckpt_ops import reference as _ref
 from ckpt_ops._consts import ACTIVATIONS
+from ckpt_ops.norm import default_rms_eps
 
 Tensor = torch.Tensor
 
@@ -177,7 +178,7 @@ class MLPFunction(torch.autograd.Function):
                 n = x
             else:  # the forward's own norm kernel: n, mean and rstd bit-identical to the forward's
                 n, mean, rstd = _norm_fwd(cfg, x, nw, nb)
-        if h is None:  # "full": replay fc1 (and gate), bit-identical to the forward
+        if h is None and (plan.up or a is None):  # "full": replay fc1 (and gate), bit-identical
             h = F.linear(n, w1, b1)
             g = F.linear(n, wg, bg) if cfg.gated else None
 
@@ -250,8 +251,8 @@ def mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: T
             (swiglu = silu(gate(n)) * fc1(n), geglu = gelu_tanh(gate(n)) * fc1(n)) need
             gate_weight (d_hidden, d_model) and optionally gate_bias.
         norm: None | "layernorm" | "rmsnorm", fused into the segment, with norm_weight/norm_bias
-            (d_model,) (bias: layernorm only) and norm_eps (default 1e-5 for layernorm,
-            ``finfo(dtype).eps`` for rmsnorm, as PyTorch).
+            (d_model,) (bias: layernorm only) and norm_eps (default 1e-5 for layernorm, and for
+            rmsnorm what ``torch.nn.functional.rms_norm`` uses, see ``ckpt_ops.norm.rms_norm``).
         dropout: probability in [0, 1) applied to the fc2 output when ``training``; the mask comes
             from a Philox seed drawn from the device's torch generator (``torch.manual_seed``
             reproduces it) and is regenerated in backward, never stored.
@@ -290,7 +291,7 @@ def mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: T
             raise ValueError("norm_bias: rmsnorm has no bias")
         _validate.param_like(norm_bias, "norm_bias", (d_model,), x)
         if norm_eps is None:
-            eps = 1e-5 if norm == "layernorm" else torch.finfo(x.dtype).eps
+            eps = 1e-5 if norm == "layernorm" else default_rms_eps(x.dtype)
         else:
             eps = _validate.eps(norm_eps, "norm_eps")
     p = float(dropout) if training else 0.0

@@ -60,8 +60,9 @@ class LayerNorm(torch.nn.LayerNorm):
 
 
 class RMSNorm(torch.nn.RMSNorm):
-    """Fused RMSNorm; saves x and per-row rstd for backward. ``eps=None`` means
-    ``torch.finfo(input.dtype).eps``. Subclasses ``torch.nn.RMSNorm``, replacing ``forward``."""
+    """Fused RMSNorm; saves x and per-row rstd for backward. ``eps=None`` behaves as in
+    ``torch.nn.RMSNorm`` (see ``ckpt_ops.norm.rms_norm``). Subclasses ``torch.nn.RMSNorm``,
+    replacing ``forward``."""
 
     backend: Optional[str] = None
 

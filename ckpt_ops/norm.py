@@ -148,15 +148,22 @@ def layer_norm(input: Tensor, normalized_shape: Union[int, Sequence[int]], weigh
     return y.view(x.shape)
 
 
+def default_rms_eps(dtype: torch.dtype) -> float:
+    """RMSNorm's eps when None: epsilon of the accumulation dtype, matching torch's kernels."""
+    return torch.finfo(_ref.acc_dtype(dtype)).eps
+
+
 def rms_norm(input: Tensor, normalized_shape: Union[int, Sequence[int]], weight: Optional[Tensor] = None,
              eps: Optional[float] = None, *, backend: Optional[str] = None) -> Tensor:
     """Fused RMSNorm, a drop-in for ``torch.nn.functional.rms_norm``.
 
-    ``eps=None`` means ``torch.finfo(input.dtype).eps``, as in PyTorch. Other arguments as in
-    :func:`layer_norm`. Saves x plus rstd per row for backward.
+    ``eps=None`` means what PyTorch 2.14 does: the machine epsilon of the computation dtype
+    (``finfo(float32).eps`` for float16/bfloat16/float32 inputs, ``finfo(float64).eps`` for float64;
+    its documentation says ``finfo(input.dtype).eps``, its kernels use the opmath type). Other
+    arguments as in :func:`layer_norm`. Saves x plus rstd per row for backward.
     """
     x, x2d, (w,) = _prepare(input, normalized_shape, [weight], ["weight"])
-    eps = torch.finfo(x.dtype).eps if eps is None else _validate.eps(eps)
+    eps = default_rms_eps(x.dtype) if eps is None else _validate.eps(eps)
     be = _backend.resolve("rms_norm", x.device, backend)
     if _needs_graph(x2d, w):
         y = RMSNormFunction.apply(x2d, w, eps, be)

@@ -308,3 +308,14 @@ def test_bad_input_raises_before_kernels(no_kernels, kind, case, make_args, exc,
 def test_bad_eps(no_kernels, eps, exc):
     with pytest.raises(exc, match="eps"):
         cf.layer_norm(torch.randn(2, 4), (4,), eps=eps)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rms_norm_default_eps_follows_torch(backend, dtype):
+    """eps=None: torch's kernels use the epsilon of the computation dtype (fp32 for half types),
+    not finfo(input.dtype); with small inputs the difference is large, so this pins it."""
+    x = (torch.randn(4, 64) * 0.01).to(DEVICE, dtype)
+    ours_ = cf.rms_norm(x, (64,), backend=backend).float()
+    ref = F.rms_norm(x.float(), (64,), None, torch.finfo(torch.float32).eps)
+    assert (ours_ - ref).abs().max() <= 2 * (F.rms_norm(x, (64,)).float() - ref).abs().max() + 1e-6
