@@ -233,3 +233,120 @@ def dropout_bwd(dout: Tensor, seed: Tensor, p: float) -> Tensor:
     if p == 0.0:
         return dout.clone()
     return dropout_fwd(dout, None, seed, p)
+
+
+# ------------------------------------------------------------------------------------------------
+# Attention: rotary embeddings and the attention core over a packed qkv buffer
+# ------------------------------------------------------------------------------------------------
+# Layout shared by every backend: qkv is (B, S, (H + 2*KV) * hd) contiguous, the output of the
+# fused QKV projection, rows [q heads | k heads | v heads]; o is (B, S, H * hd) contiguous (feeds
+# the output projection without a copy); lse is (B, H, S) fp32. Query head h reads key/value head
+# h // (H // KV) (grouped-query attention, K/V never repeated in memory by the kernels).
+def rope_tables(seq_len: int, head_dim: int, theta: float, device: torch.device) -> Tuple[Tensor, Tensor]:
+    """(cos, sin) of shape (S, head_dim // 2), fp32, positions 0..S-1, frequencies
+    theta ** (-2i / head_dim): the "rotate half" convention of Llama-family models."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
+    ang = torch.arange(seq_len, dtype=torch.int64, device=device).float()[:, None] * inv_freq[None, :]
+    return ang.cos(), ang.sin()
+
+
+def _rope_apply(t: Tensor, cos: Tensor, sin: Tensor, inverse: bool) -> Tensor:
+    """t (B, S, heads, hd) in the accumulation dtype; cos/sin broadcastable to (B, S, 1, hd/2)."""
+    half = t.shape[-1] // 2
+    t1, t2 = t[..., :half], t[..., half:]
+    s = -sin if inverse else sin
+    return torch.cat([t1 * cos - t2 * s, t2 * cos + t1 * s], dim=-1)
+
+
+def _rope_cs(cos: Tensor, sin: Tensor, acc: torch.dtype) -> Tuple[Tensor, Tensor]:
+    # (S, hd/2) or (B, S, hd/2) -> broadcastable to (B, S, heads, hd/2)
+    return cos.to(acc).unsqueeze(-2), sin.to(acc).unsqueeze(-2)
+
+
+def rope_(qkv: Tensor, cos: Tensor, sin: Tensor, num_heads: int, num_kv_heads: int, inverse: bool) -> None:
+    """Kernel contract of ``ckpt_ops::rope_`` (in place): rotate the q and k heads of the packed
+    qkv (B, S, (H + 2KV) * hd) by the tables cos/sin ((S, hd/2) or (B, S, hd/2), any float dtype,
+    used in fp32): x1' = x1 cos - x2 sin, x2' = x2 cos + x1 sin on the halves x1 = x[:hd/2],
+    x2 = x[hd/2:]. ``inverse`` applies the transposed rotation (sin -> -sin): the backward of
+    RoPE, used in place on the gradient dqkv. The v heads are left alone."""
+    b, s, width = qkv.shape
+    hd = width // (num_heads + 2 * num_kv_heads)
+    acc = acc_dtype(qkv.dtype)
+    c, sn = _rope_cs(cos, sin, acc)
+    nqk = (num_heads + num_kv_heads) * hd
+    qk = qkv[..., :nqk].view(b, s, num_heads + num_kv_heads, hd)
+    qk.copy_(_rope_apply(qk.to(acc), c, sn, inverse).to(qkv.dtype))
+
+
+def _split_heads(qkv: Tensor, num_heads: int, num_kv_heads: int):
+    b, s, width = qkv.shape
+    hd = width // (num_heads + 2 * num_kv_heads)
+    q = qkv[..., :num_heads * hd].view(b, s, num_heads, hd).transpose(1, 2)
+    k = qkv[..., num_heads * hd:(num_heads + num_kv_heads) * hd].view(b, s, num_kv_heads, hd).transpose(1, 2)
+    v = qkv[..., (num_heads + num_kv_heads) * hd:].view(b, s, num_kv_heads, hd).transpose(1, 2)
+    return q, k, v, hd
+
+
+def attention_valid(key_mask: Optional[Tensor], b: int, s: int, causal: bool, device) -> Tensor:
+    """(B or 1, 1, S, S) bool: may query i attend key j."""
+    ok = torch.ones(1, 1, s, s, dtype=torch.bool, device=device)
+    if causal:
+        ok = torch.tril(ok)
+    if key_mask is not None:
+        ok = ok & key_mask.to(torch.bool)[:, None, None, :]
+    return ok
+
+
+def attention_fwd(qkv: Tensor, key_mask: Optional[Tensor], num_heads: int, num_kv_heads: int, causal: bool,
+                  scale: float) -> Tuple[Tensor, Tensor]:
+    """Kernel contract of ``ckpt_ops::attention_fwd``: softmax attention of the packed qkv.
+
+    key_mask: (B, S) bool/integer, nonzero = attend (padding mask), or None. Returns o (B, S, H*hd)
+    in qkv's dtype and lse (B, H, S) fp32, the log-sum-exp of each row's scaled scores. A row
+    with no key to attend (all padding, or left padding under causal) gets o = 0 and lse = +inf,
+    so its probabilities rebuild to exactly 0 in backward."""
+    b, s, _ = qkv.shape
+    acc = acc_dtype(qkv.dtype)
+    q, k, v, hd = _split_heads(qkv, num_heads, num_kv_heads)
+    rep = num_heads // num_kv_heads
+    q, k, v = q.to(acc), k.to(acc).repeat_interleave(rep, 1), v.to(acc).repeat_interleave(rep, 1)
+    scores = (q @ k.transpose(-1, -2)) * scale
+    ok = attention_valid(key_mask, b, s, causal, qkv.device)
+    scores = scores.masked_fill(~ok, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)                       # -inf on empty rows
+    empty = torch.isneginf(lse)
+    p = torch.exp(scores - torch.where(empty, torch.zeros_like(lse), lse)[..., None])
+    o = (p @ v).transpose(1, 2).reshape(b, s, num_heads * hd)
+    lse = torch.where(empty, torch.full_like(lse, float("inf")), lse)
+    return o.to(qkv.dtype), lse.to(torch.float32)
+
+
+def attention_bwd(do: Tensor, qkv: Tensor, o: Tensor, lse: Tensor, key_mask: Optional[Tensor], num_heads: int,
+                  num_kv_heads: int, causal: bool, scale: float) -> Tensor:
+    """Kernel contract of ``ckpt_ops::attention_bwd``: the gradient dqkv (B, S, (H+2KV)*hd) of
+    the packed qkv, from do (B, S, H*hd), the forward's o and lse (probabilities are rebuilt as
+    exp(scale * q k^T - lse), never stored); dk/dv are summed over the query heads of a group:
+
+        P = exp(scale * Q K^T - lse),  dV = P^T dO,  dP = dO V^T,  delta = rowsum(dO * O)
+        dS = P * (dP - delta),  dQ = scale * dS K,  dK = scale * dS^T Q
+    """
+    b, s, _ = qkv.shape
+    acc = acc_dtype(qkv.dtype)
+    q, k, v, hd = _split_heads(qkv, num_heads, num_kv_heads)
+    rep = num_heads // num_kv_heads
+    q, k, v = q.to(acc), k.to(acc).repeat_interleave(rep, 1), v.to(acc).repeat_interleave(rep, 1)
+    dO = do.view(b, s, num_heads, hd).transpose(1, 2).to(acc)
+    O = o.view(b, s, num_heads, hd).transpose(1, 2).to(acc)
+    ok = attention_valid(key_mask, b, s, causal, qkv.device)
+    scores = (q @ k.transpose(-1, -2)) * scale
+    p = torch.exp(scores - lse.to(acc)[..., None]).masked_fill(~ok, 0.0)
+    dv = p.transpose(-1, -2) @ dO
+    dp = dO @ v.transpose(-1, -2)
+    delta = (dO * O).sum(-1, keepdim=True)
+    ds = p * (dp - delta)
+    dq = (ds @ k) * scale
+    dk = (ds.transpose(-1, -2) @ q) * scale
+    dk = dk.view(b, num_kv_heads, rep, s, hd).sum(2)
+    dv = dv.view(b, num_kv_heads, rep, s, hd).sum(2)
+    dqkv = torch.cat([t.transpose(1, 2).reshape(b, s, -1) for t in (dq, dk, dv)], dim=-1)
+    return dqkv.to(qkv.dtype)

@@ -35,6 +35,20 @@ TORCH_LIBRARY(ckpt_ops, m) {
   m.def("act_bwd(Tensor da, Tensor h, Tensor? g, int activation, bool need_a) -> (Tensor a, Tensor dh, Tensor dg)");
   m.def("dropout_fwd(Tensor y, Tensor? residual, Tensor seed, float p) -> Tensor");
   m.def("dropout_bwd(Tensor dout, Tensor seed, float p) -> Tensor");
+
+  // ---- Attention (csrc/cpu/attention.cpp, csrc/cuda/rope.cu) -----------------
+  // qkv: (B, S, (H + 2KV) * hd) contiguous, rows [q heads | k heads | v heads];
+  // o: (B, S, H * hd); lse: (B, H, S) fp32 (+inf for rows with no key to attend);
+  // key_mask: (B, S) bool/int, nonzero = attend. Query head h uses KV head h / (H/KV).
+  //   rope_: in place on the q and k heads of qkv; cos/sin (S, hd/2) or (B, S, hd/2);
+  //          inverse=True applies the transposed rotation (backward, on dqkv).
+  m.def("rope_(Tensor(a!) qkv, Tensor cos, Tensor sin, int num_heads, int num_kv_heads, bool inverse) -> ()");
+  m.def(
+      "attention_fwd(Tensor qkv, Tensor? key_mask, int num_heads, int num_kv_heads, bool causal, float scale) "
+      "-> (Tensor o, Tensor lse)");
+  m.def(
+      "attention_bwd(Tensor do, Tensor qkv, Tensor o, Tensor lse, Tensor? key_mask, int num_heads, "
+      "int num_kv_heads, bool causal, float scale) -> Tensor dqkv");
 }
 
 namespace {
