@@ -9,10 +9,7 @@ Registered ops (``torch.ops.ckpt_ops.<name>_triton``, schemas at the end of this
 (M, N) float16/bfloat16/float32; weight/bias (N,) of x's dtype or None; mean/rstd float32 (M,). Outputs that
 are not requested come back as empty tensors (``numel() == 0``) of the dtype they would have had.
 
-Compiled Triton (CUDA): the ops are ``torch.library.triton_op`` launching through ``wrap_triton``, so
-torch.compile/Inductor see the kernels. Under ``TRITON_INTERPRET=1`` (CPU tensors) ``wrap_triton`` hands back
-the raw interpreted kernel, which cannot run on fake tensors, so there the ops are opaque
-``torch.library.custom_op``s. Both get the same explicit fake (meta) implementation.
+Registration (``triton_op`` on CUDA, ``custom_op`` under the interpreter) and the output cast: ``._common``.
 """
 import functools
 
@@ -23,8 +20,8 @@ from torch.library import wrap_triton  # a bare name: triton_op's kernel discove
 
 from ckpt_ops import _meta  # the fake implementations, shared with the extension's ops
 
-_NS = "ckpt_ops"
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from ._common import DTYPES as _DTYPES
+from ._common import _cast_out, _emulate_rtne, _interpreted, _register  # noqa: F401  (_interpreted: tests)
 
 # Widest row kept in registers in one block. The backward holds about five fp32 vectors of BLOCK_N elements
 # per program (x, dy, w, dweight and dbias accumulators) and everything is computed in fp32 whatever the
@@ -37,18 +34,6 @@ _MAX_BLOCK_N = 8192
 # ----------------------------------------------------------------------------------------------------------
 # kernels
 # ----------------------------------------------------------------------------------------------------------
-@triton.jit
-def _cast_out(v, dtype: tl.constexpr, RTNE_BF16: tl.constexpr):
-    """fp32 -> output dtype. The Triton 3.8 interpreter truncates fp32 -> bf16 where GPUs round to nearest
-    even; RTNE_BF16 (set only under the interpreter, for bf16) rounds with integer arithmetic instead."""
-    if RTNE_BF16:
-        bits = v.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return v.to(dtype)
-
-
 @triton.jit
 def _norm_fwd_kernel(
     X, Y, W, B, MEAN, RSTD,  # x, y: (M, N) contiguous; w, b: (N,) or None; mean, rstd: (M,) fp32
@@ -259,11 +244,6 @@ def _num_warps(block_n):
     return max(1, min(block_n // 256, 16))
 
 
-def _emulate_rtne(x):
-    """bf16 outputs under the interpreter need the rounding work-around in ``_cast_out``."""
-    return x.dtype == torch.bfloat16 and _interpreted()
-
-
 @functools.lru_cache(maxsize=None)
 def _sm_count(device_index):
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -387,34 +367,6 @@ def rms_norm_bwd(dy, x, weight, rstd, need_dx, need_dweight):
 # ----------------------------------------------------------------------------------------------------------
 # op registration
 # ----------------------------------------------------------------------------------------------------------
-def _interpreted():
-    try:
-        from triton.runtime.interpreter import InterpretedFunction
-    except ImportError:
-        return False
-    return isinstance(_norm_fwd_kernel, InterpretedFunction)
-
-
-def _register(name, schema, impl, fake):
-    """Defines ``ckpt_ops::<name>`` once per process and returns its OpOverloadPacket.
-
-    If the op already exists (this file imported a second time under another module name, e.g. both as
-    ``triton_kernels.norm`` and ``ckpt_ops.triton_kernels.norm``), the existing definition is reused."""
-    packet = getattr(torch.ops, _NS)
-    if hasattr(packet, name):
-        return getattr(packet, name)
-    qualname = f"{_NS}::{name}"
-    if _interpreted():
-        op = torch.library.custom_op(qualname, impl, mutates_args=(), schema=schema)
-    else:
-        op = torch.library.triton_op(qualname, impl, mutates_args=(), schema=schema)
-    # triton_op would use `impl` itself as the fake; an explicit one is equivalent, cheaper, and the only
-    # option under the interpreter. The FunctionalTensorMode decomposition that lets Inductor see the
-    # kernels is registered by triton_op separately and is unaffected.
-    op.register_fake(fake)
-    return getattr(packet, name)
-
-
 layer_norm_fwd_op = _register(
     "layer_norm_fwd_triton",
     "(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor y, Tensor mean, Tensor rstd)",
