@@ -298,7 +298,11 @@ def mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: T
     be = _backend.resolve("mlp", x.device, backend)
     cfg = MLPConfig(norm, eps, code, gated, p, bool(residual), recompute, be)
     x2d = x.reshape(-1, d_model).contiguous()
-    seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=x.device) if p > 0.0 else None
+    # The dropout kernels take a seed tensor always (ignored when p == 0; only saved when p > 0).
+    if p > 0.0:
+        seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=x.device)
+    else:
+        seed = torch.zeros(1, dtype=torch.int64, device=x.device)
     args = (x2d, norm_weight, norm_bias, fc1_weight, fc1_bias, gate_weight, gate_bias, fc2_weight, fc2_bias)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
         out = MLPFunction.apply(*args, seed, cfg)
