@@ -72,8 +72,9 @@ void register_ops(torch::Library& m) {
     check_like(da, h, "da");
     check_gate(g, h);
     check_activation(activation);
-    const auto empty = at::empty({0}, h.options());
-    ActBwdOut o{need_a ? at::empty_like(h) : empty, at::empty_like(h), g.has_value() ? at::empty_like(h) : empty};
+    // distinct empty tensors: outputs must not alias one another
+    ActBwdOut o{need_a ? at::empty_like(h) : at::empty({0}, h.options()), at::empty_like(h),
+                g.has_value() ? at::empty_like(h) : at::empty({0}, h.options())};
     if (h.numel() > 0) ActBwd(da, h, g.has_value() ? &*g : nullptr, static_cast<int>(activation), o);
     return std::make_tuple(o.a, o.dh, o.dg);
   });
