@@ -41,9 +41,9 @@ def act_fwd(h, g, activation):
 
 
 def act_bwd(da, h, g, activation, need_a):
-    empty = h.new_empty(0)
-    a = torch.empty_like(h, memory_format=torch.contiguous_format) if need_a else empty
-    dg = torch.empty_like(h, memory_format=torch.contiguous_format) if g is not None else empty
+    # distinct tensors (also the empty ones): outputs of an op must not alias one another
+    a = torch.empty_like(h, memory_format=torch.contiguous_format) if need_a else h.new_empty(0)
+    dg = torch.empty_like(h, memory_format=torch.contiguous_format) if g is not None else h.new_empty(0)
     return a, torch.empty_like(h, memory_format=torch.contiguous_format), dg
 
 
