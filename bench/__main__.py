@@ -11,10 +11,10 @@ import sys
 
 import torch
 
-from bench import bench_norm
+from bench import bench_mlp, bench_norm
 from bench.common import environment, print_table, write_jsonl
 
-OPS = {"norm": bench_norm}
+OPS = {"norm": bench_norm, "mlp": bench_mlp}
 
 
 def main(argv=None) -> int:
@@ -29,6 +29,8 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=None, help="timed repetitions per provider")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="few repetitions (smoke test)")
+    p.add_argument("--dropouts", type=float, nargs="+", default=[0.0, 0.1], help="dropout probabilities (MLP)")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile providers")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)

@@ -45,7 +45,7 @@ def setup(kind: str, config: Dict[str, object], device: torch.device, dtype: tor
             for p in params + [x]:
                 p.grad = None
             fwd().backward(dy)
-        return Case(name, fwd, step, note)
+        return Case(name, fwd, step, note, inputs=[x], params=params)
 
     cases = [
         make_case("eager", lambda: eager(x)),
