@@ -95,14 +95,17 @@ _lock = threading.Lock()
 
 
 _TRITON_MODULES: Dict[str, str] = {}
+_DEPENDS: Dict[str, Tuple[str, ...]] = {}
 
 
-def register_family(family: str, kernels: Dict[str, Dict[str, object]], triton_module: Optional[str] = None) -> None:
+def register_family(family: str, kernels: Dict[str, Dict[str, object]], triton_module: Optional[str] = None,
+                    depends: Tuple[str, ...] = ()) -> None:
     """Declare the kernels of an op family. ``kernels[backend][name]`` is a callable, a
     ``"torch.ops.ckpt_ops.<op>"`` string, or ``"<module>:<attr>"``. `triton_module` is imported
     (registering its ``triton_op``s) the first time a Triton kernel of the family is used, so
     ``import ckpt_ops`` never imports Triton."""
     _FAMILIES[family] = kernels
+    _DEPENDS[family] = tuple(depends)  # families whose kernels this one calls on the same backend
     if triton_module is not None:
         _TRITON_MODULES[family] = triton_module
 
@@ -123,6 +126,9 @@ def _unavailable_reason(family: str, backend: str, device_type: str) -> Optional
         raise KeyError(f"unknown op family {family!r}")
     if backend not in _FAMILIES[family]:
         return f"no {backend} kernels exist for {family}"
+    for dep in _DEPENDS.get(family, ()):
+        if backend not in _FAMILIES[dep]:
+            return f"no {backend} kernels exist for {dep} (used by {family})"
     if backend == "reference":
         return None
     if backend == "cpu":
@@ -202,9 +208,10 @@ def _ensure_kernels(family: str, backend: str) -> None:
     """Load (once) every kernel of `family` on `backend`. Called by resolve(), i.e. outside the
     autograd Functions: torch.compile does not allow a Function's forward/backward to mutate state
     from outside it, so the lazy imports and the cache fill must happen before."""
-    for name in _FAMILIES[family][backend]:
-        if (family, backend, name) not in _resolved_kernels:
-            kernel(family, backend, name)
+    for fam in (family,) + _DEPENDS.get(family, ()):
+        for name in _FAMILIES[fam][backend]:
+            if (fam, backend, name) not in _resolved_kernels:
+                kernel(fam, backend, name)
 
 
 def kernel(family: str, backend: str, name: str) -> Callable:

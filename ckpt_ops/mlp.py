@@ -66,6 +66,7 @@ _backend.register_family(
         "reference": {k: getattr(_ref, k) for k in ("act_fwd", "act_bwd", "dropout_fwd", "dropout_bwd")},
     },
     triton_module="ckpt_ops.triton_kernels.mlp",
+    depends=("layer_norm", "rms_norm"),
 )
 
 

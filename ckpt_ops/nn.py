@@ -10,11 +10,12 @@ from typing import Optional
 
 import torch
 
+from ckpt_ops import attention as _attn
 from ckpt_ops import mlp as _mlp
 from ckpt_ops import norm as _norm
 from ckpt_ops._consts import ACTIVATIONS
 
-__all__ = ["LayerNorm", "RMSNorm", "MLP"]
+__all__ = ["LayerNorm", "RMSNorm", "MLP", "Attention"]
 
 
 def _check_level(recompute, levels):
@@ -119,3 +120,59 @@ class MLP(torch.nn.Module):
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, d_hidden={self.d_hidden}, activation={self.activation!r}, "
                 f"dropout={self.dropout}, residual={self.residual}, recompute={self.recompute!r}")
+
+
+class Attention(torch.nn.Module):
+    """Fused checkpointed self-attention: ``[x +] dropout(out(attn(rope(qkv(n)))))`` with
+    ``n = norm(x)`` or ``x``; multi-head, grouped-query (``num_kv_heads``) or multi-query
+    attention, causal or not, with a (B, S) padding mask. See ``ckpt_ops.attention`` for what each
+    ``recompute`` level ("full", "keep_attn", "selective", "none") saves and recomputes.
+
+    Submodules ``norm`` (only with ``norm=``), ``qkv`` (``nn.Linear`` d_model ->
+    (H + 2 KV) * head_dim, rows [q | k | v]) and ``out`` (``nn.Linear`` H * head_dim -> d_model).
+    ``dropout`` applies to the output projection (residual dropout), not to the probabilities.
+    RoPE positions are 0..S-1 ("rotate half", base ``rope_theta``).
+    """
+
+    def __init__(self, d_model: int, num_heads: int, num_kv_heads: Optional[int] = None, causal: bool = True,
+                 bias: bool = True, dropout: float = 0.0, norm: Optional[str] = None, rope: bool = False,
+                 rope_theta: float = 10000.0, residual: bool = False, recompute: str = "full", device=None,
+                 dtype=None):
+        super().__init__()
+        _positive_int(d_model, "d_model")
+        _positive_int(num_heads, "num_heads")
+        kv = num_heads if num_kv_heads is None else num_kv_heads
+        _positive_int(kv, "num_kv_heads")
+        if d_model % num_heads:
+            raise ValueError(f"d_model={d_model} must be divisible by num_heads={num_heads}")
+        if num_heads % kv:
+            raise ValueError(f"num_heads={num_heads} must be divisible by num_kv_heads={kv}")
+        head_dim = d_model // num_heads
+        if rope and head_dim % 2:
+            raise ValueError(f"rope needs an even head_dim; got d_model/num_heads = {head_dim}")
+        factory = {"device": device, "dtype": dtype}
+        self.d_model, self.num_heads, self.num_kv_heads, self.head_dim = d_model, num_heads, kv, head_dim
+        self.causal, self.rope, self.rope_theta = bool(causal), bool(rope), float(rope_theta)
+        self.dropout = _dropout_p(dropout)
+        self.residual = bool(residual)
+        self.recompute = _check_level(recompute, _attn.LEVELS)
+        self.backend: Optional[str] = None
+        self.norm = _make_norm(norm, d_model, factory)
+        self.qkv = torch.nn.Linear(d_model, (num_heads + 2 * kv) * head_dim, bias=bias, **factory)
+        self.out = torch.nn.Linear(num_heads * head_dim, d_model, bias=bias, **factory)
+
+    def forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        nk = None if self.norm is None else ("layernorm" if isinstance(self.norm, torch.nn.LayerNorm) else "rmsnorm")
+        return _attn.attention(
+            x, self.qkv.weight, self.qkv.bias, self.out.weight, self.out.bias, num_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads, attention_mask=attention_mask, causal=self.causal, norm=nk,
+            norm_weight=self.norm.weight if nk else None,
+            norm_bias=getattr(self.norm, "bias", None) if nk == "layernorm" else None,
+            norm_eps=self.norm.eps if nk else None, rope=self.rope, rope_theta=self.rope_theta,
+            dropout=self.dropout, training=self.training, residual=self.residual, recompute=self.recompute,
+            backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
+                f"causal={self.causal}, rope={self.rope}, dropout={self.dropout}, residual={self.residual}, "
+                f"recompute={self.recompute!r}")

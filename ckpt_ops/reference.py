@@ -240,7 +240,7 @@ def dropout_bwd(dout: Tensor, seed: Tensor, p: float) -> Tensor:
 # ------------------------------------------------------------------------------------------------
 # Layout shared by every backend: qkv is (B, S, (H + 2*KV) * hd) contiguous, the output of the
 # fused QKV projection, rows [q heads | k heads | v heads]; o is (B, S, H * hd) contiguous (feeds
-# the output projection without a copy); lse is (B, H, S) fp32. Query head h reads key/value head
+# the output projection without a copy); lse is (B, H, S) fp32 (fp64 for fp64 qkv). Query head h reads key/value head
 # h // (H // KV) (grouped-query attention, K/V never repeated in memory by the kernels).
 def rope_tables(seq_len: int, head_dim: int, theta: float, device: torch.device) -> Tuple[Tensor, Tensor]:
     """(cos, sin) of shape (S, head_dim // 2), fp32, positions 0..S-1, frequencies
@@ -302,7 +302,7 @@ def attention_fwd(qkv: Tensor, key_mask: Optional[Tensor], num_heads: int, num_k
     """Kernel contract of ``ckpt_ops::attention_fwd``: softmax attention of the packed qkv.
 
     key_mask: (B, S) bool/integer, nonzero = attend (padding mask), or None. Returns o (B, S, H*hd)
-    in qkv's dtype and lse (B, H, S) fp32, the log-sum-exp of each row's scaled scores. A row
+    in qkv's dtype and lse (B, H, S) in the accumulation dtype (fp32; fp64 for fp64), the log-sum-exp of each row's scaled scores. A row
     with no key to attend (all padding, or left padding under causal) gets o = 0 and lse = +inf,
     so its probabilities rebuild to exactly 0 in backward."""
     b, s, _ = qkv.shape
@@ -318,7 +318,7 @@ def attention_fwd(qkv: Tensor, key_mask: Optional[Tensor], num_heads: int, num_k
     p = torch.exp(scores - torch.where(empty, torch.zeros_like(lse), lse)[..., None])
     o = (p @ v).transpose(1, 2).reshape(b, s, num_heads * hd)
     lse = torch.where(empty, torch.full_like(lse, float("inf")), lse)
-    return o.to(qkv.dtype), lse.to(torch.float32)
+    return o.to(qkv.dtype), lse.to(acc)
 
 
 def attention_bwd(do: Tensor, qkv: Tensor, o: Tensor, lse: Tensor, key_mask: Optional[Tensor], num_heads: int,

@@ -38,7 +38,7 @@ TORCH_LIBRARY(ckpt_ops, m) {
 
   // ---- Attention (csrc/cpu/attention.cpp, csrc/cuda/rope.cu) -----------------
   // qkv: (B, S, (H + 2KV) * hd) contiguous, rows [q heads | k heads | v heads];
-  // o: (B, S, H * hd); lse: (B, H, S) fp32 (+inf for rows with no key to attend);
+  // o: (B, S, H * hd); lse: (B, H, S) fp32, fp64 for fp64 (+inf for rows with no key to attend);
   // key_mask: (B, S) bool/int, nonzero = attend. Query head h uses KV head h / (H/KV).
   //   rope_: in place on the q and k heads of qkv; cos/sin (S, hd/2) or (B, S, hd/2);
   //          inverse=True applies the transposed rotation (backward, on dqkv).

@@ -1,0 +1,337 @@
+"""Self-attention as one checkpointed segment:
+
+    out = [x +] dropout(out_proj(attention(rope(qkv_proj(n)))))      with n = norm(x) or x
+
+The QKV projection writes one packed buffer qkv (B, S, (H + 2KV) * hd), rows [q | k | v]; RoPE
+rotates its q and k heads in place; the attention kernels read q/k/v straight from it (query head
+h uses KV head h // (H/KV): grouped-query attention without repeating K/V) and write o
+(B, S, H * hd), which feeds the output projection without a copy, plus the per-(row, head)
+log-sum-exp. The backward kernels write the gradient into one packed dqkv, RoPE's transpose is
+applied to it in place, and dqkv feeds the QKV projection's two backward GEMMs directly.
+Attention probabilities are never stored at any level: flash-style kernels rebuild them from the
+log-sum-exp. Dropout is applied to the output projection (residual dropout), from a Philox seed.
+
+Recompute levels (what ``AttentionFunction`` keeps for backward; parameters are not counted):
+
+===============  ===========================================  ==================================
+level            saves                                        recomputes in backward
+===============  ===========================================  ==================================
+``"full"``       x, padding mask, dropout seed                norm, QKV GEMM, RoPE, the attention
+                                                              forward (for O: delta and dWo);
+                                                              never the output projection
+``"keep_attn"``  + O and the LSE                              norm, QKV GEMM, RoPE -- never the
+                                                              attention forward (cost ~ S^2)
+``"selective"``  + qkv (after RoPE)                           norm (for dWqkv): elementwise only
+``"none"``       + n and the norm statistics                  nothing but the dropout mask
+===============  ===========================================  ==================================
+
+GEMMs of a step (projections; the attention core is counted apart): eager, ``"none"``,
+``"selective"``: 6 (QKV and out forward, 2 backward each); ``"full"`` and ``"keep_attn"``: 7
+(+ the QKV replay), like torch.utils.checkpoint(use_reentrant=False) (whose early stop skips the
+output projection unless a dropout mask after it is saved: then 8). Attention core (~4 S^2 hd
+FLOPs per head forward): ``"full"`` runs its forward twice, like torch.utils.checkpoint;
+``"keep_attn"`` and the others once.
+
+The full-level LSE: the issue's budget allows keeping it, but the attention forward replayed in
+backward produces it again (bit-identically), so ``"full"`` keeps only x.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ckpt_ops import _backend, _validate
+from ckpt_ops import reference as _ref
+from ckpt_ops.mlp import _norm_fwd
+from ckpt_ops.norm import default_rms_eps
+
+Tensor = torch.Tensor
+
+LEVELS = ("full", "keep_attn", "selective", "none")
+
+_backend.register_family(
+    "attention",
+    {
+        "cpu": {k: f"torch.ops.ckpt_ops.{k}" for k in ("rope_", "attention_fwd", "attention_bwd")},
+        "triton": {"rope_": "torch.ops.ckpt_ops.rope_triton_", "attention_fwd": "torch.ops.ckpt_ops.attention_fwd_triton",
+                   "attention_bwd": "torch.ops.ckpt_ops.attention_bwd_triton"},
+        "reference": {k: getattr(_ref, k) for k in ("rope_", "attention_fwd", "attention_bwd")},
+    },
+    triton_module="ckpt_ops.triton_kernels.attention",
+    depends=("layer_norm", "rms_norm", "mlp"),
+)
+
+
+class AttnConfig(NamedTuple):
+    """Python constants of one attention segment."""
+    num_heads: int
+    num_kv_heads: int
+    causal: bool
+    scale: float
+    norm: Optional[str]
+    norm_eps: Optional[float]
+    rope: bool
+    rope_theta: float
+    p: float
+    residual: bool
+    level: str
+    backend: str
+
+
+class _Plan(NamedTuple):
+    up: bool        # the attention backward runs (anything upstream of o trains)
+    o: bool         # o is needed in backward (delta, or the output projection's weight gradient)
+    qkv: bool       # qkv is needed (attention backward, or replaying the attention forward)
+    n: bool         # n is needed (QKV weight gradient, or the QKV replay)
+    norm_bwd: bool  # the norm's backward runs
+    dn: bool        # dn = dqkv @ Wqkv is needed
+
+
+def _plan(cfg: AttnConfig, need) -> _Plan:
+    need_x, need_nw, need_nb, need_wqkv, need_bqkv, need_wo = need[:6]
+    dn = need_x or need_nw or need_nb
+    up = dn or need_wqkv or need_bqkv
+    o = up or need_wo
+    qkv = up or (need_wo and cfg.level == "full")
+    n = need_wqkv or (qkv and cfg.level in ("full", "keep_attn"))
+    return _Plan(up, o, qkv, n, cfg.norm is not None and dn, dn)
+
+
+def _tables(cfg: AttnConfig, cos, sin, seq_len: int, head_dim: int, device):
+    """RoPE tables: the caller's (positions of a converted model) or, for the standalone module,
+    positions 0..S-1 rebuilt from rope_theta (deterministic, so forward and backward agree)."""
+    if cos is not None:
+        return cos, sin
+    return _ref.rope_tables(seq_len, head_dim, cfg.rope_theta, device)
+
+
+class AttentionFunction(torch.autograd.Function):
+    """The attention segment (see the module docstring for what each level saves/recomputes).
+
+    forward(x (B, S, D) contiguous, norm_weight, norm_bias, w_qkv, b_qkv, w_out, b_out,
+            key_mask (B, S) or None, cos, sin (or None), seed, cfg)
+    """
+
+    @staticmethod
+    def forward(ctx, x, nw, nb, wqkv, bqkv, wo, bo, key_mask, cos, sin, seed, cfg: AttnConfig):
+        k = lambda name: _backend.kernel("attention", cfg.backend, name)  # noqa: E731
+        b, s, d = x.shape
+        x2d = x.view(b * s, d)
+        n, mean, rstd = _norm_fwd(cfg, x2d, nw, nb)
+        qkv = F.linear(n, wqkv, bqkv).view(b, s, -1)
+        hd = qkv.shape[-1] // (cfg.num_heads + 2 * cfg.num_kv_heads)
+        if cfg.rope:
+            c, sn = _tables(cfg, cos, sin, s, hd, x.device)
+            k("rope_")(qkv, c, sn, cfg.num_heads, cfg.num_kv_heads, False)
+        o, lse = k("attention_fwd")(qkv, key_mask, cfg.num_heads, cfg.num_kv_heads, cfg.causal, cfg.scale)
+        y = F.linear(o.view(b * s, -1), wo, bo)
+        if cfg.p > 0.0 or cfg.residual:
+            out = _backend.kernel("mlp", cfg.backend, "dropout_fwd")(y, x2d if cfg.residual else None, seed, cfg.p)
+        else:
+            out = y
+
+        plan = _plan(cfg, ctx.needs_input_grad)
+        lvl, has_norm = cfg.level, cfg.norm is not None
+        keep_o = lvl != "full" and plan.o
+        keep_qkv = lvl in ("selective", "none") and plan.qkv
+        keep_n = lvl == "none" and plan.n and has_norm
+        rebuild_n = has_norm and not keep_n and (plan.n or (plan.norm_bwd and lvl != "none"))
+        keep_x = plan.norm_bwd or (plan.n and not keep_n)
+        replay_qkv = lvl in ("full", "keep_attn") and plan.qkv
+        ctx.cfg, ctx.plan, ctx.shape = cfg, plan, (b, s, d)
+        ctx.save_for_backward(
+            x if keep_x else None,
+            mean if lvl == "none" and plan.norm_bwd else None,
+            rstd if lvl == "none" and plan.norm_bwd else None,
+            n if keep_n else None,
+            qkv if keep_qkv else None,
+            o if keep_o else None,
+            lse if (keep_o and plan.up) else None,
+            key_mask if plan.qkv else None,
+            cos if cfg.rope and cos is not None and (plan.up or replay_qkv) else None,
+            sin if cfg.rope and sin is not None and (plan.up or replay_qkv) else None,
+            nw if (plan.norm_bwd or rebuild_n) else None,
+            nb if rebuild_n else None,
+            wqkv if (plan.dn or replay_qkv) else None,
+            bqkv if replay_qkv else None,
+            wo if plan.up else None,
+            seed if cfg.p > 0.0 else None,
+        )
+        return out.view(b, s, d)
+
+    @staticmethod
+    def backward(ctx, dout):
+        cfg: AttnConfig = ctx.cfg
+        plan: _Plan = ctx.plan
+        need = ctx.needs_input_grad
+        b, s, d = ctx.shape
+        (x, mean, rstd, n, qkv, o, lse, key_mask, cos, sin, nw, nb, wqkv, bqkv, wo, seed) = ctx.saved_tensors
+        k = lambda name: _backend.kernel("attention", cfg.backend, name)  # noqa: E731
+        dout = dout.contiguous().view(b * s, d)
+        grads = [None] * 12
+        dy = _backend.kernel("mlp", cfg.backend, "dropout_bwd")(dout, seed, cfg.p) if cfg.p > 0.0 else dout
+        if need[6]:
+            grads[6] = dy.sum(0)
+        if need[0] and cfg.residual and not plan.dn:
+            grads[0] = dout.view(b, s, d)
+        if not plan.o:
+            return tuple(grads)
+
+        x2d = x.view(b * s, d) if x is not None else None
+        if n is None and (plan.n or (plan.norm_bwd and rstd is None)):
+            n, mean, rstd = _norm_fwd(cfg, x2d, nw, nb)  # the forward's kernel: bit-identical
+        replayed = qkv is None and plan.qkv
+        if replayed:  # "full" / "keep_attn": replay the QKV GEMM (and RoPE below), bit-identical
+            qkv = F.linear(n, wqkv, bqkv).view(b, s, -1)
+        c = sn = None
+        if cfg.rope and plan.qkv:
+            hd = qkv.shape[-1] // (cfg.num_heads + 2 * cfg.num_kv_heads)
+            c, sn = _tables(cfg, cos, sin, s, hd, dout.device)
+            if replayed:  # in place on our own replayed buffer, never on a saved tensor
+                k("rope_")(qkv, c, sn, cfg.num_heads, cfg.num_kv_heads, False)
+        if o is None:  # "full": replay the attention forward (o, lse bit-identical to the forward's)
+            o, lse = k("attention_fwd")(qkv, key_mask, cfg.num_heads, cfg.num_kv_heads, cfg.causal, cfg.scale)
+        if need[5]:
+            grads[5] = dy.t() @ o.view(b * s, -1)
+        if not plan.up:
+            return tuple(grads)
+
+        do = (dy @ wo).view(b, s, -1)
+        dqkv = k("attention_bwd")(do, qkv, o, lse, key_mask, cfg.num_heads, cfg.num_kv_heads, cfg.causal,
+                                  cfg.scale)
+        if cfg.rope:
+            k("rope_")(dqkv, c, sn, cfg.num_heads, cfg.num_kv_heads, True)
+        dqkv2 = dqkv.view(b * s, -1)
+        if need[3]:
+            grads[3] = dqkv2.t() @ n
+        if need[4]:
+            grads[4] = dqkv2.sum(0)
+        if not plan.dn:
+            return tuple(grads)
+        dn = dqkv2 @ wqkv
+        if cfg.norm == "layernorm":
+            dx, grads[1], grads[2] = _backend.kernel("layer_norm", cfg.backend, "bwd")(
+                dn, x2d, nw, mean, rstd, need[0], need[1], need[2])
+        elif cfg.norm == "rmsnorm":
+            dx, grads[1] = _backend.kernel("rms_norm", cfg.backend, "bwd")(dn, x2d, nw, rstd, need[0], need[1])
+        else:
+            dx = dn
+        grads[1] = grads[1] if need[1] else None
+        grads[2] = grads[2] if need[2] else None
+        if need[0]:
+            grads[0] = (dx + dout if cfg.residual else dx).view(b, s, d)
+        return tuple(grads)
+
+
+# ------------------------------------------------------------------------------------------------
+# Functional API
+# ------------------------------------------------------------------------------------------------
+def _check_mask(mask: Optional[Tensor], b: int, s: int, device) -> Optional[Tensor]:
+    if mask is None:
+        return None
+    _validate.tensor(mask, "attention_mask")
+    if mask.dtype.is_floating_point or mask.dtype.is_complex:
+        raise TypeError(f"attention_mask must be a bool or integer tensor (1/True = attend); got {mask.dtype}")
+    if tuple(mask.shape) != (b, s):
+        raise ValueError(f"attention_mask must have shape (batch, seq) = {(b, s)}; got {tuple(mask.shape)}")
+    if mask.device != device:
+        raise ValueError(f"attention_mask must be on the input's device {device}; got {mask.device}")
+    return mask.contiguous()
+
+
+def attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor], out_weight: Tensor,
+              out_bias: Optional[Tensor], *, num_heads: int, num_kv_heads: Optional[int] = None,
+              attention_mask: Optional[Tensor] = None, causal: bool = True, scale: Optional[float] = None,
+              norm: Optional[str] = None, norm_weight: Optional[Tensor] = None, norm_bias: Optional[Tensor] = None,
+              norm_eps: Optional[float] = None, rope: bool = False, rope_theta: float = 10000.0,
+              rope_cos: Optional[Tensor] = None, rope_sin: Optional[Tensor] = None, dropout: float = 0.0,
+              training: bool = True, residual: bool = False, recompute: str = "full",
+              backend: Optional[str] = None) -> Tensor:
+    """Fused checkpointed attention segment ``[x +] dropout(out(attn(rope(qkv(norm(x))))))``.
+
+    Args:
+        x: (B, S, d_model), float16/bfloat16/float32/float64.
+        qkv_weight, qkv_bias: ((H + 2 KV) * hd, d_model), ((H + 2 KV) * hd,) or None; rows [q | k | v].
+        out_weight, out_bias: (d_model, H * hd), (d_model,) or None.
+        num_heads, num_kv_heads: H and KV (default H; H % KV == 0: GQA, KV = 1: MQA).
+        attention_mask: (B, S) bool or integer, 1/True = attend (padding mask), or None. Query rows
+            with no key to attend produce exactly zero attention output and zero gradients.
+        causal: causal masking; scale: default 1/sqrt(hd).
+        norm, norm_weight, norm_bias, norm_eps: pre-norm fused into the segment (as ``mlp``).
+        rope: rotary embeddings ("rotate half") on q and k; positions 0..S-1 with base rope_theta,
+            or the caller's tables rope_cos/rope_sin ((S, hd/2) or (B, S, hd/2)).
+        dropout: on the output projection (residual dropout), Philox seed, regenerated in backward.
+        recompute: "full" | "keep_attn" | "selective" | "none" (see the module docstring).
+    """
+    x = _validate.float_tensor(x, "x")
+    if x.dim() != 3:
+        raise ValueError(f"x must be 3-D (batch, seq, d_model); got shape {tuple(x.shape)}")
+    b, s, d = x.shape
+    if recompute not in LEVELS:
+        raise ValueError(f"recompute must be one of {LEVELS}; got {recompute!r}")
+    h = num_heads
+    kv = num_heads if num_kv_heads is None else num_kv_heads
+    if isinstance(h, bool) or not isinstance(h, int) or h <= 0:
+        raise ValueError(f"num_heads must be a positive int; got {h!r}")
+    if isinstance(kv, bool) or not isinstance(kv, int) or kv <= 0 or h % kv:
+        raise ValueError(f"num_kv_heads must be a positive divisor of num_heads={h}; got {kv!r}")
+    _validate.tensor(qkv_weight, "qkv_weight")
+    if qkv_weight.dim() != 2 or qkv_weight.shape[1] != d or qkv_weight.shape[0] % (h + 2 * kv):
+        raise ValueError(f"qkv_weight must have shape ((num_heads + 2*num_kv_heads) * head_dim, d_model={d}); "
+                         f"got {tuple(qkv_weight.shape)}")
+    hd = qkv_weight.shape[0] // (h + 2 * kv)
+    _validate.param_like(qkv_weight, "qkv_weight", ((h + 2 * kv) * hd, d), x)
+    _validate.param_like(qkv_bias, "qkv_bias", ((h + 2 * kv) * hd,), x)
+    _validate.param_like(out_weight, "out_weight", (d, h * hd), x)
+    _validate.param_like(out_bias, "out_bias", (d,), x)
+    if out_weight is None:
+        raise TypeError("out_weight must be a tensor")
+    if rope and hd % 2:
+        raise ValueError(f"rope needs an even head_dim; got head_dim={hd}")
+    if (rope_cos is None) != (rope_sin is None):
+        raise ValueError("rope_cos and rope_sin go together")
+    if rope_cos is not None:
+        if not rope:
+            raise ValueError("rope_cos/rope_sin given with rope=False")
+        for t, name in ((rope_cos, "rope_cos"), (rope_sin, "rope_sin")):
+            _validate.tensor(t, name)
+            if t.shape[-2:] != (s, hd // 2) or t.dim() not in (2, 3) or (t.dim() == 3 and t.shape[0] not in (1, b)):
+                raise ValueError(f"{name} must have shape (S, hd/2) = {(s, hd // 2)} or (B, S, hd/2); "
+                                 f"got {tuple(t.shape)}")
+    mask = _check_mask(attention_mask, b, s, x.device)
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not (0.0 <= dropout < 1.0):
+        raise ValueError(f"dropout must be a float in [0, 1); got {dropout!r}")
+    if norm not in (None, "layernorm", "rmsnorm"):
+        raise ValueError(f"norm must be None, 'layernorm' or 'rmsnorm'; got {norm!r}")
+    eps = None
+    if norm is not None:
+        _validate.param_like(norm_weight, "norm_weight", (d,), x)
+        _validate.param_like(norm_bias, "norm_bias", (d,), x)
+        eps = (1e-5 if norm == "layernorm" else default_rms_eps(x.dtype)) if norm_eps is None \
+            else _validate.eps(norm_eps, "norm_eps")
+    p = float(dropout) if training else 0.0
+    be = _backend.resolve("attention", x.device, backend)
+    cfg = AttnConfig(h, kv, bool(causal), float(scale) if scale is not None else hd ** -0.5, norm, eps, bool(rope),
+                     float(rope_theta), p, bool(residual), recompute, be)
+    if p > 0.0:
+        seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=x.device)
+    else:
+        seed = torch.zeros(1, dtype=torch.int64, device=x.device)
+    xc = x.contiguous()
+    cos = rope_cos.contiguous() if rope_cos is not None else None
+    sin = rope_sin.contiguous() if rope_sin is not None else None
+    args = (xc, norm_weight, norm_bias, qkv_weight, qkv_bias, out_weight, out_bias, mask, cos, sin, seed)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
+        return AttentionFunction.apply(*args, cfg)
+    with torch.no_grad():
+        return AttentionFunction.forward(_NoCtx(), *args, cfg)
+
+
+class _NoCtx:
+    """Stands in for ctx when nothing needs gradients: nothing is saved."""
+    needs_input_grad = (False,) * 12
+
+    def save_for_backward(self, *tensors):
+        pass
