@@ -22,9 +22,10 @@ The dk/dv kernel owns one KV head's key block and loops over the H/KV query head
 blocks, from the diagonal on under causal), so GQA/MQA sums happen in registers: no atomics, one store.
 
 Precision: loads in the storage dtype, dot operands in that dtype (P and dS rounded to it, as in every flash
-kernel) with fp32 accumulation; fp32 dots use input_precision="ieee" (no TF32); softmax statistics, delta and
-the output scaling in fp32, one rounding on store. Under the interpreter bf16 dots are computed in fp32
-(DOT_FP32): its tl.dot on bf16 operands is wrong; compiled kernels always use the storage dtype.
+kernel) with fp32 accumulation; fp32 dots use input_precision="ieee" (no TF32, ``_dot``); softmax
+statistics, delta and the output scaling in fp32, one rounding on store. Under the interpreter bf16 dots
+are computed in fp32 (DOT_FP32): its tl.dot on bf16 operands is wrong; compiled kernels always use the
+storage dtype.
 Registration (``triton_op`` on CUDA, ``custom_op`` under the interpreter) and the output cast: ``._common``.
 """
 import torch
@@ -46,6 +47,17 @@ _LOG2E_PY = 1.4426950408889634
 # ----------------------------------------------------------------------------------------------------------
 # kernels
 # ----------------------------------------------------------------------------------------------------------
+@triton.jit
+def _dot(a, b, acc):
+    """a @ b (+ acc), fp32 accumulation. fp32 operands use IEEE fp32 products (the default would be TF32, ~1e-3
+    relative, far from the fp32 contract); 16-bit operands keep the default (tensor cores; the precision
+    argument only concerns fp32). The branch is resolved at compile time from the operand dtype."""
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
 @triton.jit
 def _load_rows(BASE, rows, S, stride_s, col, offs_d, HD, DOT_FP32: tl.constexpr):
     """(len(rows), BLOCK_D) tile of one head: BASE + row * stride_s + col + d, zero outside S x HD."""
@@ -102,14 +114,14 @@ def _attn_fwd_kernel(
         valid = _key_ok(KMASK, b, offs_n, S, HAS_MASK)[None, :]
         if CAUSAL:
             valid = valid & (offs_m[:, None] >= offs_n[None, :])
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+        s = _dot(q, tl.trans(k), None) * qk_scale
         s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_off = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no valid key yet: p = 2^-inf = 0
         p = tl.math.exp2(s - m_off[:, None])
         alpha = tl.math.exp2(m_i - m_off)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="ieee")
+        acc = _dot(p.to(v.dtype), v, acc * alpha[:, None])
         m_i = m_new
     has_key = l_i > 0.0
     o = acc / tl.where(has_key, l_i, 1.0)[:, None]  # no key: acc == 0, o = 0 exactly
@@ -186,12 +198,12 @@ def _attn_bwd_dkdv_kernel(
             valid = key_ok
             if CAUSAL:
                 valid = valid & (offs_m[None, :] >= offs_n[:, None])
-            s_t = tl.dot(k, tl.trans(q), input_precision="ieee") * qk_scale
+            s_t = _dot(k, tl.trans(q), None) * qk_scale
             p_t = tl.where(valid, tl.math.exp2(s_t - lse[None, :] * _LOG2E), 0.0)
-            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision="ieee")
-            dp_t = tl.dot(v, tl.trans(do), input_precision="ieee")
+            dv = _dot(p_t.to(do.dtype), do, dv)
+            dp_t = _dot(v, tl.trans(do), None)
             ds_t = p_t * (dp_t - delta[None, :])
-            dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision="ieee")
+            dk = _dot(ds_t.to(q.dtype), q, dk)
     dk = dk * scale
     n_mask = (offs_n[:, None] < S) & (offs_d[None, :] < HD)
     out = DQKV + b * stride_dqkv_b + offs_n.to(tl.int64)[:, None] * stride_dqkv_s + offs_d[None, :]
@@ -240,11 +252,11 @@ def _attn_bwd_dq_kernel(
         valid = _key_ok(KMASK, b, offs_n, S, HAS_MASK)[None, :]
         if CAUSAL:
             valid = valid & (offs_m[:, None] >= offs_n[None, :])
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+        s = _dot(q, tl.trans(k), None) * qk_scale
         p = tl.where(valid, tl.math.exp2(s - lse[:, None] * _LOG2E), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+        dp = _dot(do, tl.trans(v), None)
         ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision="ieee")
+        dq = _dot(ds.to(k.dtype), k, dq)
     dq = dq * scale
     out = DQKV + b * stride_dqkv_b + offs_m.to(tl.int64)[:, None] * stride_dqkv_s + h * HD + offs_d[None, :]
     tl.store(out, _cast_out(dq, DQKV.dtype.element_ty, RTNE_BF16), mask=m_ok[:, None] & (offs_d[None, :] < HD))
