@@ -312,7 +312,8 @@ def _check_like(name, t, shape, dtype, device):
     return t.contiguous()
 
 
-def _common_meta(qkv, num_heads, num_kv_heads, causal, key_mask, cfg):
+def _common_meta(qkv, causal, key_mask, cfg):
+    """Launch options shared by the forward, dk/dv and dq kernels."""
     return dict(CAUSAL=bool(causal), HAS_MASK=key_mask is not None, BLOCK_D=cfg["block_d"],
                 DOT_FP32=qkv.dtype == torch.bfloat16 and _interpreted(), RTNE_BF16=_emulate_rtne(qkv),
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
@@ -333,7 +334,7 @@ def attention_fwd(qkv, key_mask, num_heads, num_kv_heads, causal, scale):
     wrap_triton(_attn_fwd_kernel)[(triton.cdiv(s, block_m), b * num_heads)](
         qkv, mask, o, lse, s, num_heads, num_heads // num_kv_heads, hd,
         qkv.stride(0), qkv.stride(1), o.stride(0), o.stride(1), float(scale) * _LOG2E_PY,
-        BLOCK_M=block_m, BLOCK_N=block_n, **_common_meta(qkv, num_heads, num_kv_heads, causal, mask, cfg))
+        BLOCK_M=block_m, BLOCK_N=block_n, **_common_meta(qkv, causal, mask, cfg))
     return o, lse
 
 
@@ -350,7 +351,7 @@ def attention_bwd(do, qkv, o, lse, key_mask, num_heads, num_kv_heads, causal, sc
     if dqkv.numel() == 0:
         return dqkv
     cfg = _tiles(hd)
-    meta = _common_meta(qkv, num_heads, num_kv_heads, causal, mask, cfg)
+    meta = _common_meta(qkv, causal, mask, cfg)
     group = num_heads // num_kv_heads
     qk_scale = float(scale) * _LOG2E_PY
     delta = torch.empty_like(lse)
