@@ -40,8 +40,10 @@ def _emulate_rtne(x):
     return x.dtype == torch.bfloat16 and _interpreted()
 
 
-def _register(name, schema, impl, fake):
+def _register(name, schema, impl, fake, mutates_args=()):
     """Defines ``ckpt_ops::<name>`` once per process and returns its OpOverloadPacket.
+
+    ``mutates_args`` names the arguments an in-place op writes (they must carry ``(a!)`` in the schema).
 
     If the op already exists (an op module imported a second time under another module name, e.g. both as
     ``triton_kernels.norm`` and ``ckpt_ops.triton_kernels.norm``), the existing definition is reused."""
@@ -50,9 +52,9 @@ def _register(name, schema, impl, fake):
         return getattr(packet, name)
     qualname = f"{_NS}::{name}"
     if _interpreted():
-        op = torch.library.custom_op(qualname, impl, mutates_args=(), schema=schema)
+        op = torch.library.custom_op(qualname, impl, mutates_args=mutates_args, schema=schema)
     else:
-        op = torch.library.triton_op(qualname, impl, mutates_args=(), schema=schema)
+        op = torch.library.triton_op(qualname, impl, mutates_args=mutates_args, schema=schema)
     # triton_op would use `impl` itself as the fake; an explicit one is equivalent, cheaper, and the only
     # option under the interpreter. The FunctionalTensorMode decomposition that lets Inductor see the
     # kernels is registered by triton_op separately and is unaffected.

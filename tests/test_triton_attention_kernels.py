@@ -1,0 +1,322 @@
+"""Triton attention kernels (flash forward/backward over packed qkv) and the in-place RoPE pass, through their
+ckpt_ops::*_triton ops, against the contracts in ckpt_ops.reference evaluated in fp64.
+
+Runs on CUDA when Triton compiles there, otherwise on CPU tensors under the Triton interpreter
+(TRITON_INTERPRET=1, set below before Triton is imported). The interpreter runs every tile as numpy arrays
+in Python, so shapes are small and the grid is trimmed: instead of the full product of
+{MHA, GQA, MQA} x causal x {no mask, right padding, left padding, one fully padded sequence} x S {1, 7, 64, 129}
+x hd {16, 64, 80} x dtype, each case below pairs features so that every value of every axis appears, and
+the combinations that interact get a case of their own: left padding under causal (rows with no key at the
+start of a sequence), a fully padded sequence with causal and without, GQA/MQA with padding (dk/dv summed
+over a group whose rows include empty ones), S = 129 (a ragged tail past several 16/32 tiles) with hd 80
+(BLOCK_D 128 masked on d) and causal. fp16 runs a smaller set with the same pairings (its kernels are the
+same code, only the dot operand dtype changes); bf16 one case (under the interpreter its dots run in fp32,
+see the module docstring).
+"""
+import os
+import sys
+import warnings
+
+import pytest
+
+if os.environ.get("CKPT_OPS_TEST_TRITON", "1") != "0":  # the package conftest's opt-out of the slow interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the first `import triton`
+
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import triton_kernels.attention as ta  # noqa: E402
+import triton_kernels.rope as tr  # noqa: E402
+from ckpt_ops import reference as ref  # noqa: E402
+
+if not ta._interpreted() and not torch.cuda.is_available():
+    pytest.skip("needs CUDA or TRITON_INTERPRET=1 before Triton is imported", allow_module_level=True)
+DEVICE = "cpu" if ta._interpreted() else "cuda"
+OPS = torch.ops.ckpt_ops
+
+# numpy (the interpreter) warns on exp2 of masked scores (2^inf before tl.where discards it) and on log2 of
+# the zero denominators of empty rows (also discarded by tl.where); the results are checked below.
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+# (B, S, H, KV, hd, causal, mask)
+FP32_CASES = [
+    (1, 1, 4, 4, 16, True, None),            # one row, one key
+    (2, 1, 4, 1, 16, False, "one_empty"),    # S = 1, sequence 0 fully padded: a whole batch of empty rows
+    (2, 7, 8, 2, 16, False, "right"),        # GQA, padding, shorter than one tile
+    (2, 7, 4, 4, 80, True, "left"),          # left padding under causal: empty leading rows; hd 80
+    (2, 64, 4, 1, 64, True, None),           # MQA, S a multiple of every tile
+    (2, 64, 8, 2, 16, False, "one_empty"),   # GQA with a fully padded sequence (integer mask, values 256)
+    (2, 33, 4, 1, 80, True, "one_empty"),    # MQA, causal, fully padded sequence, hd 80
+    (2, 64, 8, 2, 64, True, "left"),         # GQA, causal, empty rows spanning a whole first tile
+    (1, 129, 4, 4, 16, True, "right"),       # ragged tail past several tiles, causal
+    (1, 129, 8, 2, 80, False, "left"),       # GQA, S 129, hd 80, non-causal
+]
+FP16_CASES = [
+    (2, 7, 8, 2, 16, True, "left"),
+    (2, 64, 4, 4, 64, False, "right"),
+    (2, 33, 4, 1, 80, False, "one_empty"),
+    (1, 129, 8, 2, 16, True, None),
+]
+BF16_CASES = [(2, 33, 8, 2, 16, True, "right")]
+
+
+def _ids(cases):
+    return ["B{}-S{}-H{}-KV{}-hd{}-{}-{}".format(b, s, h, kv, hd, "causal" if c else "full", m)
+            for b, s, h, kv, hd, c, m in cases]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------------------
+def _mask(kind, b, s):
+    if kind is None:
+        return None
+    if kind == "right":  # sequence i keeps its first s - i * (s // 3) positions (bool)
+        m = torch.ones(b, s, dtype=torch.bool)
+        for i in range(b):
+            m[i, s - i * (s // 3) if i else s:] = False
+        m[-1, max(1, s // 2):] = False  # at least one padded sequence, even for B = 1
+    elif kind == "left":  # the first s // 3 + 1 positions of sequence 0 are padding (int32 0/1)
+        m = torch.ones(b, s, dtype=torch.int32)
+        m[0, :s // 3 + 1] = 0
+    elif kind == "one_empty":  # sequence 0 all padding, the others right-padded; int64, "attend" = 256
+        m = torch.full((b, s), 256, dtype=torch.int64)
+        m[0] = 0
+        m[1:, s - s // 4:] = 0
+    else:
+        raise ValueError(kind)
+    return m.to(DEVICE)
+
+
+def _inputs(case, dtype, seed=0):
+    b, s, h, kv, hd, causal, mask = case
+    g = torch.Generator().manual_seed(seed)
+    # x1.5: scores of std ~2.3 after the 1/sqrt(hd) scale, so rows range from flat to peaked softmaxes
+    qkv = (torch.randn(b, s, (h + 2 * kv) * hd, generator=g) * 1.5).to(DEVICE, dtype)
+    do = torch.randn(b, s, h * hd, generator=g).to(DEVICE, dtype)
+    return qkv, do, _mask(mask, b, s), hd ** -0.5
+
+
+def _parts(dqkv, h, kv, hd):
+    return {"dq": dqkv[..., :h * hd], "dk": dqkv[..., h * hd:(h + kv) * hd], "dv": dqkv[..., (h + kv) * hd:]}
+
+
+def _run(case, qkv, do, km, scale):
+    """(o, lse, dqkv) of the Triton ops; checks that no input is modified."""
+    _, _, h, kv, _, causal, _ = case
+    before = [t.clone() for t in (qkv, do) + ((km,) if km is not None else ())]
+    o, lse = OPS.attention_fwd_triton(qkv, km, h, kv, causal, scale)
+    o_saved, lse_saved = o.clone(), lse.clone()
+    dqkv = OPS.attention_bwd_triton(do, qkv, o, lse, km, h, kv, causal, scale)
+    after = [qkv, do] + ([km] if km is not None else [])
+    assert all(torch.equal(x, y) for x, y in zip(before, after)), "an input was modified"
+    assert torch.equal(o, o_saved) and torch.equal(lse, lse_saved), "the backward modified o or lse"
+    return o, lse, dqkv
+
+
+def _truth(case, qkv, do, km, scale):
+    """The contract evaluated in fp64 on the very (rounded) inputs the kernels saw."""
+    _, _, h, kv, _, causal, _ = case
+    o, lse = ref.attention_fwd(qkv.double(), km, h, kv, causal, scale)
+    dqkv = ref.attention_bwd(do.double(), qkv.double(), o, lse, km, h, kv, causal, scale)
+    return o, lse, dqkv
+
+
+def _check_empty_rows(case, km, o, lse, dqkv, lse_true):
+    """Rows with no key: lse == +inf, o == 0 and dq == 0 exactly; padded keys: dk == dv == 0 exactly; no NaN."""
+    b, s, h, kv, hd, _, _ = case
+    for name, t in (("o", o), ("lse", lse), ("dqkv", dqkv)):
+        assert not t.isnan().any(), f"{name} has NaN"
+    empty = torch.isinf(lse_true)  # (B, H, S)
+    assert torch.equal(torch.isinf(lse), empty) and (lse[empty] > 0).all(), "lse is +inf exactly on empty rows"
+    assert torch.isfinite(lse[~empty]).all()
+    rows = empty.transpose(1, 2)  # (B, S, H)
+    parts = _parts(dqkv, h, kv, hd)
+    assert (o.view(b, s, h, hd)[rows] == 0).all(), "o of an empty row is not exactly 0"
+    assert (parts["dq"].reshape(b, s, h, hd)[rows] == 0).all(), "dq of an empty row is not exactly 0"
+    if km is not None:
+        pad = km == 0
+        assert (parts["dk"][pad] == 0).all() and (parts["dv"][pad] == 0).all(), "dk/dv of a padded key != 0"
+    return empty
+
+
+def _rel(x, truth):
+    x, truth = x.double(), truth.double()
+    return float((x - truth).norm() / truth.norm().clamp_min(1e-6 * max(truth.numel(), 1) ** 0.5))
+
+
+def _assert_fp32(name, x, truth, like=None):
+    """DESIGN fp32 rule: rtol 1e-4 elementwise (atol 1e-5 of the largest magnitude), relative-norm 1e-5.
+
+    ``like``: the tensor whose magnitude sets the scale (default: truth). dq and dk are sums of
+    P * (dP - delta), which cancel when a row's attention sits on one key (exactly at S = 1: dq = dk = 0 while
+    dP and delta are O(1)), so their fp32 error is measured against the size of the whole gradient dqkv:
+    atol from max|dqkv|, and the norm of the part floored at the norm it would have at dqkv's RMS size."""
+    truth = truth.double()
+    like = truth if like is None else like.double()
+    atol = 1e-5 * max(float(like.abs().max()) if like.numel() else 0.0, 1e-6)
+    bad = ~torch.isclose(x.double(), truth, rtol=1e-4, atol=atol)
+    assert not bad.any(), (f"{name}: {int(bad.sum())}/{bad.numel()} beyond rtol 1e-4, first at "
+                           f"{bad.nonzero()[:3].tolist()}")
+    norm = float(truth.norm())
+    if like.numel():
+        norm = max(norm, float(like.norm()) * (truth.numel() / like.numel()) ** 0.5)
+    err = float((x.double() - truth).norm()) / max(norm, 1e-30)
+    assert err <= 1e-5, f"{name}: relative-norm error {err:.3g} > 1e-5"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# attention
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", FP32_CASES, ids=_ids(FP32_CASES))
+def test_attention_fp32(case):
+    qkv, do, km, scale = _inputs(case, torch.float32)
+    o, lse, dqkv = _run(case, qkv, do, km, scale)
+    o_t, lse_t, dqkv_t = _truth(case, qkv, do, km, scale)
+    empty = _check_empty_rows(case, km, o, lse, dqkv, lse_t)
+    _assert_fp32("o", o, o_t)
+    _assert_fp32("lse", lse[~empty], lse_t[~empty])
+    _, _, h, kv, hd, _, _ = case
+    for (name, x), t in zip(_parts(dqkv, h, kv, hd).items(), _parts(dqkv_t, h, kv, hd).values()):
+        _assert_fp32(name, x, t, like=dqkv_t)
+
+
+@pytest.mark.parametrize("dtype,case", [(torch.float16, c) for c in FP16_CASES] + [(torch.bfloat16, c)
+                                                                                    for c in BF16_CASES],
+                         ids=["fp16-" + i for i in _ids(FP16_CASES)] + ["bf16-" + i for i in _ids(BF16_CASES)])
+def test_attention_16bit(dtype, case):
+    """Error bound: relative-norm error vs the fp64 truth at most 2x that of the contract evaluated on the same
+    16-bit inputs (``reference.attention_fwd/bwd`` computing in fp32 and rounding each output once), plus a
+    floor of 1e-6. That peer is stricter than DESIGN's "eager PyTorch in the same dtype" (which also rounds
+    q k^T and the probabilities, ~1.5-2x the peer's error): its error is the unavoidable final rounding, and
+    the kernels' only extra roundings are P and dS cast to the storage dtype before their dots (measured
+    1.2-1.4x the peer in fp16). lse is fp32 in both, so it gets the fp32 rule."""
+    qkv, do, km, scale = _inputs(case, dtype, seed=1)
+    o, lse, dqkv = _run(case, qkv, do, km, scale)
+    o_t, lse_t, dqkv_t = _truth(case, qkv, do, km, scale)
+    _, _, h, kv, hd, causal, _ = case
+    o_p, lse_p = ref.attention_fwd(qkv, km, h, kv, causal, scale)
+    dqkv_p = ref.attention_bwd(do, qkv, o_p, lse_p, km, h, kv, causal, scale)
+    empty = _check_empty_rows(case, km, o, lse, dqkv, lse_t)
+    _assert_fp32("lse", lse[~empty], lse_t[~empty])
+    pairs = [("o", o, o_p, o_t)] + [(n, x, p, t) for (n, x), p, t in zip(
+        _parts(dqkv, h, kv, hd).items(), _parts(dqkv_p, h, kv, hd).values(), _parts(dqkv_t, h, kv, hd).values())]
+    for name, x, peer, truth in pairs:
+        ours, theirs = _rel(x, truth), _rel(peer, truth)
+        assert ours <= 2 * theirs + 1e-6, f"{name}: relative error {ours:.3g} > 2 x the contract's {theirs:.3g}"
+
+
+def test_causal_block_skipping():
+    """Under causal, the forward and the dq kernel never read key blocks right of the diagonal block: NaN in
+    k/v of the key blocks at or after row R (R a multiple of both query tiles) leaves o, lse and dq of every
+    row before R finite and equal to the clean inputs' results (a loaded NaN would leak through 0 * NaN)."""
+    case = (1, 64, 4, 2, 16, True, None)
+    b, s, h, kv, hd, causal, _ = case
+    qkv, do, _, scale = _inputs(case, torch.float32)
+    tiles = ta._tiles(hd)
+    r = max(tiles["fwd"][0], tiles["dq"][0])
+    if r >= s:
+        pytest.skip("the GPU tiles are as long as the test sequence")
+    poisoned = qkv.clone()
+    poisoned[:, r:, h * hd:] = float("nan")
+    o, lse = OPS.attention_fwd_triton(qkv, None, h, kv, causal, scale)
+    o_n, lse_n = OPS.attention_fwd_triton(poisoned, None, h, kv, causal, scale)
+    assert torch.equal(o_n[:, :r], o[:, :r]) and torch.equal(lse_n[..., :r], lse[..., :r])
+    dq = OPS.attention_bwd_triton(do, qkv, o, lse, None, h, kv, causal, scale)[..., :h * hd]
+    dq_n = OPS.attention_bwd_triton(do, poisoned, o_n, lse_n, None, h, kv, causal, scale)[..., :h * hd]
+    assert torch.equal(dq_n[:, :r], dq[:, :r])
+
+
+def test_noncontiguous_inputs():
+    """qkv and do as strided views (every other row of a larger buffer): same results as contiguous copies."""
+    case = (2, 7, 4, 2, 16, True, "right")
+    qkv, do, km, scale = _inputs(case, torch.float32)
+    _, _, h, kv, _, causal, _ = case
+    qkv_nc = torch.stack([qkv, torch.zeros_like(qkv)], 2).flatten(1, 2)[:, ::2]
+    do_nc = torch.stack([do, torch.zeros_like(do)], 2).flatten(1, 2)[:, ::2]
+    assert not qkv_nc.is_contiguous() and torch.equal(qkv_nc, qkv)
+    o, lse = OPS.attention_fwd_triton(qkv, km, h, kv, causal, scale)
+    o2, lse2 = OPS.attention_fwd_triton(qkv_nc, km, h, kv, causal, scale)
+    assert torch.equal(o, o2) and torch.equal(lse, lse2)
+    d = OPS.attention_bwd_triton(do, qkv, o, lse, km, h, kv, causal, scale)
+    d2 = OPS.attention_bwd_triton(do_nc, qkv_nc, o2, lse2, km, h, kv, causal, scale)
+    assert torch.equal(d, d2)
+
+
+def test_bad_inputs():
+    qkv = torch.randn(1, 4, 6 * 16, device=DEVICE)
+    with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+        OPS.attention_fwd_triton(qkv, None, 3, 2, True, 0.25)
+    with pytest.raises(ValueError, match="head_dim"):
+        OPS.attention_fwd_triton(qkv, None, 3, 3, True, 0.25)  # 96 is not (3 + 6) * hd
+    with pytest.raises(TypeError, match="key_mask"):
+        OPS.attention_fwd_triton(qkv, torch.ones(1, 4, device=DEVICE), 4, 1, True, 0.25)
+    with pytest.raises(ValueError, match="even head_dim"):
+        OPS.rope_triton_(torch.randn(1, 4, 6 * 5, device=DEVICE), torch.ones(4, 2), torch.ones(4, 2), 4, 1, False)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# RoPE
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("tables", ["2d", "3d"])
+@pytest.mark.parametrize("shape", [(2, 7, 4, 2, 16), (1, 33, 4, 1, 80), (2, 1, 2, 2, 64)],
+                         ids=["S7-GQA-hd16", "S33-MQA-hd80", "S1-MHA-hd64"])
+def test_rope(dtype, tables, shape):
+    """Forward and inverse against ``reference.rope_`` (one fp32 evaluation, one rounding: equal up to one
+    ulp of the storage dtype, for a GPU's FMA contraction), v heads bitwise untouched, tables unmodified, and
+    inverse(forward(x)) == x up to the two roundings. 3-D tables: per-sequence positions (offset i * 5)."""
+    b, s, h, kv, hd = shape
+    g = torch.Generator().manual_seed(3)
+    qkv = (torch.randn(b, s, (h + 2 * kv) * hd, generator=g) * 2).to(DEVICE, dtype)
+    cos, sin = ref.rope_tables(s + 5 * b, hd, 10000.0, torch.device(DEVICE))
+    if tables == "2d":
+        cos, sin = cos[:s], sin[:s]
+    else:  # (B, S, hd/2), sequence i at positions 5i .. 5i + S - 1, stored in the storage dtype
+        cos = torch.stack([cos[5 * i:5 * i + s] for i in range(b)]).to(dtype)
+        sin = torch.stack([sin[5 * i:5 * i + s] for i in range(b)]).to(dtype)
+    tabs = (cos.clone(), sin.clone())
+    x = qkv.clone()
+    OPS.rope_triton_(x, cos, sin, h, kv, False)
+    want = qkv.clone()
+    ref.rope_(want, cos, sin, h, kv, False)
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(x, want, rtol=eps, atol=eps)
+    nqk = (h + kv) * hd
+    assert torch.equal(x[..., nqk:], qkv[..., nqk:]), "v heads modified"
+    assert torch.equal(cos, tabs[0]) and torch.equal(sin, tabs[1]), "tables modified"
+    y = x.clone()
+    OPS.rope_triton_(y, cos, sin, h, kv, True)
+    want_inv = x.clone()
+    ref.rope_(want_inv, cos, sin, h, kv, True)
+    torch.testing.assert_close(y, want_inv, rtol=eps, atol=eps)
+    # two roundings of the storage dtype (+ the tables' own rounding when they are 16-bit: cos^2 + sin^2 != 1)
+    tol = (2 if tables == "2d" or dtype == torch.float32 else 4) * eps
+    torch.testing.assert_close(y, qkv, rtol=tol, atol=tol * 2)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# opcheck: schema, fake (meta) implementations, autograd registration, AOT dispatch
+# ----------------------------------------------------------------------------------------------------------
+def test_opcheck():
+    b, s, h, kv, hd = 2, 5, 4, 2, 16
+    g = torch.Generator().manual_seed(4)
+    qkv = torch.randn(b, s, (h + 2 * kv) * hd, generator=g).to(DEVICE)
+    do = torch.randn(b, s, h * hd, generator=g).to(DEVICE)
+    km = torch.tensor([[1, 1, 1, 0, 0], [0, 1, 1, 1, 1]], dtype=torch.bool, device=DEVICE)
+    cos, sin = ref.rope_tables(s, hd, 10000.0, torch.device(DEVICE))
+    o, lse = OPS.attention_fwd_triton(qkv, km, h, kv, True, 0.25)
+    cases = [
+        (OPS.rope_triton_, (qkv.clone(), cos, sin, h, kv, False)),
+        (OPS.rope_triton_, (qkv.clone(), cos[None].expand(b, s, hd // 2), sin[None].expand(b, s, hd // 2),
+                            h, kv, True)),
+        (OPS.attention_fwd_triton, (qkv, None, h, kv, False, 0.25)),
+        (OPS.attention_fwd_triton, (qkv, km, h, kv, True, 0.25)),
+        (OPS.attention_bwd_triton, (do, qkv, o, lse, km, h, kv, True, 0.25)),
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for op, args in cases:
+            torch.library.opcheck(op, args)

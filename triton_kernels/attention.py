@@ -1,0 +1,384 @@
+"""Flash attention Triton kernels over the packed qkv buffer (forward, backward), their launchers and the
+``ckpt_ops::attention_{fwd,bwd}_triton`` ops; importing this module also registers ``rope_triton_``
+(``.rope``, the in-place RoPE pass and the note on why it is not fused here).
+
+Layout (the contract of ``ckpt_ops.reference.attention_fwd`` / ``attention_bwd``):
+    qkv (B, S, (H + 2KV) * hd), rows [q heads | k heads | v heads]; query head h reads KV head h // (H / KV)
+    o   (B, S, H * hd) in qkv's dtype;   lse (B, H, S) fp32, natural log, +inf for a row with no key
+    key_mask (B, S) bool/integer, nonzero = attend, or None;  causal: query i sees keys j <= i
+    dqkv (B, S, (H + 2KV) * hd): dq, dk, dv written by three kernels at the q / k / v column offsets
+
+Forward (FlashAttention-2, Triton tutorial 06): per (query block, b, h), over key blocks, fp32 online softmax
+in base 2 (c = scale * log2(e) folded into the scores):
+    s = c * q k^T (masked: -inf),  m' = max(m, rowmax s),  p = 2^(s - m'),  l' = l 2^(m - m') + rowsum p,
+    acc' = acc 2^(m - m') + p v,   o = acc / l,   lse = (m + log2 l) ln 2
+A row with no valid key keeps m = -inf (the exponent offset is taken as 0 there, so no -inf - -inf NaN),
+l = 0, acc = 0: o = 0 exactly and lse = +inf. Under causal the key loop stops at the diagonal block.
+Backward (P rebuilt tile by tile from lse, never stored; +inf lse gives P = 0):
+    P = exp(scale q k^T - lse),  delta = rowsum(dO * O)            (_attn_bwd_preprocess)
+    dV = P^T dO,  dP = dO V^T,  dS = P * (dP - delta),  dK = scale dS^T Q     (_attn_bwd_dkdv_kernel)
+    dQ = scale dS K                                                           (_attn_bwd_dq_kernel)
+The dk/dv kernel owns one KV head's key block and loops over the H/KV query heads of its group (and the query
+blocks, from the diagonal on under causal), so GQA/MQA sums happen in registers: no atomics, one store.
+
+Precision: loads in the storage dtype, dot operands in that dtype (P and dS rounded to it, as in every flash
+kernel) with fp32 accumulation; fp32 dots use input_precision="ieee" (no TF32, ``_dot``); softmax
+statistics, delta and the output scaling in fp32, one rounding on store. Under the interpreter bf16 dots
+are computed in fp32 (DOT_FP32): its tl.dot on bf16 operands is wrong; compiled kernels always use the
+storage dtype.
+Registration (``triton_op`` on CUDA, ``custom_op`` under the interpreter) and the output cast: ``._common``.
+"""
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton  # a bare name: triton_op's kernel discovery looks for it
+
+from ckpt_ops import _meta
+
+from . import rope  # noqa: F401  (registers ckpt_ops::rope_triton_)
+from ._common import _cast_out, _emulate_rtne, _interpreted, _register
+from .rope import _check_heads
+
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
+_LOG2E_PY = 1.4426950408889634
+
+
+# ----------------------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------------------
+@triton.jit
+def _dot(a, b, acc):
+    """a @ b (+ acc), fp32 accumulation. fp32 operands use IEEE fp32 products (the default would be TF32, ~1e-3
+    relative, far from the fp32 contract); 16-bit operands keep the default (tensor cores; the precision
+    argument only concerns fp32). The branch is resolved at compile time from the operand dtype."""
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _load_rows(BASE, rows, S, stride_s, col, offs_d, HD, DOT_FP32: tl.constexpr):
+    """(len(rows), BLOCK_D) tile of one head: BASE + row * stride_s + col + d, zero outside S x HD."""
+    ptrs = BASE + rows.to(tl.int64)[:, None] * stride_s + col + offs_d[None, :]
+    t = tl.load(ptrs, mask=(rows[:, None] < S) & (offs_d[None, :] < HD), other=0.0)
+    if DOT_FP32:
+        t = t.to(tl.float32)
+    return t
+
+
+@triton.jit
+def _key_ok(KMASK, b, offs_n, S, HAS_MASK: tl.constexpr):
+    """Keys in range and not padding (key_mask as uint8 (B, S), nonzero = attend)."""
+    ok = offs_n < S
+    if HAS_MASK:
+        ok = ok & (tl.load(KMASK + b * S + offs_n, mask=ok, other=0) != 0)
+    return ok
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    QKV, KMASK, O, LSE,  # qkv (B, S, W); key_mask uint8 (B, S) or None; o (B, S, H*hd); lse fp32 (B, H, S)
+    S, H, GROUP, HD,  # GROUP = H / KV query heads per KV head
+    stride_qkv_b, stride_qkv_s, stride_o_b, stride_o_s,
+    qk_scale,  # scale * log2(e)
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr, RTNE_BF16: tl.constexpr,
+):
+    """Grid (cdiv(S, BLOCK_M), B * H). One query block of one head, online softmax over the key blocks
+    (math in the module docstring); stores o and lse for its rows."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // H
+    h = pid_bh % H
+    kvh = h // GROUP
+    kv = H // GROUP
+    qk_scale = tl.cast(qk_scale, tl.float32)  # pin: Inductor passes Python floats as fp64
+    base = QKV + b * stride_qkv_b
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_rows(base, offs_m, S, stride_qkv_s, h * HD, offs_d, HD, DOT_FP32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if CAUSAL:
+        hi = tl.minimum(S, start_m + BLOCK_M)  # causal block skipping: nothing right of the diagonal block
+    else:
+        hi = S
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_rows(base, offs_n, S, stride_qkv_s, (H + kvh) * HD, offs_d, HD, DOT_FP32)
+        v = _load_rows(base, offs_n, S, stride_qkv_s, (H + kv + kvh) * HD, offs_d, HD, DOT_FP32)
+        valid = _key_ok(KMASK, b, offs_n, S, HAS_MASK)[None, :]
+        if CAUSAL:
+            valid = valid & (offs_m[:, None] >= offs_n[None, :])
+        s = _dot(q, tl.trans(k), None) * qk_scale
+        s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_off = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no valid key yet: p = 2^-inf = 0
+        p = tl.math.exp2(s - m_off[:, None])
+        alpha = tl.math.exp2(m_i - m_off)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = _dot(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+    has_key = l_i > 0.0
+    o = acc / tl.where(has_key, l_i, 1.0)[:, None]  # no key: acc == 0, o = 0 exactly
+    lse = tl.where(has_key, (m_i + tl.math.log2(tl.where(has_key, l_i, 1.0))) * _LN2, float("inf"))
+    m_ok = offs_m < S
+    o_ptrs = O + b * stride_o_b + offs_m.to(tl.int64)[:, None] * stride_o_s + h * HD + offs_d[None, :]
+    tl.store(o_ptrs, _cast_out(o, O.dtype.element_ty, RTNE_BF16), mask=m_ok[:, None] & (offs_d[None, :] < HD))
+    tl.store(LSE + pid_bh * S + offs_m, lse, mask=m_ok)
+
+
+@triton.jit
+def _attn_bwd_preprocess(
+    O, DO, DELTA,  # o, do (B, S, H*hd); delta fp32 (B, H, S)
+    S, H, HD, stride_o_b, stride_o_s, stride_do_b, stride_do_s,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Grid (cdiv(S, BLOCK_M), B * H):  delta = rowsum(dO * O) in fp32 (the softmax-gradient correction)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    o = _load_rows(O + b * stride_o_b, offs_m, S, stride_o_s, h * HD, offs_d, HD, True)
+    do = _load_rows(DO + b * stride_do_b, offs_m, S, stride_do_s, h * HD, offs_d, HD, True)
+    tl.store(DELTA + pid_bh * S + offs_m, tl.sum(o * do, 1), mask=offs_m < S)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    QKV, KMASK, DO, LSE, DELTA, DQKV,
+    S, H, GROUP, HD,
+    stride_qkv_b, stride_qkv_s, stride_do_b, stride_do_s, stride_dqkv_b, stride_dqkv_s,
+    qk_scale, scale,  # scale * log2(e), scale
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr, RTNE_BF16: tl.constexpr,
+):
+    """Grid (cdiv(S, BLOCK_N), B * KV). One key block of one KV head; for each of the GROUP query heads that
+    read it and each query block (causal: from the block holding the diagonal on), transposed tiles:
+        P^T = 2^(c k q^T - lse log2 e)  (0 on masked entries),   dV += P^T dO,
+        dP^T = v dO^T,   dS^T = P^T * (dP^T - delta),            dK += dS^T q
+    and finally dK *= scale; dk, dv stored once into dqkv's k / v columns."""
+    pid_n = tl.program_id(0)
+    pid_bk = tl.program_id(1).to(tl.int64)
+    kv = H // GROUP
+    b = pid_bk // kv
+    kvh = pid_bk % kv
+    qk_scale = tl.cast(qk_scale, tl.float32)
+    scale = tl.cast(scale, tl.float32)
+    base = QKV + b * stride_qkv_b
+    do_base = DO + b * stride_do_b
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k = _load_rows(base, offs_n, S, stride_qkv_s, (H + kvh) * HD, offs_d, HD, DOT_FP32)
+    v = _load_rows(base, offs_n, S, stride_qkv_s, (H + kv + kvh) * HD, offs_d, HD, DOT_FP32)
+    key_ok = _key_ok(KMASK, b, offs_n, S, HAS_MASK)[:, None]
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    if CAUSAL:
+        lo = (start_n // BLOCK_M) * BLOCK_M  # earlier query blocks see none of these keys
+    else:
+        lo = 0
+    for g in range(0, GROUP):
+        h = kvh * GROUP + g
+        row0 = (b * H + h) * S  # into lse / delta (B, H, S)
+        for start_m in range(lo, S, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            m_ok = offs_m < S
+            q = _load_rows(base, offs_m, S, stride_qkv_s, h * HD, offs_d, HD, DOT_FP32)
+            do = _load_rows(do_base, offs_m, S, stride_do_s, h * HD, offs_d, HD, DOT_FP32)
+            lse = tl.load(LSE + row0 + offs_m, mask=m_ok, other=float("inf"))
+            delta = tl.load(DELTA + row0 + offs_m, mask=m_ok, other=0.0)
+            valid = key_ok
+            if CAUSAL:
+                valid = valid & (offs_m[None, :] >= offs_n[:, None])
+            s_t = _dot(k, tl.trans(q), None) * qk_scale
+            p_t = tl.where(valid, tl.math.exp2(s_t - lse[None, :] * _LOG2E), 0.0)
+            dv = _dot(p_t.to(do.dtype), do, dv)
+            dp_t = _dot(v, tl.trans(do), None)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk = _dot(ds_t.to(q.dtype), q, dk)
+    dk = dk * scale
+    n_mask = (offs_n[:, None] < S) & (offs_d[None, :] < HD)
+    out = DQKV + b * stride_dqkv_b + offs_n.to(tl.int64)[:, None] * stride_dqkv_s + offs_d[None, :]
+    tl.store(out + (H + kvh) * HD, _cast_out(dk, DQKV.dtype.element_ty, RTNE_BF16), mask=n_mask)
+    tl.store(out + (H + kv + kvh) * HD, _cast_out(dv, DQKV.dtype.element_ty, RTNE_BF16), mask=n_mask)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    QKV, KMASK, DO, LSE, DELTA, DQKV,
+    S, H, GROUP, HD,
+    stride_qkv_b, stride_qkv_s, stride_do_b, stride_do_s, stride_dqkv_b, stride_dqkv_s,
+    qk_scale, scale,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr, RTNE_BF16: tl.constexpr,
+):
+    """Grid (cdiv(S, BLOCK_M), B * H). One query block of one head, over the key blocks (causal: up to the
+    diagonal block):  P = 2^(c q k^T - lse log2 e),  dP = dO v^T,  dS = P * (dP - delta),  dQ += dS k;
+    dQ *= scale, stored into dqkv's q columns."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // H
+    h = pid_bh % H
+    kvh = h // GROUP
+    kv = H // GROUP
+    qk_scale = tl.cast(qk_scale, tl.float32)
+    scale = tl.cast(scale, tl.float32)
+    base = QKV + b * stride_qkv_b
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < S
+    q = _load_rows(base, offs_m, S, stride_qkv_s, h * HD, offs_d, HD, DOT_FP32)
+    do = _load_rows(DO + b * stride_do_b, offs_m, S, stride_do_s, h * HD, offs_d, HD, DOT_FP32)
+    lse = tl.load(LSE + pid_bh * S + offs_m, mask=m_ok, other=float("inf"))
+    delta = tl.load(DELTA + pid_bh * S + offs_m, mask=m_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if CAUSAL:
+        hi = tl.minimum(S, start_m + BLOCK_M)
+    else:
+        hi = S
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_rows(base, offs_n, S, stride_qkv_s, (H + kvh) * HD, offs_d, HD, DOT_FP32)
+        v = _load_rows(base, offs_n, S, stride_qkv_s, (H + kv + kvh) * HD, offs_d, HD, DOT_FP32)
+        valid = _key_ok(KMASK, b, offs_n, S, HAS_MASK)[None, :]
+        if CAUSAL:
+            valid = valid & (offs_m[:, None] >= offs_n[None, :])
+        s = _dot(q, tl.trans(k), None) * qk_scale
+        p = tl.where(valid, tl.math.exp2(s - lse[:, None] * _LOG2E), 0.0)
+        dp = _dot(do, tl.trans(v), None)
+        ds = p * (dp - delta[:, None])
+        dq = _dot(ds.to(k.dtype), k, dq)
+    dq = dq * scale
+    out = DQKV + b * stride_dqkv_b + offs_m.to(tl.int64)[:, None] * stride_dqkv_s + h * HD + offs_d[None, :]
+    tl.store(out, _cast_out(dq, DQKV.dtype.element_ty, RTNE_BF16), mask=m_ok[:, None] & (offs_d[None, :] < HD))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# launch configuration
+# ----------------------------------------------------------------------------------------------------------
+# Interpreter tiles: small, and unequal in the backward like the GPU ones, so tests on S <= 129 see several
+# blocks, ragged tails, diagonal blocks that straddle tile borders, and lo = (start_n // BLOCK_M) * BLOCK_M != start_n.
+_INTERPRETER_TILES = dict(fwd=(16, 16), dkdv=(16, 32), dq=(32, 16), num_warps=1, num_stages=1)
+
+
+def _tiles(head_dim):
+    """Every launch's (BLOCK_M, BLOCK_N) per kernel, num_warps, num_stages and BLOCK_D, from head_dim only.
+
+    Depending on nothing else (not S, B, dtype or the mask) makes the recomputed forward ("full" level)
+    bitwise the original: same tiles, same reduction order. GPU choices (Triton tutorial 06 / FA-2 sizes,
+    not tuned here: no GPU was available when this was written):
+      hd <= 64 : fwd 64 x 64, dkdv (32 queries x 64 keys), dq (64 x 32), 4 warps, 3 stages;
+      hd <= 128: fwd 64 x 32, same backward tiles, 8 warps (dk, dv fp32 accumulators of 64 x 128 would take
+                 128 registers per thread with 4 warps), 2 stages;
+      larger   : 32 x 32 everywhere, 8 warps, 1 stage.
+    BLOCK_D = next power of two >= hd (>= 16, tl.dot's minimum), masked on d."""
+    block_d = max(16, triton.next_power_of_2(int(head_dim)))
+    if _interpreted():
+        return dict(_INTERPRETER_TILES, block_d=block_d)
+    if block_d <= 64:
+        return dict(fwd=(64, 64), dkdv=(32, 64), dq=(64, 32), num_warps=4, num_stages=3, block_d=block_d)
+    if block_d <= 128:
+        return dict(fwd=(64, 32), dkdv=(32, 64), dq=(64, 32), num_warps=8, num_stages=2, block_d=block_d)
+    return dict(fwd=(32, 32), dkdv=(32, 32), dq=(32, 32), num_warps=8, num_stages=1, block_d=block_d)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# launchers (plain functions; the registered ops below call them)
+# ----------------------------------------------------------------------------------------------------------
+def _prep_mask(key_mask, b, s, device):
+    """(B, S) bool/integer -> contiguous uint8 0/1 (an integer mask of 256 must not wrap to 0), or None."""
+    if key_mask is None:
+        return None
+    if key_mask.is_floating_point() or key_mask.is_complex():
+        raise TypeError(f"key_mask must be bool or integer, got {key_mask.dtype}")
+    if tuple(key_mask.shape) != (b, s) or key_mask.device != device:
+        raise ValueError(f"key_mask must be ({b}, {s}) on {device}, got {tuple(key_mask.shape)} on {key_mask.device}")
+    return (key_mask != 0).to(torch.uint8).contiguous()
+
+
+def _check_like(name, t, shape, dtype, device):
+    if tuple(t.shape) != tuple(shape) or t.dtype != dtype or t.device != device:
+        raise ValueError(f"{name} must be {tuple(shape)} {dtype} on {device}, "
+                         f"got {tuple(t.shape)} {t.dtype} on {t.device}")
+    return t.contiguous()
+
+
+def _common_meta(qkv, causal, key_mask, cfg):
+    """Launch options shared by the forward, dk/dv and dq kernels."""
+    return dict(CAUSAL=bool(causal), HAS_MASK=key_mask is not None, BLOCK_D=cfg["block_d"],
+                DOT_FP32=qkv.dtype == torch.bfloat16 and _interpreted(), RTNE_BF16=_emulate_rtne(qkv),
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
+def attention_fwd(qkv, key_mask, num_heads, num_kv_heads, causal, scale):
+    """Returns o (B, S, H*hd) in qkv's dtype and lse (B, H, S) fp32 (+inf on rows with no key)."""
+    hd = _check_heads(qkv, num_heads, num_kv_heads)
+    qkv = qkv.contiguous()
+    b, s, _ = qkv.shape
+    mask = _prep_mask(key_mask, b, s, qkv.device)
+    o = qkv.new_empty(b, s, num_heads * hd)
+    lse = qkv.new_empty(b, num_heads, s, dtype=torch.float32)
+    if o.numel() == 0:
+        return o, lse
+    cfg = _tiles(hd)
+    block_m, block_n = cfg["fwd"]
+    wrap_triton(_attn_fwd_kernel)[(triton.cdiv(s, block_m), b * num_heads)](
+        qkv, mask, o, lse, s, num_heads, num_heads // num_kv_heads, hd,
+        qkv.stride(0), qkv.stride(1), o.stride(0), o.stride(1), float(scale) * _LOG2E_PY,
+        BLOCK_M=block_m, BLOCK_N=block_n, **_common_meta(qkv, causal, mask, cfg))
+    return o, lse
+
+
+def attention_bwd(do, qkv, o, lse, key_mask, num_heads, num_kv_heads, causal, scale):
+    """Returns dqkv (B, S, (H + 2KV) * hd) in qkv's dtype; dk/dv summed over each KV head's query heads."""
+    hd = _check_heads(qkv, num_heads, num_kv_heads)
+    qkv = qkv.contiguous()
+    b, s, _ = qkv.shape
+    o = _check_like("o", o, (b, s, num_heads * hd), qkv.dtype, qkv.device)
+    do = _check_like("do", do, (b, s, num_heads * hd), qkv.dtype, qkv.device)
+    lse = _check_like("lse", lse, (b, num_heads, s), torch.float32, qkv.device)
+    mask = _prep_mask(key_mask, b, s, qkv.device)
+    dqkv = torch.empty_like(qkv)
+    if dqkv.numel() == 0:
+        return dqkv
+    cfg = _tiles(hd)
+    meta = _common_meta(qkv, causal, mask, cfg)
+    group = num_heads // num_kv_heads
+    qk_scale = float(scale) * _LOG2E_PY
+    delta = torch.empty_like(lse)
+    block_m, block_n = cfg["dq"]
+    wrap_triton(_attn_bwd_preprocess)[(triton.cdiv(s, block_m), b * num_heads)](
+        o, do, delta, s, num_heads, hd, o.stride(0), o.stride(1), do.stride(0), do.stride(1),
+        BLOCK_M=block_m, BLOCK_D=cfg["block_d"], num_warps=cfg["num_warps"])
+    args = (qkv, mask, do, lse, delta, dqkv, s, num_heads, group, hd, qkv.stride(0), qkv.stride(1),
+            do.stride(0), do.stride(1), dqkv.stride(0), dqkv.stride(1), qk_scale, float(scale))
+    kv_m, kv_n = cfg["dkdv"]
+    wrap_triton(_attn_bwd_dkdv_kernel)[(triton.cdiv(s, kv_n), b * num_kv_heads)](
+        *args, BLOCK_M=kv_m, BLOCK_N=kv_n, **meta)
+    wrap_triton(_attn_bwd_dq_kernel)[(triton.cdiv(s, block_m), b * num_heads)](
+        *args, BLOCK_M=block_m, BLOCK_N=block_n, **meta)
+    return dqkv
+
+
+# ----------------------------------------------------------------------------------------------------------
+# op registration
+# ----------------------------------------------------------------------------------------------------------
+attention_fwd_op = _register(
+    "attention_fwd_triton",
+    "(Tensor qkv, Tensor? key_mask, int num_heads, int num_kv_heads, bool causal, float scale) "
+    "-> (Tensor o, Tensor lse)",
+    attention_fwd, _meta.attention_fwd)
+attention_bwd_op = _register(
+    "attention_bwd_triton",
+    "(Tensor do, Tensor qkv, Tensor o, Tensor lse, Tensor? key_mask, int num_heads, int num_kv_heads, "
+    "bool causal, float scale) -> Tensor dqkv",
+    attention_bwd, _meta.attention_bwd)
