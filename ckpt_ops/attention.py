@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from ckpt_ops import _backend, _validate
 from ckpt_ops import reference as _ref
-from ckpt_ops.mlp import _norm_fwd
+from ckpt_ops.mlp import _norm_fwd, load, norm_backward, save
 from ckpt_ops.norm import default_rms_eps
 
 Tensor = torch.Tensor
@@ -107,6 +107,118 @@ def _tables(cfg: AttnConfig, cos, sin, seq_len: int, head_dim: int, device):
     return _ref.rope_tables(seq_len, head_dim, cfg.rope_theta, device)
 
 
+PARAMS = ("nw", "nb", "wqkv", "bqkv", "wo", "bo")
+
+
+def segment_forward(cfg: AttnConfig, x: Tensor, p: dict, key_mask, cos, sin, seed):
+    """Run the segment on x (B, S, D) contiguous. Returns (out (B*S, D), state)."""
+    k = lambda name: _backend.kernel("attention", cfg.backend, name)  # noqa: E731
+    b, s, d = x.shape
+    x2d = x.view(b * s, d)
+    n, mean, rstd = _norm_fwd(cfg, x2d, p["nw"], p["nb"])
+    qkv = F.linear(n, p["wqkv"], p["bqkv"]).view(b, s, -1)
+    if cfg.rope:
+        hd = qkv.shape[-1] // (cfg.num_heads + 2 * cfg.num_kv_heads)
+        c, sn = _tables(cfg, cos, sin, s, hd, x.device)
+        k("rope_")(qkv, c, sn, cfg.num_heads, cfg.num_kv_heads, False)
+    o, lse = k("attention_fwd")(qkv, key_mask, cfg.num_heads, cfg.num_kv_heads, cfg.causal, cfg.scale)
+    y = F.linear(o.view(b * s, -1), p["wo"], p["bo"])
+    if cfg.p > 0.0 or cfg.residual:
+        out = _backend.kernel("mlp", cfg.backend, "dropout_fwd")(y, x2d if cfg.residual else None, seed, cfg.p)
+    else:
+        out = y
+    return out, {"n": n, "mean": mean, "rstd": rstd, "qkv": qkv, "o": o, "lse": lse}
+
+
+def segment_keep(cfg: AttnConfig, plan: _Plan, x, p: dict, st: dict, key_mask, cos, sin, seed) -> dict:
+    """What the segment keeps for backward at cfg.level (None = not kept)."""
+    lvl, has_norm = cfg.level, cfg.norm is not None
+    keep_o = lvl != "full" and plan.o
+    keep_qkv = lvl in ("selective", "none") and plan.qkv
+    keep_n = lvl == "none" and plan.n and has_norm
+    rebuild_n = has_norm and not keep_n and (plan.n or (plan.norm_bwd and lvl != "none"))
+    replay_qkv = lvl in ("full", "keep_attn") and plan.qkv
+    return {
+        "x": x if (plan.norm_bwd or (plan.n and not keep_n)) else None,
+        "mean": st["mean"] if lvl == "none" and plan.norm_bwd else None,
+        "rstd": st["rstd"] if lvl == "none" and plan.norm_bwd else None,
+        "n": st["n"] if keep_n else None,
+        "qkv": st["qkv"] if keep_qkv else None,
+        "o": st["o"] if keep_o else None,
+        "lse": st["lse"] if (keep_o and plan.up) else None,
+        "key_mask": key_mask if plan.qkv else None,
+        "cos": cos if cfg.rope and cos is not None and plan.qkv else None,
+        "sin": sin if cfg.rope and sin is not None and plan.qkv else None,
+        "nw": p["nw"] if (plan.norm_bwd or rebuild_n) else None,
+        "nb": p["nb"] if rebuild_n else None,
+        "wqkv": p["wqkv"] if (plan.dn or replay_qkv) else None,
+        "bqkv": p["bqkv"] if replay_qkv else None,
+        "wo": p["wo"] if plan.up else None,
+        "seed": seed if cfg.p > 0.0 else None,
+    }
+
+
+def segment_replay(cfg: AttnConfig, plan: _Plan, t: dict, shape) -> dict:
+    """Fill `t` (in place) with what the backward needs and was not kept: n and the norm stats
+    (the forward's norm kernel), qkv (QKV GEMM + RoPE), o and lse (the attention forward) --
+    every replay bit-identical to the forward. Returns t."""
+    k = lambda name: _backend.kernel("attention", cfg.backend, name)  # noqa: E731
+    b, s, d = shape
+    x2d = t["x"].view(b * s, d) if t["x"] is not None else None
+    if t["n"] is None and (plan.n or (plan.norm_bwd and t["rstd"] is None)):
+        t["n"], t["mean"], t["rstd"] = _norm_fwd(cfg, x2d, t["nw"], t["nb"])
+    if t["qkv"] is None and plan.qkv:
+        qkv = F.linear(t["n"], t["wqkv"], t["bqkv"]).view(b, s, -1)
+        if cfg.rope:  # in place on our own replayed buffer, never on a kept tensor
+            c, sn = _tables(cfg, t["cos"], t["sin"], s, qkv.shape[-1] // (cfg.num_heads + 2 * cfg.num_kv_heads),
+                            qkv.device)
+            k("rope_")(qkv, c, sn, cfg.num_heads, cfg.num_kv_heads, False)
+        t["qkv"] = qkv
+    if t["o"] is None:
+        t["o"], t["lse"] = k("attention_fwd")(t["qkv"], t["key_mask"], cfg.num_heads, cfg.num_kv_heads,
+                                              cfg.causal, cfg.scale)
+    return t
+
+
+def segment_backward(cfg: AttnConfig, plan: _Plan, need, dout: Tensor, t: dict, shape) -> list:
+    """Gradients [dx (B*S, D), *d(PARAMS)] from dout (B*S, D) and the kept tensors `t`."""
+    k = lambda name: _backend.kernel("attention", cfg.backend, name)  # noqa: E731
+    b, s, d = shape
+    dout = dout.contiguous()
+    grads = [None] * 7
+    dy = _backend.kernel("mlp", cfg.backend, "dropout_bwd")(dout, t["seed"], cfg.p) if cfg.p > 0.0 else dout
+    if need[6]:
+        grads[6] = dy.sum(0)
+    if need[0] and cfg.residual and not plan.dn:
+        grads[0] = dout
+    if not plan.o:
+        return grads
+    t = segment_replay(cfg, plan, t, shape)
+    if need[5]:
+        grads[5] = dy.t() @ t["o"].view(b * s, -1)
+    if not plan.up:
+        return grads
+    do = (dy @ t["wo"]).view(b, s, -1)
+    dqkv = k("attention_bwd")(do, t["qkv"], t["o"], t["lse"], t["key_mask"], cfg.num_heads, cfg.num_kv_heads,
+                              cfg.causal, cfg.scale)
+    if cfg.rope:  # RoPE's transpose, in place on the fresh gradient
+        c, sn = _tables(cfg, t["cos"], t["sin"], s, dqkv.shape[-1] // (cfg.num_heads + 2 * cfg.num_kv_heads),
+                        dqkv.device)
+        k("rope_")(dqkv, c, sn, cfg.num_heads, cfg.num_kv_heads, True)
+    dqkv2 = dqkv.view(b * s, -1)
+    if need[3]:
+        grads[3] = dqkv2.t() @ t["n"]
+    if need[4]:
+        grads[4] = dqkv2.sum(0)
+    if not plan.dn:
+        return grads
+    x2d = t["x"].view(b * s, d) if t["x"] is not None else None
+    dx = norm_backward(cfg, dqkv2 @ t["wqkv"], x2d, t["nw"], t["mean"], t["rstd"], need[:3], grads)
+    if need[0]:
+        grads[0] = dx + dout if cfg.residual else dx
+    return grads
+
+
 class AttentionFunction(torch.autograd.Function):
     """The attention segment (see the module docstring for what each level saves/recomputes).
 
@@ -116,113 +228,21 @@ class AttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, nw, nb, wqkv, bqkv, wo, bo, key_mask, cos, sin, seed, cfg: AttnConfig):
-        k = lambda name: _backend.kernel("attention", cfg.backend, name)  # noqa: E731
-        b, s, d = x.shape
-        x2d = x.view(b * s, d)
-        n, mean, rstd = _norm_fwd(cfg, x2d, nw, nb)
-        qkv = F.linear(n, wqkv, bqkv).view(b, s, -1)
-        hd = qkv.shape[-1] // (cfg.num_heads + 2 * cfg.num_kv_heads)
-        if cfg.rope:
-            c, sn = _tables(cfg, cos, sin, s, hd, x.device)
-            k("rope_")(qkv, c, sn, cfg.num_heads, cfg.num_kv_heads, False)
-        o, lse = k("attention_fwd")(qkv, key_mask, cfg.num_heads, cfg.num_kv_heads, cfg.causal, cfg.scale)
-        y = F.linear(o.view(b * s, -1), wo, bo)
-        if cfg.p > 0.0 or cfg.residual:
-            out = _backend.kernel("mlp", cfg.backend, "dropout_fwd")(y, x2d if cfg.residual else None, seed, cfg.p)
-        else:
-            out = y
-
+        p = dict(zip(PARAMS, (nw, nb, wqkv, bqkv, wo, bo)))
+        out, st = segment_forward(cfg, x, p, key_mask, cos, sin, seed)
         plan = _plan(cfg, ctx.needs_input_grad)
-        lvl, has_norm = cfg.level, cfg.norm is not None
-        keep_o = lvl != "full" and plan.o
-        keep_qkv = lvl in ("selective", "none") and plan.qkv
-        keep_n = lvl == "none" and plan.n and has_norm
-        rebuild_n = has_norm and not keep_n and (plan.n or (plan.norm_bwd and lvl != "none"))
-        keep_x = plan.norm_bwd or (plan.n and not keep_n)
-        replay_qkv = lvl in ("full", "keep_attn") and plan.qkv
-        ctx.cfg, ctx.plan, ctx.shape = cfg, plan, (b, s, d)
-        ctx.save_for_backward(
-            x if keep_x else None,
-            mean if lvl == "none" and plan.norm_bwd else None,
-            rstd if lvl == "none" and plan.norm_bwd else None,
-            n if keep_n else None,
-            qkv if keep_qkv else None,
-            o if keep_o else None,
-            lse if (keep_o and plan.up) else None,
-            key_mask if plan.qkv else None,
-            cos if cfg.rope and cos is not None and (plan.up or replay_qkv) else None,
-            sin if cfg.rope and sin is not None and (plan.up or replay_qkv) else None,
-            nw if (plan.norm_bwd or rebuild_n) else None,
-            nb if rebuild_n else None,
-            wqkv if (plan.dn or replay_qkv) else None,
-            bqkv if replay_qkv else None,
-            wo if plan.up else None,
-            seed if cfg.p > 0.0 else None,
-        )
-        return out.view(b, s, d)
+        ctx.cfg, ctx.plan, ctx.shape = cfg, plan, tuple(x.shape)
+        save(ctx, segment_keep(cfg, plan, x, p, st, key_mask, cos, sin, seed))
+        return out.view(x.shape)
 
     @staticmethod
     def backward(ctx, dout):
-        cfg: AttnConfig = ctx.cfg
-        plan: _Plan = ctx.plan
-        need = ctx.needs_input_grad
         b, s, d = ctx.shape
-        (x, mean, rstd, n, qkv, o, lse, key_mask, cos, sin, nw, nb, wqkv, bqkv, wo, seed) = ctx.saved_tensors
-        k = lambda name: _backend.kernel("attention", cfg.backend, name)  # noqa: E731
-        dout = dout.contiguous().view(b * s, d)
-        grads = [None] * 12
-        dy = _backend.kernel("mlp", cfg.backend, "dropout_bwd")(dout, seed, cfg.p) if cfg.p > 0.0 else dout
-        if need[6]:
-            grads[6] = dy.sum(0)
-        if need[0] and cfg.residual and not plan.dn:
-            grads[0] = dout.view(b, s, d)
-        if not plan.o:
-            return tuple(grads)
-
-        x2d = x.view(b * s, d) if x is not None else None
-        if n is None and (plan.n or (plan.norm_bwd and rstd is None)):
-            n, mean, rstd = _norm_fwd(cfg, x2d, nw, nb)  # the forward's kernel: bit-identical
-        replayed = qkv is None and plan.qkv
-        if replayed:  # "full" / "keep_attn": replay the QKV GEMM (and RoPE below), bit-identical
-            qkv = F.linear(n, wqkv, bqkv).view(b, s, -1)
-        c = sn = None
-        if cfg.rope and plan.qkv:
-            hd = qkv.shape[-1] // (cfg.num_heads + 2 * cfg.num_kv_heads)
-            c, sn = _tables(cfg, cos, sin, s, hd, dout.device)
-            if replayed:  # in place on our own replayed buffer, never on a saved tensor
-                k("rope_")(qkv, c, sn, cfg.num_heads, cfg.num_kv_heads, False)
-        if o is None:  # "full": replay the attention forward (o, lse bit-identical to the forward's)
-            o, lse = k("attention_fwd")(qkv, key_mask, cfg.num_heads, cfg.num_kv_heads, cfg.causal, cfg.scale)
-        if need[5]:
-            grads[5] = dy.t() @ o.view(b * s, -1)
-        if not plan.up:
-            return tuple(grads)
-
-        do = (dy @ wo).view(b, s, -1)
-        dqkv = k("attention_bwd")(do, qkv, o, lse, key_mask, cfg.num_heads, cfg.num_kv_heads, cfg.causal,
-                                  cfg.scale)
-        if cfg.rope:
-            k("rope_")(dqkv, c, sn, cfg.num_heads, cfg.num_kv_heads, True)
-        dqkv2 = dqkv.view(b * s, -1)
-        if need[3]:
-            grads[3] = dqkv2.t() @ n
-        if need[4]:
-            grads[4] = dqkv2.sum(0)
-        if not plan.dn:
-            return tuple(grads)
-        dn = dqkv2 @ wqkv
-        if cfg.norm == "layernorm":
-            dx, grads[1], grads[2] = _backend.kernel("layer_norm", cfg.backend, "bwd")(
-                dn, x2d, nw, mean, rstd, need[0], need[1], need[2])
-        elif cfg.norm == "rmsnorm":
-            dx, grads[1] = _backend.kernel("rms_norm", cfg.backend, "bwd")(dn, x2d, nw, rstd, need[0], need[1])
-        else:
-            dx = dn
-        grads[1] = grads[1] if need[1] else None
-        grads[2] = grads[2] if need[2] else None
-        if need[0]:
-            grads[0] = (dx + dout if cfg.residual else dx).view(b, s, d)
-        return tuple(grads)
+        grads = segment_backward(ctx.cfg, ctx.plan, ctx.needs_input_grad, dout.reshape(b * s, d), load(ctx),
+                                 ctx.shape)
+        if grads[0] is not None:
+            grads[0] = grads[0].view(b, s, d)
+        return (*grads, None, None, None, None, None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -326,12 +346,4 @@ def attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor], out_wei
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
         return AttentionFunction.apply(*args, cfg)
     with torch.no_grad():
-        return AttentionFunction.forward(_NoCtx(), *args, cfg)
-
-
-class _NoCtx:
-    """Stands in for ctx when nothing needs gradients: nothing is saved."""
-    needs_input_grad = (False,) * 12
-
-    def save_for_backward(self, *tensors):
-        pass
+        return segment_forward(cfg, xc, dict(zip(PARAMS, args[1:7])), mask, cos, sin, seed)[0].view(b, s, d)

@@ -110,6 +110,135 @@ def _plan(cfg: MLPConfig, need) -> _Plan:
     return _Plan(up, h, n, cfg.norm is not None and dn, dn)
 
 
+# Parameter names of the segment, in the order of the Function's inputs after x.
+PARAMS = ("nw", "nb", "w1", "b1", "wg", "bg", "w2", "b2")
+
+
+def segment_forward(cfg: MLPConfig, x: Tensor, p: dict, seed: Tensor):
+    """Run the segment on x (M, D) contiguous with parameters `p` (keys PARAMS). Returns
+    (out, state) where state holds every intermediate a backward could use."""
+    k = lambda name: _backend.kernel("mlp", cfg.backend, name)  # noqa: E731
+    n, mean, rstd = _norm_fwd(cfg, x, p["nw"], p["nb"])
+    h = F.linear(n, p["w1"], p["b1"])
+    g = F.linear(n, p["wg"], p["bg"]) if cfg.gated else None
+    a = k("act_fwd")(h, g, cfg.activation)
+    y = F.linear(a, p["w2"], p["b2"])
+    if cfg.p > 0.0 or cfg.residual:
+        out = k("dropout_fwd")(y, x if cfg.residual else None, seed, cfg.p)
+    else:
+        out = y
+    return out, {"n": n, "mean": mean, "rstd": rstd, "h": h, "g": g, "a": a}
+
+
+def segment_keep(cfg: MLPConfig, plan: _Plan, need, x: Tensor, p: dict, st: dict, seed: Tensor) -> dict:
+    """What the segment keeps for backward at cfg.level (None = not kept), given `need`
+    (needs_input_grad of x and PARAMS)."""
+    lvl, has_norm = cfg.level, cfg.norm is not None
+    keep_n = lvl == "none" and plan.n and has_norm            # "none" keeps n itself
+    rebuild_n = lvl != "none" and has_norm and (plan.n or plan.norm_bwd)  # norm re-run in bwd
+    keep_x = plan.norm_bwd or (plan.n and not keep_n)         # n is x without a norm
+    replay_h = lvl == "full" and plan.h
+    keep_h = lvl != "full" and (plan.up or (plan.h and lvl == "selective"))
+    return {
+        "x": x if keep_x else None,
+        "mean": st["mean"] if lvl == "none" and plan.norm_bwd else None,
+        "rstd": st["rstd"] if lvl == "none" and plan.norm_bwd else None,
+        "n": st["n"] if keep_n else None,
+        "h": st["h"] if keep_h else None,
+        "g": st["g"] if keep_h else None,
+        "a": st["a"] if lvl == "none" and need[7] else None,
+        "nw": p["nw"] if (plan.norm_bwd or rebuild_n) else None,
+        "nb": p["nb"] if rebuild_n else None,
+        "w1": p["w1"] if (plan.dn or replay_h) else None,
+        "b1": p["b1"] if replay_h else None,
+        "wg": p["wg"] if (plan.dn or replay_h) else None,
+        "bg": p["bg"] if replay_h else None,
+        "w2": p["w2"] if plan.up else None,
+        "seed": seed if cfg.p > 0.0 else None,
+    }
+
+
+def segment_backward(cfg: MLPConfig, plan: _Plan, need, dout: Tensor, t: dict) -> list:
+    """Gradients [dx, *d(PARAMS)] from dout (M, D) and the kept tensors `t` (segment_keep's keys);
+    whatever is missing is recomputed: n and the norm statistics by the forward's own norm kernel,
+    h/g by replaying fc1/gate, a inside the fused activation backward."""
+    k = lambda name: _backend.kernel("mlp", cfg.backend, name)  # noqa: E731
+    x, n, h, g, a, mean, rstd = t["x"], t["n"], t["h"], t["g"], t["a"], t["mean"], t["rstd"]
+    dout = dout.contiguous()
+    grads = [None] * 9
+    dy = k("dropout_bwd")(dout, t["seed"], cfg.p) if cfg.p > 0.0 else dout
+    if need[8]:
+        grads[8] = dy.sum(0)
+    if need[0] and cfg.residual and not plan.dn:
+        grads[0] = dout
+    if not plan.h:
+        return grads
+
+    if n is None and (plan.n or (plan.norm_bwd and rstd is None)):
+        if cfg.norm is None:
+            n = x
+        else:  # the forward's own norm kernel: n, mean and rstd bit-identical to the forward's
+            n, mean, rstd = _norm_fwd(cfg, x, t["nw"], t["nb"])
+    if h is None and (plan.up or a is None):  # "full": replay fc1 (and gate), bit-identical
+        h = F.linear(n, t["w1"], t["b1"])
+        g = F.linear(n, t["wg"], t["bg"]) if cfg.gated else None
+
+    rebuild_a = need[7] and a is None
+    if plan.up:
+        a_re, dh, dg = k("act_bwd")(dy @ t["w2"], h, g, cfg.activation, rebuild_a)
+        if rebuild_a:
+            a = a_re
+    elif rebuild_a:
+        a = k("act_fwd")(h, g, cfg.activation)
+    if need[7]:
+        grads[7] = dy.t() @ a
+    if not plan.up:
+        return grads
+
+    if need[3]:
+        grads[3] = dh.t() @ n
+    if need[4]:
+        grads[4] = dh.sum(0)
+    if cfg.gated and need[5]:
+        grads[5] = dg.t() @ n
+    if cfg.gated and need[6]:
+        grads[6] = dg.sum(0)
+    if not plan.dn:
+        return grads
+    dn = dh @ t["w1"]
+    if cfg.gated:
+        dn = dn + dg @ t["wg"]
+    dx = norm_backward(cfg, dn, x, t["nw"], mean, rstd, need[:3], grads)
+    if need[0]:
+        grads[0] = dx + dout if cfg.residual else dx
+    return grads
+
+
+def norm_backward(cfg, dn: Tensor, x: Tensor, nw, mean, rstd, need3, grads: list) -> Tensor:
+    """The fused pre-norm's backward: returns dx (or dn without a norm) and stores the norm's
+    parameter gradients into grads[1], grads[2] when needed."""
+    if cfg.norm == "layernorm":
+        dx, dw, db = _backend.kernel("layer_norm", cfg.backend, "bwd")(dn, x, nw, mean, rstd, *need3)
+    elif cfg.norm == "rmsnorm":
+        dx, dw = _backend.kernel("rms_norm", cfg.backend, "bwd")(dn, x, nw, rstd, need3[0], need3[1])
+        db = None
+    else:
+        return dn
+    grads[1] = dw if need3[1] else None
+    grads[2] = db if need3[2] else None
+    return dx
+
+
+def save(ctx, kept: dict) -> None:
+    """ctx.save_for_backward of a dict of tensors/None (names kept on ctx, tensors saved)."""
+    ctx.saved_names = tuple(kept)
+    ctx.save_for_backward(*kept.values())
+
+
+def load(ctx) -> dict:
+    return dict(zip(ctx.saved_names, ctx.saved_tensors))
+
+
 class MLPFunction(torch.autograd.Function):
     """The MLP segment (see the module docstring for the saved/recomputed table and GEMM counts).
 
@@ -118,108 +247,17 @@ class MLPFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, nw, nb, w1, b1, wg, bg, w2, b2, seed, cfg: MLPConfig):
-        k = lambda name: _backend.kernel("mlp", cfg.backend, name)  # noqa: E731
-        n, mean, rstd = _norm_fwd(cfg, x, nw, nb)
-        h = F.linear(n, w1, b1)
-        g = F.linear(n, wg, bg) if cfg.gated else None
-        a = k("act_fwd")(h, g, cfg.activation)
-        y = F.linear(a, w2, b2)
-        if cfg.p > 0.0 or cfg.residual:
-            out = k("dropout_fwd")(y, x if cfg.residual else None, seed, cfg.p)
-        else:
-            out = y
-
+        p = dict(zip(PARAMS, (nw, nb, w1, b1, wg, bg, w2, b2)))
+        out, st = segment_forward(cfg, x, p, seed)
         plan = _plan(cfg, ctx.needs_input_grad)
-        lvl, has_norm = cfg.level, cfg.norm is not None
-        keep_n = lvl == "none" and plan.n and has_norm            # "none" keeps n itself
-        rebuild_n = lvl != "none" and has_norm and (plan.n or plan.norm_bwd)  # norm re-run in bwd
-        keep_x = plan.norm_bwd or (plan.n and not keep_n)         # n is x without a norm
-        replay_h = lvl == "full" and plan.h
-        keep_h = lvl != "full" and (plan.up or (plan.h and lvl == "selective"))
-        keep_a = lvl == "none" and ctx.needs_input_grad[7]
         ctx.cfg, ctx.plan = cfg, plan
-        ctx.save_for_backward(
-            x if keep_x else None,
-            mean if lvl == "none" and plan.norm_bwd else None,
-            rstd if lvl == "none" and plan.norm_bwd else None,
-            n if keep_n else None,
-            h if keep_h else None,
-            g if keep_h else None,
-            a if keep_a else None,
-            nw if (plan.norm_bwd or rebuild_n) else None,
-            nb if rebuild_n else None,
-            w1 if (plan.dn or replay_h) else None,
-            b1 if replay_h else None,
-            wg if (plan.dn or replay_h) else None,
-            bg if replay_h else None,
-            w2 if plan.up else None,
-            seed if cfg.p > 0.0 else None,
-        )
+        save(ctx, segment_keep(cfg, plan, ctx.needs_input_grad, x, p, st, seed))
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        cfg: MLPConfig = ctx.cfg
-        plan: _Plan = ctx.plan
-        need = ctx.needs_input_grad
-        x, mean, rstd, n, h, g, a, nw, nb, w1, b1, wg, bg, w2, seed = ctx.saved_tensors
-        k = lambda name: _backend.kernel("mlp", cfg.backend, name)  # noqa: E731
-        dout = dout.contiguous()
-        grads = [None] * 11
-        dy = k("dropout_bwd")(dout, seed, cfg.p) if cfg.p > 0.0 else dout
-        if need[8]:
-            grads[8] = dy.sum(0)
-        if need[0] and cfg.residual and not plan.dn:
-            grads[0] = dout
-        if not plan.h:
-            return tuple(grads)
-
-        if n is None and (plan.n or (plan.norm_bwd and rstd is None)):
-            if cfg.norm is None:
-                n = x
-            else:  # the forward's own norm kernel: n, mean and rstd bit-identical to the forward's
-                n, mean, rstd = _norm_fwd(cfg, x, nw, nb)
-        if h is None and (plan.up or a is None):  # "full": replay fc1 (and gate), bit-identical
-            h = F.linear(n, w1, b1)
-            g = F.linear(n, wg, bg) if cfg.gated else None
-
-        rebuild_a = need[7] and a is None
-        if plan.up:
-            a_re, dh, dg = k("act_bwd")(dy @ w2, h, g, cfg.activation, rebuild_a)
-            if rebuild_a:
-                a = a_re
-        elif rebuild_a:
-            a = k("act_fwd")(h, g, cfg.activation)
-        if need[7]:
-            grads[7] = dy.t() @ a
-        if not plan.up:
-            return tuple(grads)
-
-        if need[3]:
-            grads[3] = dh.t() @ n
-        if need[4]:
-            grads[4] = dh.sum(0)
-        if cfg.gated and need[5]:
-            grads[5] = dg.t() @ n
-        if cfg.gated and need[6]:
-            grads[6] = dg.sum(0)
-        if not plan.dn:
-            return tuple(grads)
-        dn = dh @ w1
-        if cfg.gated:
-            dn = dn + dg @ wg
-        if cfg.norm == "layernorm":
-            dx, grads[1], grads[2] = _backend.kernel("layer_norm", cfg.backend, "bwd")(
-                dn, x, nw, mean, rstd, need[0], need[1], need[2])
-        elif cfg.norm == "rmsnorm":
-            dx, grads[1] = _backend.kernel("rms_norm", cfg.backend, "bwd")(dn, x, nw, rstd, need[0], need[1])
-        else:
-            dx = dn
-        grads[1] = grads[1] if need[1] else None
-        grads[2] = grads[2] if need[2] else None
-        if need[0]:
-            grads[0] = dx + dout if cfg.residual else dx
-        return tuple(grads)
+        grads = segment_backward(ctx.cfg, ctx.plan, ctx.needs_input_grad, dout, load(ctx))
+        return (*grads, None, None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -309,13 +347,5 @@ def mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: T
         out = MLPFunction.apply(*args, seed, cfg)
     else:
         with torch.no_grad():
-            out = MLPFunction.forward(_NoCtx(), *args, seed, cfg)
+            out = segment_forward(cfg, x2d, dict(zip(PARAMS, args[1:])), seed)[0]
     return out.view(x.shape)
-
-
-class _NoCtx:
-    """Stands in for ctx when nothing needs gradients: nothing is saved."""
-    needs_input_grad = (False,) * 11
-
-    def save_for_backward(self, *tensors):
-        pass
