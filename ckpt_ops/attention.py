@@ -122,12 +122,19 @@ def segment_forward(cfg: AttnConfig, x: Tensor, p: dict, key_mask, cos, sin, see
         c, sn = _tables(cfg, cos, sin, s, hd, x.device)
         k("rope_")(qkv, c, sn, cfg.num_heads, cfg.num_kv_heads, False)
     o, lse = k("attention_fwd")(qkv, key_mask, cfg.num_heads, cfg.num_kv_heads, cfg.causal, cfg.scale)
-    y = F.linear(o.view(b * s, -1), p["wo"], p["bo"])
-    if cfg.p > 0.0 or cfg.residual:
-        out = _backend.kernel("mlp", cfg.backend, "dropout_fwd")(y, x2d if cfg.residual else None, seed, cfg.p)
-    else:
-        out = y
+    out = output_projection(cfg, x, o, p["wo"], p["bo"], seed)
     return out, {"n": n, "mean": mean, "rstd": rstd, "qkv": qkv, "o": o, "lse": lse}
+
+
+def output_projection(cfg: AttnConfig, x: Tensor, o: Tensor, wo, bo, seed) -> Tensor:
+    """[x +] dropout(o @ wo^T + bo) as (B*S, D); the same kernels whether in the forward or when a
+    block's backward rebuilds its MLP input, so both are bit-identical."""
+    b, s, d = x.shape
+    y = F.linear(o.view(b * s, -1), wo, bo)
+    if cfg.p > 0.0 or cfg.residual:
+        return _backend.kernel("mlp", cfg.backend, "dropout_fwd")(y, x.view(b * s, d) if cfg.residual else None,
+                                                                  seed, cfg.p)
+    return y
 
 
 def segment_keep(cfg: AttnConfig, plan: _Plan, x, p: dict, st: dict, key_mask, cos, sin, seed) -> dict:
@@ -285,6 +292,30 @@ def attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor], out_wei
         dropout: on the output projection (residual dropout), Philox seed, regenerated in backward.
         recompute: "full" | "keep_attn" | "selective" | "none" (see the module docstring).
     """
+    cfg, mask, cos, sin = prepare(x, qkv_weight, qkv_bias, out_weight, out_bias, num_heads=num_heads,
+                                  num_kv_heads=num_kv_heads, attention_mask=attention_mask, causal=causal,
+                                  scale=scale, norm=norm, norm_weight=norm_weight, norm_bias=norm_bias,
+                                  norm_eps=norm_eps, rope=rope, rope_theta=rope_theta, rope_cos=rope_cos,
+                                  rope_sin=rope_sin, dropout=dropout, training=training, residual=residual,
+                                  recompute=recompute, backend=backend)
+    b, s, d = x.shape
+    if cfg.p > 0.0:
+        seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=x.device)
+    else:
+        seed = torch.zeros(1, dtype=torch.int64, device=x.device)
+    xc = x.contiguous()
+    args = (xc, norm_weight, norm_bias, qkv_weight, qkv_bias, out_weight, out_bias, mask, cos, sin, seed)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
+        return AttentionFunction.apply(*args, cfg)
+    with torch.no_grad():
+        return segment_forward(cfg, xc, dict(zip(PARAMS, args[1:7])), mask, cos, sin, seed)[0].view(b, s, d)
+
+
+def prepare(x, qkv_weight, qkv_bias, out_weight, out_bias, *, num_heads, num_kv_heads, attention_mask, causal,
+            scale, norm, norm_weight, norm_bias, norm_eps, rope, rope_theta, rope_cos, rope_sin, dropout, training,
+            residual, recompute, backend):
+    """Validate the arguments of :func:`attention` (raising before any kernel runs) and return
+    (AttnConfig, mask, cos, sin)."""
     x = _validate.float_tensor(x, "x")
     if x.dim() != 3:
         raise ValueError(f"x must be 3-D (batch, seq, d_model); got shape {tuple(x.shape)}")
@@ -335,15 +366,6 @@ def attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor], out_wei
     be = _backend.resolve("attention", x.device, backend)
     cfg = AttnConfig(h, kv, bool(causal), float(scale) if scale is not None else hd ** -0.5, norm, eps, bool(rope),
                      float(rope_theta), p, bool(residual), recompute, be)
-    if p > 0.0:
-        seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=x.device)
-    else:
-        seed = torch.zeros(1, dtype=torch.int64, device=x.device)
-    xc = x.contiguous()
     cos = rope_cos.contiguous() if rope_cos is not None else None
     sin = rope_sin.contiguous() if rope_sin is not None else None
-    args = (xc, norm_weight, norm_bias, qkv_weight, qkv_bias, out_weight, out_bias, mask, cos, sin, seed)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
-        return AttentionFunction.apply(*args, cfg)
-    with torch.no_grad():
-        return segment_forward(cfg, xc, dict(zip(PARAMS, args[1:7])), mask, cos, sin, seed)[0].view(b, s, d)
+    return cfg, mask, cos, sin

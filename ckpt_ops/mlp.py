@@ -299,6 +299,28 @@ def mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: T
         recompute: "full" | "selective" | "none" (see the module docstring).
         backend: see ``ckpt_ops.backend_info()``.
     """
+    cfg = prepare(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation=activation, gate_weight=gate_weight,
+                  gate_bias=gate_bias, norm=norm, norm_weight=norm_weight, norm_bias=norm_bias, norm_eps=norm_eps,
+                  dropout=dropout, training=training, residual=residual, recompute=recompute, backend=backend)
+    d_model = x.shape[-1]
+    x2d = x.reshape(-1, d_model).contiguous()
+    # The dropout kernels take a seed tensor always (ignored when p == 0; only saved when p > 0).
+    if cfg.p > 0.0:
+        seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=x.device)
+    else:
+        seed = torch.zeros(1, dtype=torch.int64, device=x.device)
+    args = (x2d, norm_weight, norm_bias, fc1_weight, fc1_bias, gate_weight, gate_bias, fc2_weight, fc2_bias)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
+        out = MLPFunction.apply(*args, seed, cfg)
+    else:
+        with torch.no_grad():
+            out = segment_forward(cfg, x2d, dict(zip(PARAMS, args[1:])), seed)[0]
+    return out.view(x.shape)
+
+
+def prepare(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, activation, gate_weight, gate_bias, norm,
+            norm_weight, norm_bias, norm_eps, dropout, training, residual, recompute, backend) -> MLPConfig:
+    """Validate the arguments of :func:`mlp` (raising before any kernel runs); return the config."""
     x = _validate.float_tensor(x, "x")
     if not isinstance(activation, str) or activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}; got {activation!r}")
@@ -335,17 +357,4 @@ def mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: T
             eps = _validate.eps(norm_eps, "norm_eps")
     p = float(dropout) if training else 0.0
     be = _backend.resolve("mlp", x.device, backend)
-    cfg = MLPConfig(norm, eps, code, gated, p, bool(residual), recompute, be)
-    x2d = x.reshape(-1, d_model).contiguous()
-    # The dropout kernels take a seed tensor always (ignored when p == 0; only saved when p > 0).
-    if p > 0.0:
-        seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=x.device)
-    else:
-        seed = torch.zeros(1, dtype=torch.int64, device=x.device)
-    args = (x2d, norm_weight, norm_bias, fc1_weight, fc1_bias, gate_weight, gate_bias, fc2_weight, fc2_bias)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
-        out = MLPFunction.apply(*args, seed, cfg)
-    else:
-        with torch.no_grad():
-            out = segment_forward(cfg, x2d, dict(zip(PARAMS, args[1:])), seed)[0]
-    return out.view(x.shape)
+    return MLPConfig(norm, eps, code, gated, p, bool(residual), recompute, be)

@@ -11,11 +11,12 @@ from typing import Optional
 import torch
 
 from ckpt_ops import attention as _attn
+from ckpt_ops import block as _block
 from ckpt_ops import mlp as _mlp
 from ckpt_ops import norm as _norm
 from ckpt_ops._consts import ACTIVATIONS
 
-__all__ = ["LayerNorm", "RMSNorm", "MLP", "Attention"]
+__all__ = ["LayerNorm", "RMSNorm", "MLP", "Attention", "TransformerBlock"]
 
 
 def _check_level(recompute, levels):
@@ -106,16 +107,21 @@ class MLP(torch.nn.Module):
             return None
         return "layernorm" if isinstance(self.norm, torch.nn.LayerNorm) else "rmsnorm"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _args(self, recompute: Optional[str] = None):
+        """(positional, keyword) arguments of ckpt_ops.functional.mlp for this module."""
         nk = self.norm_kind
-        return _mlp.mlp(
-            x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, activation=self.activation,
-            gate_weight=self.gate.weight if self.gate is not None else None,
-            gate_bias=self.gate.bias if self.gate is not None else None, norm=nk,
-            norm_weight=self.norm.weight if nk else None,
-            norm_bias=getattr(self.norm, "bias", None) if nk == "layernorm" else None,
-            norm_eps=self.norm.eps if nk else None, dropout=self.dropout, training=self.training,
-            residual=self.residual, recompute=self.recompute, backend=self.backend)
+        pos = (self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
+        kw = dict(activation=self.activation, gate_weight=self.gate.weight if self.gate is not None else None,
+                  gate_bias=self.gate.bias if self.gate is not None else None, norm=nk,
+                  norm_weight=self.norm.weight if nk else None,
+                  norm_bias=getattr(self.norm, "bias", None) if nk == "layernorm" else None,
+                  norm_eps=self.norm.eps if nk else None, dropout=self.dropout, training=self.training,
+                  residual=self.residual, recompute=recompute or self.recompute, backend=self.backend)
+        return pos, kw
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pos, kw = self._args()
+        return _mlp.mlp(x, *pos, **kw)
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, d_hidden={self.d_hidden}, activation={self.activation!r}, "
@@ -161,18 +167,77 @@ class Attention(torch.nn.Module):
         self.qkv = torch.nn.Linear(d_model, (num_heads + 2 * kv) * head_dim, bias=bias, **factory)
         self.out = torch.nn.Linear(num_heads * head_dim, d_model, bias=bias, **factory)
 
-    def forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def _args(self, attention_mask=None, recompute: Optional[str] = None, rope_cos=None, rope_sin=None):
+        """(positional, keyword) arguments of ckpt_ops.functional.attention for this module."""
         nk = None if self.norm is None else ("layernorm" if isinstance(self.norm, torch.nn.LayerNorm) else "rmsnorm")
-        return _attn.attention(
-            x, self.qkv.weight, self.qkv.bias, self.out.weight, self.out.bias, num_heads=self.num_heads,
-            num_kv_heads=self.num_kv_heads, attention_mask=attention_mask, causal=self.causal, norm=nk,
-            norm_weight=self.norm.weight if nk else None,
-            norm_bias=getattr(self.norm, "bias", None) if nk == "layernorm" else None,
-            norm_eps=self.norm.eps if nk else None, rope=self.rope, rope_theta=self.rope_theta,
-            dropout=self.dropout, training=self.training, residual=self.residual, recompute=self.recompute,
-            backend=self.backend)
+        pos = (self.qkv.weight, self.qkv.bias, self.out.weight, self.out.bias)
+        kw = dict(num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, attention_mask=attention_mask,
+                  causal=self.causal, scale=None, norm=nk, norm_weight=self.norm.weight if nk else None,
+                  norm_bias=getattr(self.norm, "bias", None) if nk == "layernorm" else None,
+                  norm_eps=self.norm.eps if nk else None, rope=self.rope, rope_theta=self.rope_theta,
+                  rope_cos=rope_cos, rope_sin=rope_sin, dropout=self.dropout, training=self.training,
+                  residual=self.residual, recompute=recompute or self.recompute, backend=self.backend)
+        return pos, kw
+
+    def forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        pos, kw = self._args(attention_mask)
+        return _attn.attention(x, *pos, **kw)
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
                 f"causal={self.causal}, rope={self.rope}, dropout={self.dropout}, residual={self.residual}, "
                 f"recompute={self.recompute!r}")
+
+
+class TransformerBlock(torch.nn.Module):
+    """A pre-norm transformer block, checkpointed as ONE segment (see ``ckpt_ops.block``):
+    ``h = x + attn(x); out = h + mlp(h)``, where ``attn`` and ``mlp`` carry their own norm and
+    residual.
+
+    Styles:
+        ``"gpt2"``: LayerNorm, biases, gelu_tanh MLP with d_hidden = 4 * d_model, no RoPE.
+        ``"llama"``: RMSNorm, no biases, SwiGLU MLP (d_hidden default: 8/3 d_model rounded up to a
+        multiple of 64), RoPE (``rope_theta``), grouped-query attention (``num_kv_heads``).
+
+    Submodules ``attn`` (:class:`Attention` with norm + residual) and ``mlp`` (:class:`MLP` with
+    norm + residual). ``recompute``: "full" | "keep_attn" | "selective" | "none".
+    forward(x (B, S, d_model), attention_mask=None (B, S), rope_cos=None, rope_sin=None).
+    """
+
+    def __init__(self, d_model: int, num_heads: int, d_hidden: Optional[int] = None, style: str = "gpt2",
+                 recompute: str = "full", num_kv_heads: Optional[int] = None, dropout: float = 0.0,
+                 causal: bool = True, rope_theta: float = 10000.0, device=None, dtype=None):
+        super().__init__()
+        if style not in ("gpt2", "llama"):
+            raise ValueError(f"style must be 'gpt2' or 'llama'; got {style!r}")
+        _positive_int(d_model, "d_model")
+        if d_hidden is None:
+            d_hidden = 4 * d_model if style == "gpt2" else 64 * -(-int(8 * d_model / 3) // 64)
+        _positive_int(d_hidden, "d_hidden")
+        self.style = style
+        self.recompute = _check_level(recompute, _block.LEVELS)
+        self.backend: Optional[str] = None
+        llama = style == "llama"
+        factory = {"device": device, "dtype": dtype}
+        self.attn = Attention(d_model, num_heads, num_kv_heads if llama else num_kv_heads, causal=causal,
+                              bias=not llama, dropout=dropout, norm="rmsnorm" if llama else "layernorm",
+                              rope=llama, rope_theta=rope_theta, residual=True, **factory)
+        self.mlp = MLP(d_model, d_hidden, activation="swiglu" if llama else "gelu_tanh", bias=not llama,
+                       dropout=dropout, norm="rmsnorm" if llama else "layernorm", residual=True, **factory)
+
+    def forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                rope_cos: Optional[torch.Tensor] = None, rope_sin: Optional[torch.Tensor] = None) -> torch.Tensor:
+        level = self.recompute
+        for m in (self.attn, self.mlp):
+            m.backend = self.backend if self.backend is not None else m.backend
+        apos, akw = self.attn._args(attention_mask, level, rope_cos, rope_sin)
+        acfg, mask, cos, sin = _attn.prepare(x, *apos, **akw)
+        mpos, mkw = self.mlp._args(_block._MLP_LEVEL[level])
+        mcfg = _mlp.prepare(x, *mpos, **mkw)
+        ap = dict(zip(_attn.PARAMS, (akw["norm_weight"], akw["norm_bias"], *apos)))
+        mp = dict(zip(_mlp.PARAMS, (mkw["norm_weight"], mkw["norm_bias"], mpos[0], mpos[1], mkw["gate_weight"],
+                                    mkw["gate_bias"], mpos[2], mpos[3])))
+        return _block.transformer_block(x, ap, mp, acfg, mcfg, level, mask, cos, sin)
+
+    def extra_repr(self) -> str:
+        return f"style={self.style!r}, recompute={self.recompute!r}"

@@ -1,0 +1,122 @@
+"""A pre-norm transformer block as ONE checkpointed segment:
+
+    h1  = x  + dropout(attn(norm1(x)))          (ckpt_ops.attention segment)
+    out = h1 + dropout(mlp(norm2(h1)))          (ckpt_ops.mlp segment)
+
+=============  ============================================  =====================================
+level          keeps for backward                            recomputes in backward
+=============  ============================================  =====================================
+``"full"``     x (+ padding mask, dropout seeds): exactly    norm1, QKV, RoPE, the attention forward,
+               what torch.utils.checkpoint around the        the output projection (h1 is the MLP's
+               block keeps                                   input), norm2, fc1/gate, activation --
+                                                             never fc2
+``"keep_attn"``+ attention output O and its LSE              as "full" but never the attention
+                                                             forward (cost ~ S^2)
+``"selective"``+ qkv (after RoPE), h1, fc1/gate outputs      norms, activation: elementwise only
+``"none"``     what the un-checkpointed fused block needs    nothing but the dropout masks
+=============  ============================================  =====================================
+
+The backward of "full" replays the attention half once and reuses that replay both to rebuild h1
+and for the attention backward (qkv, O, LSE), so no work is done twice.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from ckpt_ops import attention as _attn
+from ckpt_ops import mlp as _mlp
+from ckpt_ops.mlp import load, save
+
+Tensor = torch.Tensor
+
+LEVELS = ("full", "keep_attn", "selective", "none")
+_MLP_LEVEL = {"full": "full", "keep_attn": "full", "selective": "selective", "none": "none"}
+N_ATTN, N_MLP = len(_attn.PARAMS), len(_mlp.PARAMS)
+
+
+class BlockConfig(NamedTuple):
+    attn: _attn.AttnConfig
+    mlp: _mlp.MLPConfig
+    level: str
+
+
+def _replay_plan(cfg: BlockConfig, aplan: _attn._Plan) -> _attn._Plan:
+    """The attention plan widened by what rebuilding h1 = x + attn(x) needs at full/keep_attn:
+    O (kept at keep_attn, replayed at full, which needs qkv and hence n)."""
+    if cfg.level == "full":
+        return aplan._replace(o=True, qkv=True, n=True)
+    if cfg.level == "keep_attn":
+        return aplan._replace(o=True)
+    return aplan
+
+
+class BlockFunction(torch.autograd.Function):
+    """forward(x (B, S, D), *attention params (ckpt_ops.attention.PARAMS), *MLP params
+    (ckpt_ops.mlp.PARAMS), key_mask, cos, sin, seed_attn, seed_mlp, cfg)."""
+
+    @staticmethod
+    def forward(ctx, x, *args):
+        ap = dict(zip(_attn.PARAMS, args[:N_ATTN]))
+        mp = dict(zip(_mlp.PARAMS, args[N_ATTN:N_ATTN + N_MLP]))
+        key_mask, cos, sin, seed_a, seed_m, cfg = args[N_ATTN + N_MLP:]
+        b, s, d = x.shape
+        h1, ast = _attn.segment_forward(cfg.attn, x, ap, key_mask, cos, sin, seed_a)
+        out, mst = _mlp.segment_forward(cfg.mlp, h1, mp, seed_m)
+
+        need = ctx.needs_input_grad
+        aneed = need[:1 + N_ATTN]
+        need_h1 = any(aneed)                              # a gradient must flow into h1
+        mneed = (need_h1,) + tuple(need[1 + N_ATTN:1 + N_ATTN + N_MLP])
+        aplan, mplan = _attn._plan(cfg.attn, aneed), _mlp._plan(cfg.mlp, mneed)
+        akeep = _attn.segment_keep(cfg.attn, _replay_plan(cfg, aplan), x, ap, ast, key_mask, cos, sin, seed_a)
+        mkeep = _mlp.segment_keep(cfg.mlp, mplan, mneed, h1, mp, mst, seed_m)
+        rebuild_h1 = cfg.level in ("full", "keep_attn") and mkeep["x"] is not None
+        if rebuild_h1:  # h1 = x + dropout(out_proj(O)): keep what that takes instead of h1
+            mkeep["x"] = None
+            akeep.update(x=x, wo=ap["wo"], bo=ap["bo"], seed=seed_a if cfg.attn.p > 0.0 else None)
+        ctx.cfg, ctx.plans, ctx.shape, ctx.rebuild_h1 = cfg, (aplan, mplan), (b, s, d), rebuild_h1
+        ctx.needs = (aneed, mneed)
+        save(ctx, {**{"a_" + k: v for k, v in akeep.items()}, **{"m_" + k: v for k, v in mkeep.items()}})
+        return out.view(b, s, d)
+
+    @staticmethod
+    def backward(ctx, dout):
+        cfg: BlockConfig = ctx.cfg
+        aplan, mplan = ctx.plans
+        aneed, mneed = ctx.needs
+        b, s, d = ctx.shape
+        saved = load(ctx)
+        ta = {k[2:]: v for k, v in saved.items() if k.startswith("a_")}
+        tm = {k[2:]: v for k, v in saved.items() if k.startswith("m_")}
+        if ctx.rebuild_h1:
+            ta = _attn.segment_replay(cfg.attn, _replay_plan(cfg, aplan), ta, ctx.shape)
+            tm["x"] = _attn.output_projection(cfg.attn, ta["x"], ta["o"], ta["wo"], ta["bo"], ta["seed"])
+        mgrads = _mlp.segment_backward(cfg.mlp, mplan, mneed, dout.reshape(b * s, d), tm)
+        if any(aneed):
+            agrads = _attn.segment_backward(cfg.attn, aplan, aneed, mgrads[0], ta, ctx.shape)
+        else:
+            agrads = [None] * (1 + N_ATTN)
+        dx = agrads[0].view(b, s, d) if agrads[0] is not None else None
+        return (dx, *agrads[1:], *mgrads[1:], None, None, None, None, None, None)
+
+
+def transformer_block(x: Tensor, attn_params: dict, mlp_params: dict, attn_cfg: _attn.AttnConfig,
+                      mlp_cfg: _mlp.MLPConfig, level: str, key_mask: Optional[Tensor] = None,
+                      cos: Optional[Tensor] = None, sin: Optional[Tensor] = None) -> Tensor:
+    """The block as one segment. Configs and parameters come from ``ckpt_ops.nn.TransformerBlock``
+    (which validates them); `attn_params`/`mlp_params` are keyed by ckpt_ops.attention.PARAMS /
+    ckpt_ops.mlp.PARAMS."""
+    if level not in LEVELS:
+        raise ValueError(f"recompute must be one of {LEVELS}; got {level!r}")
+    cfg = BlockConfig(attn_cfg._replace(level=level), mlp_cfg._replace(level=_MLP_LEVEL[level]), level)
+    seeds = [torch.randint(0, 2**62, (1,), dtype=torch.int64, device=x.device) if c.p > 0.0
+             else torch.zeros(1, dtype=torch.int64, device=x.device) for c in (cfg.attn, cfg.mlp)]
+    x = x.contiguous()
+    args = ([attn_params[k] for k in _attn.PARAMS] + [mlp_params[k] for k in _mlp.PARAMS])
+    if torch.is_grad_enabled() and (x.requires_grad or any(t is not None and t.requires_grad for t in args)):
+        return BlockFunction.apply(x, *args, key_mask, cos, sin, *seeds, cfg)
+    with torch.no_grad():
+        h1, _ = _attn.segment_forward(cfg.attn, x, attn_params, key_mask, cos, sin, seeds[0])
+        return _mlp.segment_forward(cfg.mlp, h1, mlp_params, seeds[1])[0].view(x.shape)
