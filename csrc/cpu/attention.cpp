@@ -11,9 +11,14 @@
 //  * parity with the baseline: eager F.scaled_dot_product_attention on CPU runs
 //    exactly these kernels, so the "selective"/"keep_attn" levels (which call
 //    attention_fwd/bwd once each, like eager) stay within noise of eager
-//    instead of paying a slower attention core. Measured overhead of this
-//    wrapper over calling the ATen kernel directly: see the commit message /
-//    the report (a few % at most, from the mask and the packing copy of dqkv).
+//    instead of paying a slower attention core.
+//    Measured (fwd + bwd, causal, fp32, 1 thread, median of interleaved
+//    rounds on a shared 2-core host, so +-5% noise): this wrapper vs the
+//    two ATen calls made directly (no packing): +0.2% (B4 S512 H12 hd64, no
+//    mask), +1% (same, key mask), +3..5% (B2 S1024 H16 KV4, key mask; the
+//    dqkv packing copy); vs eager SDPA + autograd (bool (B,1,S,S) mask):
+//    0.70-0.95x; the materialising reference (what a straightforward
+//    non-GEMM-blocked kernel approaches at best): 3.8-4.4x eager.
 //  * GQA: they accept num_kv_heads < num_heads (query head h reads KV head
 //    h / (H / KV)) and return dk/dv already summed over each group; verified
 //    against the reference in tests/test_attention_kernels.py (MHA/GQA/MQA).
