@@ -131,6 +131,8 @@ def output_projection(cfg: AttnConfig, x: Tensor, o: Tensor, wo, bo, seed) -> Te
     block's backward rebuilds its MLP input, so both are bit-identical."""
     b, s, d = x.shape
     y = F.linear(o.view(b * s, -1), wo, bo)
+    if seed is None:  # not kept when p == 0: the kernels still take one
+        seed = torch.zeros(1, dtype=torch.int64, device=x.device)
     if cfg.p > 0.0 or cfg.residual:
         return _backend.kernel("mlp", cfg.backend, "dropout_fwd")(y, x.view(b * s, d) if cfg.residual else None,
                                                                   seed, cfg.p)

@@ -87,6 +87,10 @@ def _convert_mask(mask: torch.Tensor, b: int, s: int, causal: bool) -> Optional[
         if not ((mask == 0) | (mask == low)).all():
             raise Unservable("additive attention mask with values other than 0 and the dtype's minimum (a bias)")
         valid = mask[:, 0] == 0
+        if not bool(valid.any(dim=-1).all()):
+            # softmax over a row of equal minima averages every value: not what a fused kernel
+            # computes for a row with no key (exact zeros), so such calls stay on the original path
+            raise Unservable("additive mask with rows that attend to no key (left padding under eager attention)")
     else:
         raise Unservable(f"attention mask of dtype {mask.dtype}")
     keys = valid[:, -1, :] if causal else valid.any(dim=1)
