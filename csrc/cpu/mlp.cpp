@@ -9,9 +9,24 @@
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <type_traits>
+
 #include "ckpt_ops/activation_math.h"
 #include "ckpt_ops/mlp_host.h"
 #include "ckpt_ops/philox.h"
+
+// An AVX2 copy of the activation loops, chosen at run time (x86-64 GCC/Clang).
+#if defined(__x86_64__) && defined(__GNUC__)
+#define CKPT_CPU_HAVE_AVX2 1
+#else
+#define CKPT_CPU_HAVE_AVX2 0
+#endif
+#if defined(__GNUC__)
+#define CKPT_CPU_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define CKPT_CPU_ALWAYS_INLINE inline
+#endif
 
 namespace ckpt_ops {
 namespace {
@@ -22,42 +37,167 @@ namespace {
 constexpr int64_t kActGrain = 16384;
 constexpr int64_t kDropoutGrain = 32768;
 
+// act::bwd / gated_bwd with the results returned by value: a local whose
+// address is taken inside an `omp simd` loop becomes an "omp simd array" that
+// can keep the loop scalar.
+template <typename acc>
+struct BwdValues {
+  acc a, dh, dg;
+};
+template <int kAct, bool kGated, typename acc>
+CKPT_CPU_ALWAYS_INLINE BwdValues<acc> bwd_values(acc da, acc h, acc g) {
+  BwdValues<acc> o{};
+  if constexpr (kGated) {
+    act::gated_bwd<kAct>(da, h, g, &o.a, &o.dh, &o.dg);
+  } else {
+    act::bwd<kAct>(da, h, &o.a, &o.dh);
+  }
+  return o;
+}
+
+// fp32 <-> bf16 / fp16 over a block, in loops the compiler vectorises (the
+// bf16 rounding is c10's: round to nearest even, NaN -> 0x7FC0).
+template <typename scalar_t>
+CKPT_CPU_ALWAYS_INLINE void to_float(const scalar_t* src, float* dst, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      dst[i] = host_math::bits_to_float(static_cast<int32_t>(static_cast<uint32_t>(src[i].x) << 16));
+    } else {
+      dst[i] = static_cast<float>(src[i]);
+    }
+  }
+}
+template <typename scalar_t>
+CKPT_CPU_ALWAYS_INLINE void from_float(const float* src, scalar_t* dst, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      const uint32_t u = static_cast<uint32_t>(host_math::float_to_bits(src[i]));
+      const uint32_t rounded = (u + (UINT32_C(0x7FFF) + ((u >> 16) & 1u))) >> 16;
+      const bool nan = src[i] != src[i];
+      dst[i].x = static_cast<uint16_t>(nan ? UINT32_C(0x7FC0) : rounded);
+    } else {
+      dst[i] = static_cast<scalar_t>(src[i]);
+    }
+  }
+}
+
+// One chunk of a kernel, inlined into an ISA-specific wrapper below so that its
+// `omp simd` loop (and the activation math inlined into it) is vectorised for
+// that wrapper's instruction set. fp32 / fp64 run in place; bf16 / fp16 are
+// widened to fp32 a block at a time, run through the fp32 loop (so they get the
+// fp32 results, rounded once), and narrowed back.
+constexpr int64_t kBlock = 256;
+
 template <int kAct, bool kGated, typename scalar_t>
-void act_fwd_kernel(const scalar_t* h, const scalar_t* g, scalar_t* a, int64_t n) {
+CKPT_CPU_ALWAYS_INLINE void act_fwd_chunk(const scalar_t* h, const scalar_t* g, scalar_t* a, int64_t begin,
+                                          int64_t end) {
   using acc = acc_t<scalar_t>;
-  at::parallel_for(0, n, kActGrain, [&](int64_t begin, int64_t end) {
+  if constexpr (std::is_same_v<acc, scalar_t>) {
 #pragma omp simd
     for (int64_t i = begin; i < end; ++i) {
-      const acc hv = static_cast<acc>(h[i]);
       if constexpr (kGated) {
-        a[i] = static_cast<scalar_t>(act::gated_fwd<kAct>(hv, static_cast<acc>(g[i])));
+        a[i] = act::gated_fwd<kAct>(h[i], g[i]);
       } else {
-        a[i] = static_cast<scalar_t>(act::fwd<kAct>(hv));
+        a[i] = act::fwd<kAct>(h[i]);
       }
     }
-  });
+  } else {
+    alignas(64) float hb[kBlock], gb[kBlock], ab[kBlock];
+    for (int64_t i0 = begin; i0 < end; i0 += kBlock) {
+      const int64_t n = std::min(kBlock, end - i0);
+      to_float(h + i0, hb, n);
+      if constexpr (kGated) to_float(g + i0, gb, n);
+      act_fwd_chunk<kAct, kGated, float>(hb, gb, ab, 0, n);
+      from_float(ab, a + i0, n);
+    }
+  }
+}
+
+template <int kAct, bool kGated, bool kNeedA, typename scalar_t>
+CKPT_CPU_ALWAYS_INLINE void act_bwd_chunk(const scalar_t* da, const scalar_t* h, const scalar_t* g, scalar_t* a,
+                                          scalar_t* dh, scalar_t* dg, int64_t begin, int64_t end) {
+  using acc = acc_t<scalar_t>;
+  if constexpr (std::is_same_v<acc, scalar_t>) {
+#pragma omp simd
+    for (int64_t i = begin; i < end; ++i) {
+      const BwdValues<acc> o = bwd_values<kAct, kGated>(da[i], h[i], kGated ? g[i] : acc(0));
+      if constexpr (kGated) dg[i] = o.dg;
+      if constexpr (kNeedA) a[i] = o.a;
+      dh[i] = o.dh;
+    }
+  } else {
+    alignas(64) float dab[kBlock], hb[kBlock], gb[kBlock], ab[kBlock], dhb[kBlock], dgb[kBlock];
+    for (int64_t i0 = begin; i0 < end; i0 += kBlock) {
+      const int64_t n = std::min(kBlock, end - i0);
+      to_float(da + i0, dab, n);
+      to_float(h + i0, hb, n);
+      if constexpr (kGated) to_float(g + i0, gb, n);
+      act_bwd_chunk<kAct, kGated, kNeedA, float>(dab, hb, gb, ab, dhb, dgb, 0, n);
+      if constexpr (kNeedA) from_float(ab, a + i0, n);
+      from_float(dhb, dh + i0, n);
+      if constexpr (kGated) from_float(dgb, dg + i0, n);
+    }
+  }
+}
+
+// Baseline-ISA and AVX2 copies of each chunk. The activation math uses no FMA
+// (host_math.h, -ffp-contract=off), so both copies return the same bits; the
+// AVX2 one is only faster. Every kernel picks its copy with the same runtime
+// test, so a forward and a backward kernel always run the same code anyway.
+template <int kAct, bool kGated, typename scalar_t>
+void act_fwd_chunk_base(const scalar_t* h, const scalar_t* g, scalar_t* a, int64_t begin, int64_t end) {
+  act_fwd_chunk<kAct, kGated>(h, g, a, begin, end);
+}
+template <int kAct, bool kGated, bool kNeedA, typename scalar_t>
+void act_bwd_chunk_base(const scalar_t* da, const scalar_t* h, const scalar_t* g, scalar_t* a, scalar_t* dh,
+                        scalar_t* dg, int64_t begin, int64_t end) {
+  act_bwd_chunk<kAct, kGated, kNeedA>(da, h, g, a, dh, dg, begin, end);
+}
+#if CKPT_CPU_HAVE_AVX2
+template <int kAct, bool kGated, typename scalar_t>
+__attribute__((target("avx2"))) void act_fwd_chunk_avx2(const scalar_t* h, const scalar_t* g, scalar_t* a,
+                                                          int64_t begin, int64_t end) {
+  act_fwd_chunk<kAct, kGated>(h, g, a, begin, end);
+}
+template <int kAct, bool kGated, bool kNeedA, typename scalar_t>
+__attribute__((target("avx2"))) void act_bwd_chunk_avx2(const scalar_t* da, const scalar_t* h, const scalar_t* g,
+                                                          scalar_t* a, scalar_t* dh, scalar_t* dg, int64_t begin,
+                                                          int64_t end) {
+  act_bwd_chunk<kAct, kGated, kNeedA>(da, h, g, a, dh, dg, begin, end);
+}
+#endif
+
+bool use_avx2() {
+#if CKPT_CPU_HAVE_AVX2
+  static const bool yes = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") != 0;
+  }();
+  return yes;
+#else
+  return false;
+#endif
+}
+
+template <int kAct, bool kGated, typename scalar_t>
+void act_fwd_kernel(const scalar_t* h, const scalar_t* g, scalar_t* a, int64_t n) {
+  auto chunk = &act_fwd_chunk_base<kAct, kGated, scalar_t>;
+#if CKPT_CPU_HAVE_AVX2
+  if (use_avx2()) chunk = &act_fwd_chunk_avx2<kAct, kGated, scalar_t>;
+#endif
+  at::parallel_for(0, n, kActGrain, [&](int64_t begin, int64_t end) { chunk(h, g, a, begin, end); });
 }
 
 template <int kAct, bool kGated, bool kNeedA, typename scalar_t>
 void act_bwd_kernel(const scalar_t* da, const scalar_t* h, const scalar_t* g, scalar_t* a, scalar_t* dh,
                     scalar_t* dg, int64_t n) {
-  using acc = acc_t<scalar_t>;
-  at::parallel_for(0, n, kActGrain, [&](int64_t begin, int64_t end) {
-#pragma omp simd
-    for (int64_t i = begin; i < end; ++i) {
-      const acc dav = static_cast<acc>(da[i]), hv = static_cast<acc>(h[i]);
-      acc av, dhv;
-      if constexpr (kGated) {
-        acc dgv;
-        act::gated_bwd<kAct>(dav, hv, static_cast<acc>(g[i]), &av, &dhv, &dgv);
-        dg[i] = static_cast<scalar_t>(dgv);
-      } else {
-        act::bwd<kAct>(dav, hv, &av, &dhv);
-      }
-      if constexpr (kNeedA) a[i] = static_cast<scalar_t>(av);
-      dh[i] = static_cast<scalar_t>(dhv);
-    }
-  });
+  auto chunk = &act_bwd_chunk_base<kAct, kGated, kNeedA, scalar_t>;
+#if CKPT_CPU_HAVE_AVX2
+  if (use_avx2()) chunk = &act_bwd_chunk_avx2<kAct, kGated, kNeedA, scalar_t>;
+#endif
+  at::parallel_for(0, n, kActGrain, [&](int64_t begin, int64_t end) { chunk(da, h, g, a, dh, dg, begin, end); });
 }
 
 // out = residual + keep * y * scale (kRng), or residual + y (p == 0).

@@ -20,9 +20,21 @@
 // -ffp-contract=off on the host, --fmad=false for nvcc). `acc` is float or
 // double (ckpt_ops::acc_t); constants are rounded once to `acc`, as torch
 // rounds a Python float multiplying an fp32 tensor.
+//
+// Transcendentals: the device code and the fp64 host code call libm (erff /
+// tanhf / expf on the GPU, erf / tanh / exp on the host). The fp32 host code
+// calls ckpt_ops/host_math.h instead (host-only, behind #if !__CUDA_ARCH__):
+// branch-free exp / tanh / Phi that `omp simd` vectorises, where libm calls
+// would keep the CPU loops scalar. Two fp32 host terms are evaluated in a
+// mathematically equal but more accurate form than the contract's expression:
+//   Phi(x)          0.5 erfc(-x / sqrt 2)  (no cancellation of 1 + erf for x << 0)
+//   exp(-x^2 / 2)   with x^2 carried exactly (no amplified rounding of x^2)
 #pragma once
 
 #include "ckpt_ops/macros.h"
+#if !defined(__CUDA_ARCH__)
+#include "ckpt_ops/host_math.h"
+#endif
 
 namespace ckpt_ops {
 namespace act {
@@ -35,24 +47,58 @@ constexpr double kInvSqrt2Pi = 0.3989422804014327;
 constexpr double kSqrt2OverPi = 0.7978845608028654;
 constexpr double kGeluTanhC = 0.044715;
 
-// erf / tanh / exp overloads that compile for host and device.
-CKPT_HD_INLINE float erf_(float x) { return erff(x); }
-CKPT_HD_INLINE double erf_(double x) { return erf(x); }
-CKPT_HD_INLINE float tanh_(float x) { return tanhf(x); }
-CKPT_HD_INLINE double tanh_(double x) { return tanh(x); }
-CKPT_HD_INLINE float exp_(float x) { return expf(x); }
-CKPT_HD_INLINE double exp_(double x) { return exp(x); }
-
 template <typename acc>
 CKPT_HD_INLINE acc k(double c) {
   return static_cast<acc>(c);
 }
 
+// tanh / exp overloads: libm on the device and for fp64, host_math for fp32 on
+// the host.
+CKPT_HD_INLINE double tanh_(double x) { return tanh(x); }
+CKPT_HD_INLINE double exp_(double x) { return exp(x); }
+#if defined(__CUDA_ARCH__)
+CKPT_HD_INLINE float tanh_(float x) { return tanhf(x); }
+CKPT_HD_INLINE float exp_(float x) { return expf(x); }
+#else
+inline float tanh_(float x) { return host_math::tanh_(x); }
+inline float exp_(float x) { return host_math::exp_(x); }
+#endif
+
+// Phi(x) = 0.5 * (1 + erf(x * (1/sqrt 2))), the contract's expression; on the
+// host in fp32, 0.5 erfc(-x / sqrt 2) (host_math::normal_cdf).
+CKPT_HD_INLINE double normal_cdf_(double x) {
+  return mul_rn(0.5, add_rn(1.0, erf(mul_rn(x, kInvSqrt2))));
+}
+// exp(-x^2 / 2) as exp((-0.5 * x) * x); on the host in fp32 with x^2 carried
+// exactly (host_math::exp_neg_half_sq).
+CKPT_HD_INLINE double exp_neg_half_sq_(double x) { return exp(mul_rn(mul_rn(-0.5, x), x)); }
+#if defined(__CUDA_ARCH__)
+CKPT_HD_INLINE float normal_cdf_(float x) {
+  return mul_rn(0.5f, add_rn(1.0f, erff(mul_rn(x, k<float>(kInvSqrt2)))));
+}
+CKPT_HD_INLINE float exp_neg_half_sq_(float x) { return expf(mul_rn(mul_rn(-0.5f, x), x)); }
+#else
+inline float normal_cdf_(float x) { return host_math::normal_cdf(x); }
+inline float exp_neg_half_sq_(float x) { return host_math::exp_neg_half_sq(x); }
+#endif
+
+// c ? 1 : 0. On the host as bit operations: a `?:` of constants lets the
+// compiler turn `da * df` into a branch around `da * 0`, which keeps the loop
+// scalar (it may not speculate a multiplication that could trap).
+template <typename acc>
+CKPT_HD_INLINE acc indicator_(bool c) {
+#if defined(__CUDA_ARCH__)
+  return c ? acc(1) : acc(0);
+#else
+  return host_math::select(c, acc(1), acc(0));
+#endif
+}
+
 // ---- shared intermediates: the single source of every value f(x) ----------
-// gelu: Phi(x) = 0.5 * (1 + erf(x * (1/sqrt 2)))
+// gelu: Phi(x)
 template <typename acc>
 CKPT_HD_INLINE acc gelu_cdf(acc x) {
-  return mul_rn(k<acc>(0.5), add_rn(acc(1), erf_(mul_rn(x, k<acc>(kInvSqrt2)))));
+  return normal_cdf_(x);
 }
 // gelu_tanh: t = tanh(sqrt(2/pi) * (x + ((c * x) * x) * x))
 template <typename acc>
@@ -104,7 +150,7 @@ CKPT_HD_INLINE void value_and_grad(acc x, acc* f, acc* df) {
   *f = value_from<kAct>(x, m);
   if constexpr (kAct == kGelu) {
     // Phi + (x * exp((-0.5 * x) * x)) * (1/sqrt(2 pi))
-    const acc e = exp_(mul_rn(mul_rn(k<acc>(-0.5), x), x));
+    const acc e = exp_neg_half_sq_(x);
     *df = add_rn(m, mul_rn(mul_rn(x, e), k<acc>(kInvSqrt2Pi)));
   } else if constexpr (kAct == kGeluTanh) {
     // 0.5 (1 + t) + (((0.5 x) (1 - t t)) sqrt(2/pi)) (1 + ((3c) x) x)
@@ -113,7 +159,7 @@ CKPT_HD_INLINE void value_and_grad(acc x, acc* f, acc* df) {
     const acc poly = add_rn(acc(1), mul_rn(mul_rn(k<acc>(3.0 * kGeluTanhC), x), x));
     *df = add_rn(left, mul_rn(mul_rn(mul_rn(mul_rn(k<acc>(0.5), x), sech2), k<acc>(kSqrt2OverPi)), poly));
   } else if constexpr (kAct == kRelu) {
-    *df = x > acc(0) ? acc(1) : acc(0);
+    *df = indicator_<acc>(x > acc(0));  // [x > 0]
   } else {
     // s (1 + x (1 - s))
     *df = mul_rn(m, add_rn(acc(1), mul_rn(x, acc(1) - m)));
