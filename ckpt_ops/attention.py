@@ -78,6 +78,7 @@ class AttnConfig(NamedTuple):
     residual: bool
     level: str
     backend: str
+    qkv_split: Optional[tuple] = None  # (q rows, k rows, v rows) when q/k/v weights come apart
 
 
 class _Plan(NamedTuple):
@@ -90,7 +91,10 @@ class _Plan(NamedTuple):
 
 
 def _plan(cfg: AttnConfig, need) -> _Plan:
-    need_x, need_nw, need_nb, need_wqkv, need_bqkv, need_wo = need[:6]
+    need_x, need_nw, need_nb = need[:3]
+    need_wqkv = any(need[3:6])
+    need_bqkv = any(need[6:9])
+    need_wo = need[9]
     dn = need_x or need_nw or need_nb
     up = dn or need_wqkv or need_bqkv
     o = up or need_wo
@@ -107,7 +111,36 @@ def _tables(cfg: AttnConfig, cos, sin, seq_len: int, head_dim: int, device):
     return _ref.rope_tables(seq_len, head_dim, cfg.rope_theta, device)
 
 
-PARAMS = ("nw", "nb", "wqkv", "bqkv", "wo", "bo")
+# The QKV projection is either packed (wq = the whole ((H+2KV)*hd, D) weight, wk = wv = None;
+# GPT-2's c_attn, ckpt_ops.nn.Attention) or split into three (Llama's q/k/v_proj): the split
+# form runs three GEMMs into one qkv buffer instead of concatenating the weights, which would
+# keep a weight-sized copy alive for backward.
+PARAMS = ("nw", "nb", "wq", "wk", "wv", "bq", "bk", "bv", "wo", "bo")
+_IDX = {k: i + 1 for i, k in enumerate(PARAMS)}  # position in needs_input_grad / grads (x is 0)
+
+
+def _qkv_linear(n: Tensor, t: dict) -> Tensor:
+    if t["wk"] is None:
+        return F.linear(n, t["wq"], t["bq"])
+    return torch.cat([F.linear(n, t["wq"], t["bq"]), F.linear(n, t["wk"], t["bk"]), F.linear(n, t["wv"], t["bv"])],
+                     dim=-1)
+
+
+def _qkv_backward(cfg, dqkv2: Tensor, n: Optional[Tensor], t: dict, need, grads: list, want_dn: bool):
+    """Weight/bias gradients of the QKV projection into `grads`; returns dn when `want_dn`."""
+    if cfg.qkv_split is None:
+        parts = [("wq", "bq", dqkv2)]
+    else:
+        parts = list(zip(("wq", "wk", "wv"), ("bq", "bk", "bv"), dqkv2.split(list(cfg.qkv_split), dim=-1)))
+    dn = None
+    for wname, bname, d in parts:
+        if need[_IDX[wname]]:
+            grads[_IDX[wname]] = d.t() @ n
+        if need[_IDX[bname]]:
+            grads[_IDX[bname]] = d.sum(0)
+        if want_dn:
+            dn = d @ t[wname] if dn is None else dn + d @ t[wname]
+    return dn
 
 
 def segment_forward(cfg: AttnConfig, x: Tensor, p: dict, key_mask, cos, sin, seed):
@@ -116,7 +149,7 @@ def segment_forward(cfg: AttnConfig, x: Tensor, p: dict, key_mask, cos, sin, see
     b, s, d = x.shape
     x2d = x.view(b * s, d)
     n, mean, rstd = _norm_fwd(cfg, x2d, p["nw"], p["nb"])
-    qkv = F.linear(n, p["wqkv"], p["bqkv"]).view(b, s, -1)
+    qkv = _qkv_linear(n, p).view(b, s, -1)
     if cfg.rope:
         hd = qkv.shape[-1] // (cfg.num_heads + 2 * cfg.num_kv_heads)
         c, sn = _tables(cfg, cos, sin, s, hd, x.device)
@@ -124,6 +157,14 @@ def segment_forward(cfg: AttnConfig, x: Tensor, p: dict, key_mask, cos, sin, see
     o, lse = k("attention_fwd")(qkv, key_mask, cfg.num_heads, cfg.num_kv_heads, cfg.causal, cfg.scale)
     out = output_projection(cfg, x, o, p["wo"], p["bo"], seed)
     return out, {"n": n, "mean": mean, "rstd": rstd, "qkv": qkv, "o": o, "lse": lse}
+
+
+def qkv_params(qkv_weight, qkv_bias) -> tuple:
+    """(wq, wk, wv, bq, bk, bv) in PARAMS order from a packed weight or a (q, k, v) triple."""
+    if isinstance(qkv_weight, (tuple, list)):
+        b = tuple(qkv_bias) if qkv_bias is not None else (None, None, None)
+        return (*qkv_weight, *b)
+    return (qkv_weight, None, None, qkv_bias, None, None)
 
 
 def output_projection(cfg: AttnConfig, x: Tensor, o: Tensor, wo, bo, seed) -> Tensor:
@@ -160,8 +201,8 @@ def segment_keep(cfg: AttnConfig, plan: _Plan, x, p: dict, st: dict, key_mask, c
         "sin": sin if cfg.rope and sin is not None and plan.qkv else None,
         "nw": p["nw"] if (plan.norm_bwd or rebuild_n) else None,
         "nb": p["nb"] if rebuild_n else None,
-        "wqkv": p["wqkv"] if (plan.dn or replay_qkv) else None,
-        "bqkv": p["bqkv"] if replay_qkv else None,
+        **{w: p[w] if (plan.dn or replay_qkv) else None for w in ("wq", "wk", "wv")},
+        **{bn: p[bn] if replay_qkv else None for bn in ("bq", "bk", "bv")},
         "wo": p["wo"] if plan.up else None,
         "seed": seed if cfg.p > 0.0 else None,
     }
@@ -177,7 +218,7 @@ def segment_replay(cfg: AttnConfig, plan: _Plan, t: dict, shape) -> dict:
     if t["n"] is None and (plan.n or (plan.norm_bwd and t["rstd"] is None)):
         t["n"], t["mean"], t["rstd"] = _norm_fwd(cfg, x2d, t["nw"], t["nb"])
     if t["qkv"] is None and plan.qkv:
-        qkv = F.linear(t["n"], t["wqkv"], t["bqkv"]).view(b, s, -1)
+        qkv = _qkv_linear(t["n"], t).view(b, s, -1)
         if cfg.rope:  # in place on our own replayed buffer, never on a kept tensor
             c, sn = _tables(cfg, t["cos"], t["sin"], s, qkv.shape[-1] // (cfg.num_heads + 2 * cfg.num_kv_heads),
                             qkv.device)
@@ -194,17 +235,17 @@ def segment_backward(cfg: AttnConfig, plan: _Plan, need, dout: Tensor, t: dict, 
     k = lambda name: _backend.kernel("attention", cfg.backend, name)  # noqa: E731
     b, s, d = shape
     dout = dout.contiguous()
-    grads = [None] * 7
+    grads = [None] * (1 + len(PARAMS))
     dy = _backend.kernel("mlp", cfg.backend, "dropout_bwd")(dout, t["seed"], cfg.p) if cfg.p > 0.0 else dout
-    if need[6]:
-        grads[6] = dy.sum(0)
+    if need[_IDX["bo"]]:
+        grads[_IDX["bo"]] = dy.sum(0)
     if need[0] and cfg.residual and not plan.dn:
         grads[0] = dout
     if not plan.o:
         return grads
     t = segment_replay(cfg, plan, t, shape)
-    if need[5]:
-        grads[5] = dy.t() @ t["o"].view(b * s, -1)
+    if need[_IDX["wo"]]:
+        grads[_IDX["wo"]] = dy.t() @ t["o"].view(b * s, -1)
     if not plan.up:
         return grads
     do = (dy @ t["wo"]).view(b, s, -1)
@@ -214,15 +255,11 @@ def segment_backward(cfg: AttnConfig, plan: _Plan, need, dout: Tensor, t: dict, 
         c, sn = _tables(cfg, t["cos"], t["sin"], s, dqkv.shape[-1] // (cfg.num_heads + 2 * cfg.num_kv_heads),
                         dqkv.device)
         k("rope_")(dqkv, c, sn, cfg.num_heads, cfg.num_kv_heads, True)
-    dqkv2 = dqkv.view(b * s, -1)
-    if need[3]:
-        grads[3] = dqkv2.t() @ t["n"]
-    if need[4]:
-        grads[4] = dqkv2.sum(0)
+    dn = _qkv_backward(cfg, dqkv.view(b * s, -1), t["n"], t, need, grads, plan.dn)
     if not plan.dn:
         return grads
     x2d = t["x"].view(b * s, d) if t["x"] is not None else None
-    dx = norm_backward(cfg, dqkv2 @ t["wqkv"], x2d, t["nw"], t["mean"], t["rstd"], need[:3], grads)
+    dx = norm_backward(cfg, dn, x2d, t["nw"], t["mean"], t["rstd"], need[:3], grads)
     if need[0]:
         grads[0] = dx + dout if cfg.residual else dx
     return grads
@@ -231,13 +268,12 @@ def segment_backward(cfg: AttnConfig, plan: _Plan, need, dout: Tensor, t: dict, 
 class AttentionFunction(torch.autograd.Function):
     """The attention segment (see the module docstring for what each level saves/recomputes).
 
-    forward(x (B, S, D) contiguous, norm_weight, norm_bias, w_qkv, b_qkv, w_out, b_out,
-            key_mask (B, S) or None, cos, sin (or None), seed, cfg)
+    forward(x (B, S, D) contiguous, *PARAMS, key_mask (B, S) or None, cos, sin (or None), seed, cfg)
     """
 
     @staticmethod
-    def forward(ctx, x, nw, nb, wqkv, bqkv, wo, bo, key_mask, cos, sin, seed, cfg: AttnConfig):
-        p = dict(zip(PARAMS, (nw, nb, wqkv, bqkv, wo, bo)))
+    def forward(ctx, x, nw, nb, wq, wk, wv, bq, bk, bv, wo, bo, key_mask, cos, sin, seed, cfg: AttnConfig):
+        p = dict(zip(PARAMS, (nw, nb, wq, wk, wv, bq, bk, bv, wo, bo)))
         out, st = segment_forward(cfg, x, p, key_mask, cos, sin, seed)
         plan = _plan(cfg, ctx.needs_input_grad)
         ctx.cfg, ctx.plan, ctx.shape = cfg, plan, tuple(x.shape)
@@ -282,7 +318,8 @@ def attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor], out_wei
 
     Args:
         x: (B, S, d_model), float16/bfloat16/float32/float64.
-        qkv_weight, qkv_bias: ((H + 2 KV) * hd, d_model), ((H + 2 KV) * hd,) or None; rows [q | k | v].
+        qkv_weight, qkv_bias: ((H + 2 KV) * hd, d_model), ((H + 2 KV) * hd,) or None; rows [q | k | v];
+            or (q, k, v) triples of separate projections (run as three GEMMs into one buffer).
         out_weight, out_bias: (d_model, H * hd), (d_model,) or None.
         num_heads, num_kv_heads: H and KV (default H; H % KV == 0: GQA, KV = 1: MQA).
         attention_mask: (B, S) bool or integer, 1/True = attend (padding mask), or None. Query rows
@@ -306,11 +343,12 @@ def attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor], out_wei
     else:
         seed = torch.zeros(1, dtype=torch.int64, device=x.device)
     xc = x.contiguous()
-    args = (xc, norm_weight, norm_bias, qkv_weight, qkv_bias, out_weight, out_bias, mask, cos, sin, seed)
+    params = (norm_weight, norm_bias, *qkv_params(qkv_weight, qkv_bias), out_weight, out_bias)
+    args = (xc, *params, mask, cos, sin, seed)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
         return AttentionFunction.apply(*args, cfg)
     with torch.no_grad():
-        return segment_forward(cfg, xc, dict(zip(PARAMS, args[1:7])), mask, cos, sin, seed)[0].view(b, s, d)
+        return segment_forward(cfg, xc, dict(zip(PARAMS, params)), mask, cos, sin, seed)[0].view(b, s, d)
 
 
 def prepare(x, qkv_weight, qkv_bias, out_weight, out_bias, *, num_heads, num_kv_heads, attention_mask, causal,
@@ -330,13 +368,23 @@ def prepare(x, qkv_weight, qkv_bias, out_weight, out_bias, *, num_heads, num_kv_
         raise ValueError(f"num_heads must be a positive int; got {h!r}")
     if isinstance(kv, bool) or not isinstance(kv, int) or kv <= 0 or h % kv:
         raise ValueError(f"num_kv_heads must be a positive divisor of num_heads={h}; got {kv!r}")
-    _validate.tensor(qkv_weight, "qkv_weight")
-    if qkv_weight.dim() != 2 or qkv_weight.shape[1] != d or qkv_weight.shape[0] % (h + 2 * kv):
-        raise ValueError(f"qkv_weight must have shape ((num_heads + 2*num_kv_heads) * head_dim, d_model={d}); "
-                         f"got {tuple(qkv_weight.shape)}")
-    hd = qkv_weight.shape[0] // (h + 2 * kv)
-    _validate.param_like(qkv_weight, "qkv_weight", ((h + 2 * kv) * hd, d), x)
-    _validate.param_like(qkv_bias, "qkv_bias", ((h + 2 * kv) * hd,), x)
+    split = isinstance(qkv_weight, (tuple, list))
+    w0 = qkv_weight[0] if split else qkv_weight
+    _validate.tensor(w0, "qkv_weight")
+    rows = (h + 2 * kv) if not split else h
+    if w0.dim() != 2 or w0.shape[1] != d or w0.shape[0] % rows:
+        raise ValueError(f"qkv_weight must have shape ((num_heads + 2*num_kv_heads) * head_dim, d_model={d}) "
+                         f"(or be a (q, k, v) triple); got {tuple(w0.shape)}")
+    hd = w0.shape[0] // rows
+    if split:
+        if len(qkv_weight) != 3 or (qkv_bias is not None and len(qkv_bias) != 3):
+            raise ValueError("a split qkv_weight/qkv_bias must be (q, k, v) triples")
+        for i, (name, r) in enumerate((("q", h), ("k", kv), ("v", kv))):
+            _validate.param_like(qkv_weight[i], f"qkv_weight[{name}]", (r * hd, d), x)
+            _validate.param_like(None if qkv_bias is None else qkv_bias[i], f"qkv_bias[{name}]", (r * hd,), x)
+    else:
+        _validate.param_like(qkv_weight, "qkv_weight", ((h + 2 * kv) * hd, d), x)
+        _validate.param_like(qkv_bias, "qkv_bias", ((h + 2 * kv) * hd,), x)
     _validate.param_like(out_weight, "out_weight", (d, h * hd), x)
     _validate.param_like(out_bias, "out_bias", (d,), x)
     if out_weight is None:
@@ -367,7 +415,8 @@ def prepare(x, qkv_weight, qkv_bias, out_weight, out_bias, *, num_heads, num_kv_
     p = float(dropout) if training else 0.0
     be = _backend.resolve("attention", x.device, backend)
     cfg = AttnConfig(h, kv, bool(causal), float(scale) if scale is not None else hd ** -0.5, norm, eps, bool(rope),
-                     float(rope_theta), p, bool(residual), recompute, be)
+                     float(rope_theta), p, bool(residual), recompute, be,
+                     (h * hd, kv * hd, kv * hd) if split else None)
     cos = rope_cos.contiguous() if rope_cos is not None else None
     sin = rope_sin.contiguous() if rope_sin is not None else None
     return cfg, mask, cos, sin

@@ -11,9 +11,9 @@ autocast -- runs the module's original forward, and the reason is counted in the
 wrong answer.
 
 Supported: Hugging Face ``transformers`` ``GPT2Block`` (Conv1D weights are used transposed, as
-views) and ``LlamaDecoderLayer`` (q/k/v projections concatenated per call into the packed QKV
-weight; the model's own rotary tables), both as ONE checkpointed segment
-(``ckpt_ops.block``); ``torch.nn.LayerNorm``, ``torch.nn.RMSNorm`` and ``LlamaRMSNorm`` anywhere
+views) and ``LlamaDecoderLayer`` (the model's own rotary tables), both as ONE checkpointed segment
+(``ckpt_ops.block``), the separate q/k/v projections running as three GEMMs into one packed buffer;
+``torch.nn.LayerNorm``, ``torch.nn.RMSNorm`` and ``LlamaRMSNorm`` anywhere
 else.
 
 As Hugging Face's own gradient checkpointing does, a training call (module in train mode, grad
@@ -172,8 +172,11 @@ class _BlockAdapter(Adapter):
         b, s, _ = x.shape
         key_mask = key_mask_from_hf(mask4d, b, s, causal=True)
         level = state.recompute
+        qkv_w = attn_p["wq"] if attn_p["wk"] is None else (attn_p["wq"], attn_p["wk"], attn_p["wv"])
+        qkv_b = attn_p["bq"] if attn_p["wk"] is None else (
+            None if attn_p["bq"] is None else (attn_p["bq"], attn_p["bk"], attn_p["bv"]))
         acfg, mask, c, sn = _attn.prepare(
-            x, attn_p["wqkv"], attn_p["bqkv"], attn_p["wo"], attn_p["bo"], attention_mask=key_mask, causal=True,
+            x, qkv_w, qkv_b, attn_p["wo"], attn_p["bo"], attention_mask=key_mask, causal=True,
             rope_cos=cos, rope_sin=sin, training=module.training, recompute=level, backend=state.backend, **attn_kw)
         mcfg = _mlp.prepare(x, mlp_p["w1"], mlp_p["b1"], mlp_p["w2"], mlp_p["b2"], gate_weight=mlp_p["wg"],
                             gate_bias=mlp_p["bg"], training=module.training, recompute=_block._MLP_LEVEL[level],
@@ -211,8 +214,9 @@ class GPT2BlockAdapter(_BlockAdapter):
         if module.training and attn.attn_dropout.p > 0:
             raise Unservable("attention-probability dropout in training (attn_pdrop > 0)")
         cfg = attn.config
-        attn_p = {"nw": module.ln_1.weight, "nb": module.ln_1.bias, "wqkv": attn.c_attn.weight.t(),
-                  "bqkv": attn.c_attn.bias, "wo": attn.c_proj.weight.t(), "bo": attn.c_proj.bias}
+        attn_p = {"nw": module.ln_1.weight, "nb": module.ln_1.bias, "wq": attn.c_attn.weight.t(), "wk": None,
+                  "wv": None, "bq": attn.c_attn.bias, "bk": None, "bv": None, "wo": attn.c_proj.weight.t(),
+                  "bo": attn.c_proj.bias}
         mlp_p = {"nw": module.ln_2.weight, "nb": module.ln_2.bias, "w1": mlp.c_fc.weight.t(), "b1": mlp.c_fc.bias,
                  "wg": None, "bg": None, "w2": mlp.c_proj.weight.t(), "b2": mlp.c_proj.bias}
         attn_kw = dict(num_heads=attn.num_heads, num_kv_heads=attn.num_heads, scale=attn.scaling, norm="layernorm",
@@ -257,12 +261,10 @@ class LlamaDecoderLayerAdapter(_BlockAdapter):
         if pe is None:
             raise Unservable("no position_embeddings passed (older transformers call convention)")
         cos, sin = _half_tables(pe[0], pe[1], attn.head_dim)
-        wqkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight], 0)
-        bqkv = (torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias], 0)
-                if attn.q_proj.bias is not None else None)
         cfg = attn.config
-        attn_p = {"nw": module.input_layernorm.weight, "nb": None, "wqkv": wqkv, "bqkv": bqkv,
-                  "wo": attn.o_proj.weight, "bo": attn.o_proj.bias}
+        attn_p = {"nw": module.input_layernorm.weight, "nb": None, "wq": attn.q_proj.weight,
+                  "wk": attn.k_proj.weight, "wv": attn.v_proj.weight, "bq": attn.q_proj.bias,
+                  "bk": attn.k_proj.bias, "bv": attn.v_proj.bias, "wo": attn.o_proj.weight, "bo": attn.o_proj.bias}
         mlp_p = {"nw": module.post_attention_layernorm.weight, "nb": None, "w1": mlp.up_proj.weight,
                  "b1": mlp.up_proj.bias, "wg": mlp.gate_proj.weight, "bg": mlp.gate_proj.bias,
                  "w2": mlp.down_proj.weight, "b2": mlp.down_proj.bias}

@@ -234,7 +234,8 @@ class TransformerBlock(torch.nn.Module):
         acfg, mask, cos, sin = _attn.prepare(x, *apos, **akw)
         mpos, mkw = self.mlp._args(_block._MLP_LEVEL[level])
         mcfg = _mlp.prepare(x, *mpos, **mkw)
-        ap = dict(zip(_attn.PARAMS, (akw["norm_weight"], akw["norm_bias"], *apos)))
+        ap = dict(zip(_attn.PARAMS, (akw["norm_weight"], akw["norm_bias"], *_attn.qkv_params(apos[0], apos[1]),
+                                     apos[2], apos[3])))
         mp = dict(zip(_mlp.PARAMS, (mkw["norm_weight"], mkw["norm_bias"], mpos[0], mpos[1], mkw["gate_weight"],
                                     mkw["gate_bias"], mpos[2], mpos[3])))
         return _block.transformer_block(x, ap, mp, acfg, mcfg, level, mask, cos, sin)
