@@ -16,11 +16,18 @@ TORCH_VERSION="2.14.1"
 log() { echo "[ckpt_ops env] $*" >&2; }
 
 if [[ ! -x "$PY" ]] || ! "$PY" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" 2>/dev/null; then
-  log "creating $VENV (torch $TORCH_VERSION, its pinned triton, pytest, ninja, matplotlib)"
+  log "creating $VENV"
   "${PYTHON:-python3}" -m venv "$VENV"
   "$PY" -m pip install -q --upgrade pip setuptools wheel 2>&1 | grep -v "is ignored: it is neither" || true
-  "$PY" -m pip install -q "torch==$TORCH_VERSION" ninja pytest numpy expecttest matplotlib 2>&1 \
-    | grep -v "is ignored: it is neither" || true
+fi
+# (Re)install the pinned requirements when requirements-dev.txt changed since the last install.
+REQ_STAMP="$VENV/.ckpt_ops_req_stamp"
+req_want="$(sha1sum "$ROOT/requirements-dev.txt" | cut -d' ' -f1)"
+if [[ ! -f "$REQ_STAMP" || "$(cat "$REQ_STAMP")" != "$req_want" ]]; then
+  log "installing requirements-dev.txt (torch $TORCH_VERSION and the Triton it pins, ...)"
+  "$PY" -m pip install -q -r "$ROOT/requirements-dev.txt" 2>&1 | grep -v "is ignored: it is neither" || true
+  "$PY" -c "import torch, triton, transformers, matplotlib, pytest" || { log "requirements failed to install"; exit 1; }
+  echo "$req_want" > "$REQ_STAMP"
   "$PY" -c "import torch, triton; print('[ckpt_ops env] torch', torch.__version__, 'triton', triton.__version__)" >&2
 fi
 
