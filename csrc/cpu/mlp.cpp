@@ -224,7 +224,7 @@ void dropout_kernel(const scalar_t* y, const scalar_t* residual, scalar_t* out, 
 void act_fwd(const at::Tensor& h, const at::Tensor* g, int activation, at::Tensor& a) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "ckpt_ops::act_fwd", [&] {
     mlp::dispatch_activation(activation, [&](auto kAct) {
-      mlp::dispatch_bool(g != nullptr, [&](auto kGated) {
+      dispatch_bool(g != nullptr, [&](auto kGated) {
         act_fwd_kernel<decltype(kAct)::value, decltype(kGated)::value, scalar_t>(
             h.const_data_ptr<scalar_t>(), g ? g->const_data_ptr<scalar_t>() : nullptr,
             a.mutable_data_ptr<scalar_t>(), h.numel());
@@ -237,8 +237,8 @@ void act_bwd(const at::Tensor& da, const at::Tensor& h, const at::Tensor* g, int
   const bool need_a = o.a.numel() > 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "ckpt_ops::act_bwd", [&] {
     mlp::dispatch_activation(activation, [&](auto kAct) {
-      mlp::dispatch_bool(g != nullptr, [&](auto kGated) {
-        mlp::dispatch_bool(need_a, [&](auto kNeedA) {
+      dispatch_bool(g != nullptr, [&](auto kGated) {
+        dispatch_bool(need_a, [&](auto kNeedA) {
           act_bwd_kernel<decltype(kAct)::value, decltype(kGated)::value, decltype(kNeedA)::value, scalar_t>(
               da.const_data_ptr<scalar_t>(), h.const_data_ptr<scalar_t>(),
               g ? g->const_data_ptr<scalar_t>() : nullptr, need_a ? o.a.mutable_data_ptr<scalar_t>() : nullptr,
@@ -254,8 +254,8 @@ void dropout(const at::Tensor& y, const at::Tensor* residual, const at::Tensor& 
   const uint32_t threshold = philox::dropout_threshold(p);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "ckpt_ops::dropout", [&] {
     using acc = acc_t<scalar_t>;
-    mlp::dispatch_bool(p > 0.0, [&](auto kRng) {
-      mlp::dispatch_bool(residual != nullptr, [&](auto kResidual) {
+    dispatch_bool(p > 0.0, [&](auto kRng) {
+      dispatch_bool(residual != nullptr, [&](auto kResidual) {
         dropout_kernel<decltype(kRng)::value, decltype(kResidual)::value, scalar_t>(
             y.const_data_ptr<scalar_t>(), residual ? residual->const_data_ptr<scalar_t>() : nullptr,
             out.mutable_data_ptr<scalar_t>(), y.numel(), s, threshold, philox::dropout_scale<acc>(p));

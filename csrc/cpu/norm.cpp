@@ -124,9 +124,9 @@ norm::FwdOut norm_fwd(bool rms, const at::Tensor& x, const c10::optional<at::Ten
     using acc = acc_t<scalar_t>;
     const scalar_t* w = static_cast<const scalar_t*>(opt_ptr(weight));
     const scalar_t* b = static_cast<const scalar_t*>(opt_ptr(bias));
-    norm::dispatch_bool(rms, [&](auto kRms) {
-      norm::dispatch_bool(w != nullptr, [&](auto kW) {
-        norm::dispatch_bool(b != nullptr, [&](auto kB) {
+    dispatch_bool(rms, [&](auto kRms) {
+      dispatch_bool(w != nullptr, [&](auto kW) {
+        dispatch_bool(b != nullptr, [&](auto kB) {
           norm_fwd_kernel<decltype(kRms)::value, decltype(kW)::value, decltype(kB)::value, scalar_t>(
               x.const_data_ptr<scalar_t>(), w, b, o.y.mutable_data_ptr<scalar_t>(),
               rms ? nullptr : o.mean.mutable_data_ptr<acc>(), o.rstd.mutable_data_ptr<acc>(), M, N,
@@ -150,8 +150,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_bwd(bool rms, const at::Tens
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ckpt_ops::norm_bwd", [&] {
     using acc = acc_t<scalar_t>;
     const scalar_t* w = static_cast<const scalar_t*>(opt_ptr(weight));
-    norm::dispatch_bool(rms, [&](auto kRms) {
-      norm::dispatch_bool(w != nullptr, [&](auto kW) {
+    dispatch_bool(rms, [&](auto kRms) {
+      dispatch_bool(w != nullptr, [&](auto kW) {
         norm_bwd_kernel<decltype(kRms)::value, decltype(kW)::value, scalar_t>(
             dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), w,
             rms ? nullptr : mean->const_data_ptr<acc>(), rstd.const_data_ptr<acc>(),

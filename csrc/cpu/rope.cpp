@@ -50,7 +50,7 @@ void rope_kernel(scalar_t* qkv, const acc_t<scalar_t>* cos, const acc_t<scalar_t
 void rope_launch(at::Tensor& qkv, const attn::QkvShape& sh, const attn::RopeTables& t, bool inverse) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qkv.scalar_type(), "ckpt_ops::rope_", [&] {
     using acc = acc_t<scalar_t>;
-    attn::dispatch_bool(inverse, [&](auto kInverse) {
+    dispatch_bool(inverse, [&](auto kInverse) {
       rope_kernel<decltype(kInverse)::value, scalar_t>(qkv.mutable_data_ptr<scalar_t>(), t.cos.const_data_ptr<acc>(),
                                                        t.sin.const_data_ptr<acc>(), sh.B * sh.S, sh.S, sh.H + sh.KV,
                                                        sh.hd, sh.width(), t.batch_stride);

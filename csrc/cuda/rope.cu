@@ -61,7 +61,7 @@ void rope_launch(at::Tensor& qkv, const attn::QkvShape& sh, const attn::RopeTabl
   const unsigned blocks = grid_for(n_pairs, qkv.get_device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qkv.scalar_type(), "ckpt_ops::rope_cuda", [&] {
     using acc = acc_t<scalar_t>;
-    attn::dispatch_bool(inverse, [&](auto kInverse) {
+    dispatch_bool(inverse, [&](auto kInverse) {
       rope_kernel<decltype(kInverse)::value, scalar_t><<<blocks, kThreads, 0, stream>>>(
           qkv.mutable_data_ptr<scalar_t>(), t.cos.const_data_ptr<acc>(), t.sin.const_data_ptr<acc>(), n_pairs,
           sh.S, heads, t.half, sh.width(), t.batch_stride);

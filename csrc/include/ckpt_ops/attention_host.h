@@ -111,14 +111,5 @@ void register_rope(torch::Library& m) {
   });
 }
 
-template <typename F>
-void dispatch_bool(bool flag, F&& f) {
-  if (flag) {
-    f(std::true_type{});
-  } else {
-    f(std::false_type{});
-  }
-}
-
 }  // namespace attn
 }  // namespace ckpt_ops

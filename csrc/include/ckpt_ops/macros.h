@@ -16,7 +16,20 @@
 #define CKPT_HD_INLINE inline
 #endif
 
+#include <type_traits>
+
 namespace ckpt_ops {
+
+// Calls f(std::true_type{}) or f(std::false_type{}): turns a runtime flag into a template
+// parameter (host code: kernel dispatch).
+template <typename F>
+void dispatch_bool(bool flag, F&& f) {
+  if (flag) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
 
 // Accumulation type: fp64 for fp64 tensors, fp32 for everything else
 // (fp32, fp16, bf16). Per-row statistics are stored in this type.

@@ -106,14 +106,5 @@ void dispatch_activation(int activation, F&& f) {
   }
 }
 
-template <typename F>
-void dispatch_bool(bool flag, F&& f) {
-  if (flag) {
-    f(std::true_type{});
-  } else {
-    f(std::false_type{});
-  }
-}
-
 }  // namespace mlp
 }  // namespace ckpt_ops

@@ -87,14 +87,5 @@ void register_ops(torch::Library& m) {
   });
 }
 
-template <typename F>
-void dispatch_bool(bool flag, F&& f) {
-  if (flag) {
-    f(std::true_type{});
-  } else {
-    f(std::false_type{});
-  }
-}
-
 }  // namespace norm
 }  // namespace ckpt_ops
