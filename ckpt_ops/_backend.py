@@ -96,6 +96,25 @@ _lock = threading.Lock()
 
 _TRITON_MODULES: Dict[str, str] = {}
 _DEPENDS: Dict[str, Tuple[str, ...]] = {}
+# (family, "cpu" | "cuda") -> extension ops of that family with no kernel for the device's dispatch
+# key in the loaded ckpt_ops._C (a schema alone is not a kernel: an op declared in csrc/ops.cpp but
+# not implemented for that device, or a stale build). Filled at registration, so resolve() stays a
+# pure lookup (torch.compile traces it).
+_MISSING_EXT: Dict[Tuple[str, str], Tuple[str, ...]] = {}
+
+
+def _ext_missing(kernels: Dict[str, object], dispatch_key: str) -> Tuple[str, ...]:
+    missing = []
+    for spec in kernels.values():
+        if isinstance(spec, str) and spec.startswith("torch.ops.ckpt_ops."):
+            op = spec.rsplit(".", 1)[1]
+            try:
+                ok = torch._C._dispatch_has_kernel_for_dispatch_key(f"ckpt_ops::{op}", dispatch_key)
+            except RuntimeError:  # the op is not even declared by this build
+                ok = False
+            if not ok:
+                missing.append(op)
+    return tuple(missing)
 
 
 def register_family(family: str, kernels: Dict[str, Dict[str, object]], triton_module: Optional[str] = None,
@@ -108,6 +127,10 @@ def register_family(family: str, kernels: Dict[str, Dict[str, object]], triton_m
     _DEPENDS[family] = tuple(depends)  # families whose kernels this one calls on the same backend
     if triton_module is not None:
         _TRITON_MODULES[family] = triton_module
+    if _C is not None:
+        for backend, key in (("cpu", "CPU"), ("cuda", "CUDA")):
+            if backend in kernels:
+                _MISSING_EXT[(family, backend)] = _ext_missing(kernels[backend], key)
 
 
 def _load(spec: object) -> Callable:
@@ -129,6 +152,18 @@ def _unavailable_reason(family: str, backend: str, device_type: str) -> Optional
     for dep in _DEPENDS.get(family, ()):
         if backend not in _FAMILIES[dep]:
             return f"no {backend} kernels exist for {dep} (used by {family})"
+    reason = _base_reason(backend, device_type)
+    if reason is None and backend in ("cpu", "cuda") and _C is not None:
+        for fam in (family,) + _DEPENDS.get(family, ()):
+            missing = _MISSING_EXT.get((fam, backend), ())
+            if missing:
+                return (f"ckpt_ops._C has no {device_type.upper()} kernel for "
+                        f"{', '.join('ckpt_ops::' + m for m in missing)} (used by {family})")
+    return reason
+
+
+def _base_reason(backend: str, device_type: str) -> Optional[str]:
+    """Why `backend` cannot run on `device_type` at all (None: it can)."""
     if backend == "reference":
         return None
     if backend == "cpu":

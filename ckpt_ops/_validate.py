@@ -29,16 +29,24 @@ def float_tensor(x: object, name: str) -> torch.Tensor:
 
 
 def param_like(p: Optional[torch.Tensor], name: str, shape: Tuple[int, ...], like: torch.Tensor) -> None:
-    """`p` (a weight or bias) is None or a tensor of `shape` with `like`'s dtype and device."""
+    """`p` (a weight or bias) is None or a tensor of `shape` with `like`'s dtype (under autocast:
+    any fp16/bf16/fp32 when `like` is one of them) and device."""
     if p is None:
         return
     tensor(p, name)
     if tuple(p.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}; got {tuple(p.shape)}")
-    if p.dtype != like.dtype:
+    if p.dtype != like.dtype and not _autocast_mix(p, like):
         raise TypeError(f"{name} must have the input's dtype {like.dtype}; got {p.dtype}")
     if p.device != like.device:
         raise ValueError(f"{name} must be on the input's device {like.device}; got {p.device}")
+
+
+def _autocast_mix(p: torch.Tensor, like: torch.Tensor) -> bool:
+    """Under torch.autocast for like's device, fp16/bf16/fp32 inputs and parameters may differ:
+    the entry points cast them as autocast's policy says (see ckpt_ops._amp)."""
+    amp = (torch.float16, torch.bfloat16, torch.float32)
+    return p.dtype in amp and like.dtype in amp and torch.is_autocast_enabled(like.device.type)
 
 
 def normalized_shape(shape: Union[int, Sequence[int], torch.Size], x: torch.Tensor) -> Tuple[int, ...]:

@@ -42,9 +42,9 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from ckpt_ops import _backend, _validate
+from ckpt_ops import _amp, _backend, _validate
 from ckpt_ops import reference as _ref
-from ckpt_ops.mlp import _norm_fwd, load, norm_backward, save
+from ckpt_ops.mlp import _norm_fwd, load, mm, norm_backward, residual_dtype, save
 from ckpt_ops.norm import default_rms_eps
 
 Tensor = torch.Tensor
@@ -79,6 +79,7 @@ class AttnConfig(NamedTuple):
     level: str
     backend: str
     qkv_split: Optional[tuple] = None  # (q rows, k rows, v rows) when q/k/v weights come apart
+    amp: Optional[torch.dtype] = None  # autocast: the GEMM / attention dtype (ckpt_ops._amp), else None
 
 
 class _Plan(NamedTuple):
@@ -149,7 +150,7 @@ def segment_forward(cfg: AttnConfig, x: Tensor, p: dict, key_mask, cos, sin, see
     b, s, d = x.shape
     x2d = x.view(b * s, d)
     n, mean, rstd = _norm_fwd(cfg, x2d, p["nw"], p["nb"])
-    qkv = _qkv_linear(n, p).view(b, s, -1)
+    qkv = _qkv_linear(mm(cfg, n), p).view(b, s, -1)
     if cfg.rope:
         hd = qkv.shape[-1] // (cfg.num_heads + 2 * cfg.num_kv_heads)
         c, sn = _tables(cfg, cos, sin, s, hd, x.device)
@@ -171,7 +172,7 @@ def output_projection(cfg: AttnConfig, x: Tensor, o: Tensor, wo, bo, seed) -> Te
     """[x +] dropout(o @ wo^T + bo) as (B*S, D); the same kernels whether in the forward or when a
     block's backward rebuilds its MLP input, so both are bit-identical."""
     b, s, d = x.shape
-    y = F.linear(o.view(b * s, -1), wo, bo)
+    y = residual_dtype(cfg, F.linear(o.view(b * s, -1), wo, bo), x)
     if seed is None:  # not kept when p == 0: the kernels still take one
         seed = torch.zeros(1, dtype=torch.int64, device=x.device)
     if cfg.p > 0.0 or cfg.residual:
@@ -218,7 +219,7 @@ def segment_replay(cfg: AttnConfig, plan: _Plan, t: dict, shape) -> dict:
     if t["n"] is None and (plan.n or (plan.norm_bwd and t["rstd"] is None)):
         t["n"], t["mean"], t["rstd"] = _norm_fwd(cfg, x2d, t["nw"], t["nb"])
     if t["qkv"] is None and plan.qkv:
-        qkv = _qkv_linear(t["n"], t).view(b, s, -1)
+        qkv = _qkv_linear(mm(cfg, t["n"]), t).view(b, s, -1)
         if cfg.rope:  # in place on our own replayed buffer, never on a kept tensor
             c, sn = _tables(cfg, t["cos"], t["sin"], s, qkv.shape[-1] // (cfg.num_heads + 2 * cfg.num_kv_heads),
                             qkv.device)
@@ -244,18 +245,20 @@ def segment_backward(cfg: AttnConfig, plan: _Plan, need, dout: Tensor, t: dict, 
     if not plan.o:
         return grads
     t = segment_replay(cfg, plan, t, shape)
+    dyc = mm(cfg, dy)  # autocast: the output projection's backward GEMMs in the GEMM dtype
     if need[_IDX["wo"]]:
-        grads[_IDX["wo"]] = dy.t() @ t["o"].view(b * s, -1)
+        grads[_IDX["wo"]] = dyc.t() @ t["o"].view(b * s, -1)
     if not plan.up:
         return grads
-    do = (dy @ t["wo"]).view(b, s, -1)
+    do = (dyc @ t["wo"]).view(b, s, -1)
     dqkv = k("attention_bwd")(do, t["qkv"], t["o"], t["lse"], t["key_mask"], cfg.num_heads, cfg.num_kv_heads,
                               cfg.causal, cfg.scale)
     if cfg.rope:  # RoPE's transpose, in place on the fresh gradient
         c, sn = _tables(cfg, t["cos"], t["sin"], s, dqkv.shape[-1] // (cfg.num_heads + 2 * cfg.num_kv_heads),
                         dqkv.device)
         k("rope_")(dqkv, c, sn, cfg.num_heads, cfg.num_kv_heads, True)
-    dn = _qkv_backward(cfg, dqkv.view(b * s, -1), t["n"], t, need, grads, plan.dn)
+    n = mm(cfg, t["n"]) if t["n"] is not None else None
+    dn = _qkv_backward(cfg, dqkv.view(b * s, -1), n, t, need, grads, plan.dn)
     if not plan.dn:
         return grads
     x2d = t["x"].view(b * s, d) if t["x"] is not None else None
@@ -283,8 +286,9 @@ class AttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         b, s, d = ctx.shape
-        grads = segment_backward(ctx.cfg, ctx.plan, ctx.needs_input_grad, dout.reshape(b * s, d), load(ctx),
-                                 ctx.shape)
+        with _amp.off(dout.device.type):  # backward() called inside an autocast region
+            grads = segment_backward(ctx.cfg, ctx.plan, ctx.needs_input_grad, dout.reshape(b * s, d), load(ctx),
+                                     ctx.shape)
         if grads[0] is not None:
             grads[0] = grads[0].view(b, s, d)
         return (*grads, None, None, None, None, None)
@@ -342,13 +346,22 @@ def attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor], out_wei
         seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=x.device)
     else:
         seed = torch.zeros(1, dtype=torch.int64, device=x.device)
+    out_dtype = None
+    if cfg.amp is not None:  # torch.autocast: see ckpt_ops._amp
+        out_dtype = _amp.out_dtype(x.dtype, cfg.amp, cfg.residual)
+        x, norm_weight, norm_bias = _amp.fp32(x), _amp.fp32(norm_weight), _amp.fp32(norm_bias)
+    params = [norm_weight, norm_bias, *qkv_params(qkv_weight, qkv_bias), out_weight, out_bias]
+    if cfg.amp is not None:
+        params[2:] = [_amp.to(t, cfg.amp) for t in params[2:]]
     xc = x.contiguous()
-    params = (norm_weight, norm_bias, *qkv_params(qkv_weight, qkv_bias), out_weight, out_bias)
     args = (xc, *params, mask, cos, sin, seed)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
-        return AttentionFunction.apply(*args, cfg)
-    with torch.no_grad():
-        return segment_forward(cfg, xc, dict(zip(PARAMS, params)), mask, cos, sin, seed)[0].view(b, s, d)
+    with _amp.off(x.device.type):
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
+            out = AttentionFunction.apply(*args, cfg)
+        else:
+            with torch.no_grad():
+                out = segment_forward(cfg, xc, dict(zip(PARAMS, params)), mask, cos, sin, seed)[0].view(b, s, d)
+    return out if out_dtype is None else out.to(out_dtype)
 
 
 def prepare(x, qkv_weight, qkv_bias, out_weight, out_bias, *, num_heads, num_kv_heads, attention_mask, causal,
@@ -416,7 +429,7 @@ def prepare(x, qkv_weight, qkv_bias, out_weight, out_bias, *, num_heads, num_kv_
     be = _backend.resolve("attention", x.device, backend)
     cfg = AttnConfig(h, kv, bool(causal), float(scale) if scale is not None else hd ** -0.5, norm, eps, bool(rope),
                      float(rope_theta), p, bool(residual), recompute, be,
-                     (h * hd, kv * hd, kv * hd) if split else None)
+                     (h * hd, kv * hd, kv * hd) if split else None, _amp.gemm_dtype(x))
     cos = rope_cos.contiguous() if rope_cos is not None else None
     sin = rope_sin.contiguous() if rope_sin is not None else None
     return cfg, mask, cos, sin

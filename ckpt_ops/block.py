@@ -25,6 +25,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from ckpt_ops import _amp
 from ckpt_ops import attention as _attn
 from ckpt_ops import mlp as _mlp
 from ckpt_ops.mlp import load, save
@@ -83,6 +84,11 @@ class BlockFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
+        with _amp.off(dout.device.type):  # backward() called inside an autocast region
+            return BlockFunction._backward(ctx, dout)
+
+    @staticmethod
+    def _backward(ctx, dout):
         cfg: BlockConfig = ctx.cfg
         aplan, mplan = ctx.plans
         aneed, mneed = ctx.needs
@@ -107,16 +113,31 @@ def transformer_block(x: Tensor, attn_params: dict, mlp_params: dict, attn_cfg: 
                       cos: Optional[Tensor] = None, sin: Optional[Tensor] = None) -> Tensor:
     """The block as one segment. Configs and parameters come from ``ckpt_ops.nn.TransformerBlock``
     (which validates them); `attn_params`/`mlp_params` are keyed by ckpt_ops.attention.PARAMS /
-    ckpt_ops.mlp.PARAMS."""
+    ckpt_ops.mlp.PARAMS. Under torch.autocast (configs prepared inside the region: ``amp`` set)
+    the block follows ckpt_ops._amp: GEMMs and attention in the autocast dtype, norms and the
+    residual stream in fp32, parameter gradients in the parameters' dtype."""
     if level not in LEVELS:
         raise ValueError(f"recompute must be one of {LEVELS}; got {level!r}")
     cfg = BlockConfig(attn_cfg._replace(level=level), mlp_cfg._replace(level=_MLP_LEVEL[level]), level)
     seeds = [torch.randint(0, 2**62, (1,), dtype=torch.int64, device=x.device) if c.p > 0.0
              else torch.zeros(1, dtype=torch.int64, device=x.device) for c in (cfg.attn, cfg.mlp)]
+    if attn_cfg.amp != mlp_cfg.amp:
+        raise ValueError("attn_cfg and mlp_cfg were prepared under different autocast states")
+    out_dtype = None
+    if cfg.attn.amp is not None:  # torch.autocast: see ckpt_ops._amp
+        out_dtype = _amp.out_dtype(x.dtype, cfg.attn.amp, True)
+        x = _amp.fp32(x)
+        attn_params = {k: (_amp.fp32(v) if k in ("nw", "nb") else _amp.to(v, cfg.attn.amp))
+                       for k, v in attn_params.items()}
+        mlp_params = {k: (_amp.fp32(v) if k in ("nw", "nb") else _amp.to(v, cfg.mlp.amp))
+                      for k, v in mlp_params.items()}
     x = x.contiguous()
     args = ([attn_params[k] for k in _attn.PARAMS] + [mlp_params[k] for k in _mlp.PARAMS])
-    if torch.is_grad_enabled() and (x.requires_grad or any(t is not None and t.requires_grad for t in args)):
-        return BlockFunction.apply(x, *args, key_mask, cos, sin, *seeds, cfg)
-    with torch.no_grad():
-        h1, _ = _attn.segment_forward(cfg.attn, x, attn_params, key_mask, cos, sin, seeds[0])
-        return _mlp.segment_forward(cfg.mlp, h1, mlp_params, seeds[1])[0].view(x.shape)
+    with _amp.off(x.device.type):
+        if torch.is_grad_enabled() and (x.requires_grad or any(t is not None and t.requires_grad for t in args)):
+            out = BlockFunction.apply(x, *args, key_mask, cos, sin, *seeds, cfg)
+        else:
+            with torch.no_grad():
+                h1, _ = _attn.segment_forward(cfg.attn, x, attn_params, key_mask, cos, sin, seeds[0])
+                out = _mlp.segment_forward(cfg.mlp, h1, mlp_params, seeds[1])[0].view(x.shape)
+    return out if out_dtype is None else out.to(out_dtype)

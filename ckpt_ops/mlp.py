@@ -47,7 +47,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from ckpt_ops import _backend, _validate
+from ckpt_ops import _amp, _backend, _validate
 from ckpt_ops import reference as _ref
 from ckpt_ops._consts import ACTIVATIONS
 from ckpt_ops.norm import default_rms_eps
@@ -80,6 +80,19 @@ class MLPConfig(NamedTuple):
     residual: bool
     level: str
     backend: str
+    amp: Optional[torch.dtype] = None  # autocast: the GEMM dtype (ckpt_ops._amp), else None
+
+
+def mm(cfg, t: Tensor) -> Tensor:
+    """A GEMM operand in the segment's GEMM dtype (under autocast cfg.amp, else unchanged)."""
+    return t if cfg.amp is None or t.dtype == cfg.amp else t.to(cfg.amp)
+
+
+def residual_dtype(cfg, y: Tensor, x: Tensor) -> Tensor:
+    """y (a GEMM output) in the dtype of the residual add y + x (x's, promoted; autocast only)."""
+    if cfg.residual and y.dtype != x.dtype:
+        return y.to(torch.promote_types(y.dtype, x.dtype))
+    return y
 
 
 def _norm_fwd(cfg: MLPConfig, x, nw, nb):
@@ -119,10 +132,10 @@ def segment_forward(cfg: MLPConfig, x: Tensor, p: dict, seed: Tensor):
     (out, state) where state holds every intermediate a backward could use."""
     k = lambda name: _backend.kernel("mlp", cfg.backend, name)  # noqa: E731
     n, mean, rstd = _norm_fwd(cfg, x, p["nw"], p["nb"])
-    h = F.linear(n, p["w1"], p["b1"])
-    g = F.linear(n, p["wg"], p["bg"]) if cfg.gated else None
+    h = F.linear(mm(cfg, n), p["w1"], p["b1"])
+    g = F.linear(mm(cfg, n), p["wg"], p["bg"]) if cfg.gated else None
     a = k("act_fwd")(h, g, cfg.activation)
-    y = F.linear(a, p["w2"], p["b2"])
+    y = residual_dtype(cfg, F.linear(a, p["w2"], p["b2"]), x)
     if cfg.p > 0.0 or cfg.residual:
         out = k("dropout_fwd")(y, x if cfg.residual else None, seed, cfg.p)
     else:
@@ -180,27 +193,28 @@ def segment_backward(cfg: MLPConfig, plan: _Plan, need, dout: Tensor, t: dict) -
         else:  # the forward's own norm kernel: n, mean and rstd bit-identical to the forward's
             n, mean, rstd = _norm_fwd(cfg, x, t["nw"], t["nb"])
     if h is None and (plan.up or a is None):  # "full": replay fc1 (and gate), bit-identical
-        h = F.linear(n, t["w1"], t["b1"])
-        g = F.linear(n, t["wg"], t["bg"]) if cfg.gated else None
+        h = F.linear(mm(cfg, n), t["w1"], t["b1"])
+        g = F.linear(mm(cfg, n), t["wg"], t["bg"]) if cfg.gated else None
 
     rebuild_a = need[7] and a is None
+    dyc = mm(cfg, dy)  # autocast: fc2's backward GEMMs in the GEMM dtype, like eager's
     if plan.up:
-        a_re, dh, dg = k("act_bwd")(dy @ t["w2"], h, g, cfg.activation, rebuild_a)
+        a_re, dh, dg = k("act_bwd")(dyc @ t["w2"], h, g, cfg.activation, rebuild_a)
         if rebuild_a:
             a = a_re
     elif rebuild_a:
         a = k("act_fwd")(h, g, cfg.activation)
     if need[7]:
-        grads[7] = dy.t() @ a
+        grads[7] = dyc.t() @ a
     if not plan.up:
         return grads
 
     if need[3]:
-        grads[3] = dh.t() @ n
+        grads[3] = dh.t() @ mm(cfg, n)
     if need[4]:
         grads[4] = dh.sum(0)
     if cfg.gated and need[5]:
-        grads[5] = dg.t() @ n
+        grads[5] = dg.t() @ mm(cfg, n)
     if cfg.gated and need[6]:
         grads[6] = dg.sum(0)
     if not plan.dn:
@@ -217,6 +231,8 @@ def segment_backward(cfg: MLPConfig, plan: _Plan, need, dout: Tensor, t: dict) -
 def norm_backward(cfg, dn: Tensor, x: Tensor, nw, mean, rstd, need3, grads: list) -> Tensor:
     """The fused pre-norm's backward: returns dx (or dn without a norm) and stores the norm's
     parameter gradients into grads[1], grads[2] when needed."""
+    if cfg.norm is not None and dn.dtype != x.dtype:  # autocast: GEMM-dtype dn into the fp32 norm
+        dn = dn.to(x.dtype)
     if cfg.norm == "layernorm":
         dx, dw, db = _backend.kernel("layer_norm", cfg.backend, "bwd")(dn, x, nw, mean, rstd, *need3)
     elif cfg.norm == "rmsnorm":
@@ -256,7 +272,8 @@ class MLPFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
-        grads = segment_backward(ctx.cfg, ctx.plan, ctx.needs_input_grad, dout, load(ctx))
+        with _amp.off(dout.device.type):  # backward() called inside an autocast region
+            grads = segment_backward(ctx.cfg, ctx.plan, ctx.needs_input_grad, dout, load(ctx))
         return (*grads, None, None)
 
 
@@ -303,6 +320,12 @@ def mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: T
                   gate_bias=gate_bias, norm=norm, norm_weight=norm_weight, norm_bias=norm_bias, norm_eps=norm_eps,
                   dropout=dropout, training=training, residual=residual, recompute=recompute, backend=backend)
     d_model = x.shape[-1]
+    out_dtype = None
+    if cfg.amp is not None:  # torch.autocast: see ckpt_ops._amp
+        out_dtype = _amp.out_dtype(x.dtype, cfg.amp, cfg.residual)
+        x, norm_weight, norm_bias = _amp.fp32(x), _amp.fp32(norm_weight), _amp.fp32(norm_bias)
+        fc1_weight, fc1_bias, gate_weight, gate_bias, fc2_weight, fc2_bias = (
+            _amp.to(t, cfg.amp) for t in (fc1_weight, fc1_bias, gate_weight, gate_bias, fc2_weight, fc2_bias))
     x2d = x.reshape(-1, d_model).contiguous()
     # The dropout kernels take a seed tensor always (ignored when p == 0; only saved when p > 0).
     if cfg.p > 0.0:
@@ -310,12 +333,14 @@ def mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: T
     else:
         seed = torch.zeros(1, dtype=torch.int64, device=x.device)
     args = (x2d, norm_weight, norm_bias, fc1_weight, fc1_bias, gate_weight, gate_bias, fc2_weight, fc2_bias)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
-        out = MLPFunction.apply(*args, seed, cfg)
-    else:
-        with torch.no_grad():
-            out = segment_forward(cfg, x2d, dict(zip(PARAMS, args[1:])), seed)[0]
-    return out.view(x.shape)
+    with _amp.off(x.device.type):
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
+            out = MLPFunction.apply(*args, seed, cfg)
+        else:
+            with torch.no_grad():
+                out = segment_forward(cfg, x2d, dict(zip(PARAMS, args[1:])), seed)[0]
+    out = out.view(x.shape)
+    return out if out_dtype is None else out.to(out_dtype)
 
 
 def prepare(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, activation, gate_weight, gate_bias, norm,
@@ -357,4 +382,4 @@ def prepare(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, activation, gate_w
             eps = _validate.eps(norm_eps, "norm_eps")
     p = float(dropout) if training else 0.0
     be = _backend.resolve("mlp", x.device, backend)
-    return MLPConfig(norm, eps, code, gated, p, bool(residual), recompute, be)
+    return MLPConfig(norm, eps, code, gated, p, bool(residual), recompute, be, _amp.gemm_dtype(x))

@@ -18,7 +18,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from ckpt_ops import _backend, _validate
+from ckpt_ops import _amp, _backend, _validate
 from ckpt_ops import reference as _ref
 
 Tensor = torch.Tensor
@@ -63,13 +63,14 @@ class LayerNormFunction(torch.autograd.Function):
         if not (need_dx or need_dw or need_db):
             return None, None, None, None, None
         dy = dy.contiguous()
-        if need_dx or need_dw:
-            x, weight, mean, rstd = ctx.saved_tensors
-            dx, dw, db = _backend.kernel("layer_norm", ctx.backend, "bwd")(
-                dy, x, weight, mean, rstd, need_dx, need_dw, need_db)
-        else:  # only the bias trains: db = sum of dy over rows, nothing was saved
-            dx = dw = None
-            db = dy.sum(0, dtype=_ref.acc_dtype(dy.dtype)).to(dy.dtype)
+        with _amp.off(dy.device.type):  # backward() called inside an autocast region
+            if need_dx or need_dw:
+                x, weight, mean, rstd = ctx.saved_tensors
+                dx, dw, db = _backend.kernel("layer_norm", ctx.backend, "bwd")(
+                    dy, x, weight, mean, rstd, need_dx, need_dw, need_db)
+            else:  # only the bias trains: db = sum of dy over rows, nothing was saved
+                dx = dw = None
+                db = dy.sum(0, dtype=_ref.acc_dtype(dy.dtype)).to(dy.dtype)
         return (dx if need_dx else None, dw if need_dw else None, db if need_db else None, None, None)
 
 
@@ -97,7 +98,9 @@ class RMSNormFunction(torch.autograd.Function):
         if not (need_dx or need_dw):
             return None, None, None, None
         x, weight, rstd = ctx.saved_tensors
-        dx, dw = _backend.kernel("rms_norm", ctx.backend, "bwd")(dy.contiguous(), x, weight, rstd, need_dx, need_dw)
+        with _amp.off(dy.device.type):
+            dx, dw = _backend.kernel("rms_norm", ctx.backend, "bwd")(dy.contiguous(), x, weight, rstd, need_dx,
+                                                                     need_dw)
         return (dx if need_dx else None, dw if need_dw else None, None, None)
 
 
@@ -109,10 +112,11 @@ def _prepare(input, normalized_shape, params, names):
     shape = _validate.normalized_shape(normalized_shape, x)
     for p, name in zip(params, names):
         _validate.param_like(p, name, shape, x)
-    if torch.is_autocast_enabled(x.device.type):
-        # Like torch's autocast policy for layer_norm: normalisation runs and returns in fp32.
-        x = x.float()
-        params = [p.float() if p is not None else None for p in params]
+    if _amp.gemm_dtype(x) is not None:
+        # torch's autocast policy for layer_norm / rms_norm (fp32 list): fp16/bf16 inputs and
+        # parameters are upcast, the normalisation runs and returns in fp32; fp64 is left alone.
+        x = _amp.fp32(x)
+        params = [_amp.fp32(p) for p in params]
     n = 1
     for s in shape:
         n *= s
@@ -141,10 +145,11 @@ def layer_norm(input: Tensor, normalized_shape: Union[int, Sequence[int]], weigh
     eps = _validate.eps(eps)
     x, x2d, (w, b) = _prepare(input, normalized_shape, [weight, bias], ["weight", "bias"])
     be = _backend.resolve("layer_norm", x.device, backend)
-    if _needs_graph(x2d, w, b):
-        y = LayerNormFunction.apply(x2d, w, b, eps, be)
-    else:
-        y = _backend.kernel("layer_norm", be, "fwd")(x2d, w, b, eps)[0]
+    with _amp.off(x.device.type):  # the kernels see exactly the dtypes chosen above
+        if _needs_graph(x2d, w, b):
+            y = LayerNormFunction.apply(x2d, w, b, eps, be)
+        else:
+            y = _backend.kernel("layer_norm", be, "fwd")(x2d, w, b, eps)[0]
     return y.view(x.shape)
 
 
@@ -165,8 +170,9 @@ def rms_norm(input: Tensor, normalized_shape: Union[int, Sequence[int]], weight:
     x, x2d, (w,) = _prepare(input, normalized_shape, [weight], ["weight"])
     eps = default_rms_eps(x.dtype) if eps is None else _validate.eps(eps)
     be = _backend.resolve("rms_norm", x.device, backend)
-    if _needs_graph(x2d, w):
-        y = RMSNormFunction.apply(x2d, w, eps, be)
-    else:
-        y = _backend.kernel("rms_norm", be, "fwd")(x2d, w, eps)[0]
+    with _amp.off(x.device.type):
+        if _needs_graph(x2d, w):
+            y = RMSNormFunction.apply(x2d, w, eps, be)
+        else:
+            y = _backend.kernel("rms_norm", be, "fwd")(x2d, w, eps)[0]
     return y.view(x.shape)
