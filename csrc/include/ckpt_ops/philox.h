@@ -14,6 +14,9 @@
 // in double and rounded once to the accumulation type.
 #pragma once
 
+#include <cstring>
+#include <type_traits>
+
 #include "ckpt_ops/macros.h"
 
 namespace ckpt_ops {
@@ -73,7 +76,20 @@ CKPT_HD_INLINE acc dropout_scale(double p) {
 // where() term alone.
 template <bool kResidual, typename acc>
 CKPT_HD_INLINE acc dropout_apply(acc y, acc residual, bool kept, acc scale) {
+#if defined(__CUDA_ARCH__)
   const acc v = kept ? mul_rn(y, scale) : acc(0);
+#else
+  // Branch-free select (bit mask) so the host loop vectorises: a `?:` on floats stays scalar
+  // under -ftrapping-math. Same value as the select: +0 when dropped, y * scale when kept.
+  using bits_t = std::conditional_t<sizeof(acc) == 4, uint32_t, uint64_t>;
+  const bits_t mask = static_cast<bits_t>(0) - static_cast<bits_t>(kept);
+  bits_t b;
+  const acc prod = mul_rn(y, scale);
+  std::memcpy(&b, &prod, sizeof(acc));
+  b &= mask;
+  acc v;
+  std::memcpy(&v, &b, sizeof(acc));
+#endif
   return kResidual ? add_rn(residual, v) : v;
 }
 
