@@ -18,6 +18,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -36,7 +37,7 @@ class Case:
     note: str = ""
     inputs: List[torch.Tensor] = dataclasses.field(default_factory=list)  # activations fed in
     params: List[torch.Tensor] = dataclasses.field(default_factory=list)  # excluded from bytes
-    group: str = "peer"                          # "eager" | "peer" | "ckpt_ops" (frontier markers)
+    group: str = "peer"                          # "eager" | "peer" | "compiled" | "ckpt_ops"
 
     def step(self) -> None:
         """One full training step: forward + backward."""
@@ -51,7 +52,8 @@ def make_case(provider: str, forward: Callable[[], torch.Tensor], dy: torch.Tens
             t.grad = None
         out.backward(dy)
     if group is None:
-        group = "eager" if provider == "eager" else ("ckpt_ops" if provider.startswith("ckpt_ops") else "peer")
+        group = ("eager" if provider == "eager" else "ckpt_ops" if provider.startswith("ckpt_ops")
+                 else "compiled" if provider.startswith("compile") else "peer")
     return Case(provider, forward, backward, note, list(inputs), list(params), group)
 
 
@@ -87,8 +89,8 @@ class Result:
     note: str = ""
     mode: str = "step"
     group: str = "peer"
-    flops: int = 0                 # FLOPs of this mode (FlopCounterMode, ckpt_ops formulas registered)
-    flops_ratio: float = 0.0       # to eager's, same mode
+    flops: Optional[int] = None    # FLOPs of this mode (FlopCounterMode, ckpt_ops formulas registered;
+    flops_ratio: Optional[float] = None  # None under torch.compile); ratio to eager's, same mode
     peak_bytes: int = 0            # allocator peak of one step above the memory before it
     io_bytes: int = 0              # compulsory traffic of this mode (inputs, params, outputs, grads)
     tflops: Optional[float] = None  # achieved (roofline runs only: CUDA, or --triton-smoke)
@@ -193,6 +195,9 @@ class _AsModule(torch.nn.Module):
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+warnings.filterwarnings("ignore", message="A saved_tensors_hooks context")  # SAC under our byte hooks
 
 
 def time_interleaved(cases: List[Case], device: torch.device, reps: int, warmup: int, mode: str = "step",
@@ -304,28 +309,36 @@ def measure(op: str, config: Dict[str, object], cases: List[Case], device: torch
         bar.close()
     saved = {c.provider: ckpt_ops.saved_bytes(_AsModule(c.forward, c.params)) for c in cases}
     kept = {c.provider: kept_bytes(c.forward, c.inputs, device) for c in cases}
-    peak = {c.provider: peak_bytes(c.step, device) for c in cases}
     traffic = {c.provider: io_bytes(c) for c in cases}
-    flops = {}
+    peak, flops = {}, {}
     for c in cases:
-        f_fwd, f_step = count_flops(c.forward), count_flops(c.step)
-        flops[c.provider] = {"forward": f_fwd, "backward": f_step - f_fwd, "step": f_step}
+        # Under torch.compile the counter sees the eager decomposition, not the partitioned graph
+        # (its recompute would be missing): no FLOPs for compiled providers.
+        counted = []
+        step = (lambda c=c: counted.append(count_flops(c.step))) if c.group != "compiled" else c.step
+        peak[c.provider] = peak_bytes(step, device)  # the FLOP counter allocates nothing
+        f_fwd = count_flops(c.forward) if counted and set(modes) != {"step"} else 0
+        flops[c.provider] = ({"forward": f_fwd, "backward": counted[0] - f_fwd, "step": counted[0]}
+                             if counted else None)
     base_b, base_k = saved[baseline] or 1, kept[baseline] or 1
     out = []
     for mode in modes:
         base_t = statistics.median(times[mode][baseline])
-        base_f = flops[baseline][mode] or 1
+        base_f = (flops[baseline][mode] if flops[baseline] else 0) or 1
         for c in cases:
             ts = times[mode][c.provider]
             med = statistics.median(ts)
-            fl = flops[c.provider][mode]
+            fl = flops[c.provider][mode] if flops[c.provider] else None
             r = Result(op, c.provider, config, med * 1e3, _quantile(ts, 0.2) * 1e3, _quantile(ts, 0.8) * 1e3,
                        med / base_t, saved[c.provider], saved[c.provider] / base_b, kept[c.provider],
-                       kept[c.provider] / base_k, c.note, mode, c.group, fl, fl / base_f, peak[c.provider],
+                       kept[c.provider] / base_k, c.note, mode, c.group, fl, fl / base_f if fl is not None else None,
+                       peak[c.provider],
                        traffic[c.provider][mode])
             if peaks is not None:
-                r.tflops, r.gbs = fl / med / 1e12, r.io_bytes / med / 1e9
-                r.floor_ms = max(fl / (peaks.tflops * 1e12), r.io_bytes / (peaks.gbs * 1e9)) * 1e3
+                r.gbs = r.io_bytes / med / 1e9
+                r.tflops = fl / med / 1e12 if fl is not None else None
+                r.floor_ms = max(fl or 0, 0) / (peaks.tflops * 1e12) * 1e3
+                r.floor_ms = max(r.floor_ms, r.io_bytes / (peaks.gbs * 1e9) * 1e3)
             out.append(r)
     return out
 
@@ -364,9 +377,10 @@ def print_table(results: List[Result]) -> None:
     for r in results:
         line = (f"{r.op:<16} {r.mode:<8} {r.provider:<28} {r.median_ms:>10.2f} {r.p20_ms:>9.2f} {r.p80_ms:>9.2f} "
                 f"{r.ratio_to_eager:>8.3f} {r.saved_bytes / 1e6:>9.2f} {r.kept_bytes / 1e6:>9.2f} "
-                f"{r.kept_ratio:>10.3f} {r.peak_bytes / 1e6:>9.2f} {r.flops / 1e9:>8.2f} {r.flops_ratio:>8.3f}")
+                f"{r.kept_ratio:>10.3f} {r.peak_bytes / 1e6:>9.2f} "
+                + (f"{r.flops / 1e9:>8.2f} {r.flops_ratio:>8.3f}" if r.flops is not None else f"{'n/a':>8} {'n/a':>8}"))
         if roof:
-            line += f" {r.tflops:>8.3f} {r.gbs:>8.1f} {r.floor_ms:>9.4f}"
+            line += (f" {r.tflops:>8.3f}" if r.tflops is not None else f" {'n/a':>8}") + f" {r.gbs:>8.1f} {r.floor_ms:>9.4f}"
         print(line + (f"   {r.note}" if r.note else ""))
 
 

@@ -71,7 +71,7 @@ _LEVEL_COLORS = {"full": "tab:red", "keep_attn": "tab:purple", "selective": "tab
 
 
 def _style(r: Result) -> Tuple[str, str]:
-    if r.group != "ckpt_ops":
+    if r.group != "ckpt_ops":  # eager, peers and compiled peers
         return _PEER_STYLE.get(r.provider, ("o", "gray"))
     level = _level(r).split(" [")[0]
     return "s" if "[" in r.provider else "P", _LEVEL_COLORS.get(level, "tab:cyan")

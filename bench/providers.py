@@ -114,16 +114,39 @@ def ckpt_backends(family: str, device: torch.device, requested: Optional[Sequenc
     if requested:
         out = []
         for be in requested:
-            why = _backend._unavailable_reason(family, be, device.type)
+            why = _backend._unavailable_reason(family, be, device.type) or _missing_kernels(family, be)
             if why is None:
                 out.append(be)
             else:
                 print(f"  skipped ckpt_ops [{be}] for {family}: {why}")
         return out
-    out = [be for be in ("cpu", "cuda", "triton")
-           if not (be == "triton" and device.type == "cpu")
-           and _backend._unavailable_reason(family, be, device.type) is None]
+    out = []
+    for be in ("cpu", "cuda", "triton"):
+        if be == "triton" and device.type == "cpu":
+            continue
+        why = _backend._unavailable_reason(family, be, device.type) or _missing_kernels(family, be)
+        if why is None:
+            out.append(be)
+        elif be == device.type or (be == "triton" and device.type == "cuda"):
+            print(f"  ckpt_ops [{be}] not timed for {family}: {why}")
     return out or ["reference"]
+
+
+def _missing_kernels(family: str, backend: str) -> Optional[str]:
+    """The extension may define an op's schema without a kernel for this device (an older build):
+    backend_info() then still lists it; check the dispatcher."""
+    from ckpt_ops import _backend
+
+    if backend not in ("cpu", "cuda"):
+        return None
+    key = "CPU" if backend == "cpu" else "CUDA"
+    for fam in (family,) + _backend._DEPENDS.get(family, ()):
+        for spec in _backend._FAMILIES[fam][backend].values():
+            if isinstance(spec, str) and spec.startswith("torch.ops.ckpt_ops."):
+                name = "ckpt_ops::" + spec.rsplit(".", 1)[1]
+                if not torch._C._dispatch_has_kernel_for_dispatch_key(name, key):
+                    return f"the loaded extension has no {key} kernel for {name} (older build?)"
+    return None
 
 
 def ckpt_forwards(modules: Sequence[torch.nn.Module], levels: Sequence[str], backends: Sequence[str],
