@@ -1,0 +1,120 @@
+"""Smoke tests of the benchmark suite: every op runs end to end on CPU at tiny sizes (1 rep),
+writes JSON lines and a PNG, prints verdict lines; the FLOP formulas make recomputation visible;
+the roofline (CUDA reporting) path runs under the Triton interpreter. Not timing tests."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import ckpt_ops
+from bench import flops
+from bench.__main__ import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--device", "cpu", "--quick", "--reps", "1", "--warmup", "1", "--no-compile", "--d-model", "32",
+        "--heads", "2", "--batch", "1", "--seq", "16", "--layers", "1", "--tokens", "32", "--dropouts", "0.1",
+        "--vocab", "64"]
+
+
+def _outputs(out_dir):
+    jsonl, png = glob.glob(os.path.join(out_dir, "*.jsonl")), glob.glob(os.path.join(out_dir, "*.png"))
+    return jsonl, png
+
+
+@pytest.mark.parametrize("op", ["norm", "mlp", "attention", "block"])
+def test_cli_runs_each_op(op, tmp_path, capsys):
+    assert main(["--op", op, "--out", str(tmp_path)] + TINY) == 0
+    out = capsys.readouterr().out
+    jsonl, png = _outputs(tmp_path)
+    assert len(jsonl) == 1 and len(png) == 1
+    with open(png[0], "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    rows = [json.loads(line) for line in open(jsonl[0])]
+    providers = {r["provider"] for r in rows}
+    assert {"eager", "torch.utils.checkpoint", "selective AC (matmuls)"} <= providers
+    assert any(p.startswith("ckpt_ops") for p in providers)
+    env = rows[0]["env"]
+    for key in ("device", "dtype", "torch", "triton", "ckpt_ops", "commit"):
+        assert key in env
+    assert all(r["config"] for r in rows)
+    assert "| torch.utils.checkpoint:" in out and ("dominated by ckpt_ops" in out or "NOT dominated" in out)
+    assert "| compile budget 0.1: not measured" in out
+    assert "frontier PNG:" in out and "JSON lines:" in out
+
+
+def test_model_runs_or_skips_with_reason(tmp_path, capsys):
+    assert main(["--op", "model", "--out", str(tmp_path)] + TINY) == 0
+    out = capsys.readouterr().out
+    if not hasattr(ckpt_ops, "convert"):
+        assert "model: skipped (ckpt_ops.convert does not exist yet)" in out
+    else:
+        assert "JSON lines:" in out or "skipped" in out
+
+
+def test_modes_forward_backward(tmp_path, capsys):
+    assert main(["--op", "mlp", "--modes", "forward", "backward", "step", "--out", str(tmp_path)] + TINY) == 0
+    rows = [json.loads(line) for line in open(_outputs(tmp_path)[0][0])]
+    assert {r["mode"] for r in rows} == {"forward", "backward", "step"}
+    eager = {r["mode"]: r["flops"] for r in rows if r["provider"] == "eager"}
+    assert eager["forward"] > 0 and eager["forward"] + eager["backward"] == eager["step"]
+
+
+def _step_flops(level, backend="reference"):
+    torch.manual_seed(0)
+    blk = ckpt_ops.nn.TransformerBlock(32, 2, style="gpt2", recompute=level)
+    blk.backend = backend
+    x = torch.randn(1, 16, 32, requires_grad=True)
+    return flops.count_flops(lambda: blk(x).sum().backward())
+
+
+def test_recompute_shows_in_flops():
+    backends = ["reference"]
+    if torch._C._dispatch_has_kernel_for_dispatch_key("ckpt_ops::attention_fwd", "CPU"):
+        backends.append("cpu")
+    for be in backends:
+        full, keep, none = (_step_flops(lv, be) for lv in ("full", "keep_attn", "none"))
+        assert full > keep > none > 0, (be, full, keep, none)
+
+
+def test_cpu_flash_attention_formula():
+    q = torch.randn(1, 2, 16, 8, requires_grad=True)
+    fl = flops.count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q).sum().backward())
+    fwd = 4 * 2 * 16 * 16 * 8
+    assert fl == fwd + int(2.5 * fwd)
+    fl_causal = flops.count_flops(
+        lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True).sum().backward())
+    assert fl_causal == fl // 2
+
+
+def test_triton_smoke_roofline(tmp_path):
+    pytest.importorskip("triton")
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, "-m", "bench", "--triton-smoke", "--op", "block", "--out", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "TFLOP/s" in proc.stdout and "floor ms" in proc.stdout
+    rows = [json.loads(line) for line in open(_outputs(tmp_path)[0][0])]
+    triton_rows = [r for r in rows if r["provider"].endswith("[triton]")]
+    assert triton_rows and all(r["floor_ms"] > 0 and r["gbs"] > 0 for r in triton_rows)
+    assert all(r["tflops"] > 0 for r in triton_rows)
+    assert rows[0]["env"]["triton_interpret"] is True
+
+
+@pytest.mark.parametrize("style", ["gpt2", "llama"])
+def test_eager_block_matches_ckpt_ops(style):
+    """The eager reference every peer wraps computes what ckpt_ops.nn.TransformerBlock computes."""
+    from bench import eager
+
+    torch.manual_seed(0)
+    kw = {"num_kv_heads": 1} if style == "llama" else {}
+    blk = ckpt_ops.nn.TransformerBlock(32, 2, style=style, recompute="none", dtype=torch.float64, **kw)
+    blk.backend = "reference"
+    x = torch.randn(2, 16, 32, dtype=torch.float64)
+    torch.testing.assert_close(eager.block_forward(blk, x), blk(x), rtol=1e-10, atol=1e-10)
