@@ -38,14 +38,14 @@ def parse(argv=None) -> argparse.Namespace:
                     help="sequence lengths (default: 512; attention: 512 2048)")
     sz.add_argument("--d-model", type=int, default=768)
     sz.add_argument("--heads", type=int, default=12)
-    sz.add_argument("--layers", type=int, default=1, help="blocks in the stack (block, model)")
+    sz.add_argument("--layers", type=int, default=2, help="blocks in the stack (block, model)")
     sz.add_argument("--tokens", type=int, default=2048, help="rows of the norm / MLP benchmarks (4 x 512)")
     sz.add_argument("--vocab", type=int, default=8192, help="GPT-2 vocabulary of --op model")
     sz.add_argument("--dropout", type=float, default=0.1, help="residual dropout (attention, block, model)")
     sz.add_argument("--dropouts", type=float, nargs="+", default=[0.0, 0.1], help="dropout probabilities (MLP)")
     sz.add_argument("--long", action="store_true", help="block: also S 2048 at batch 1")
     m = p.add_argument_group("measuring")
-    m.add_argument("--reps", type=int, default=None, help="timed repetitions per provider (default 4; --quick 3)")
+    m.add_argument("--reps", type=int, default=None, help="timed repetitions per provider (default 6; --quick 3)")
     m.add_argument("--warmup", type=int, default=1, help="untimed steps per provider (the first compiles)")
     m.add_argument("--quick", action="store_true", help="few repetitions")
     m.add_argument("--modes", nargs="+", choices=["forward", "backward", "step"], default=["step"])
@@ -60,7 +60,7 @@ def parse(argv=None) -> argparse.Namespace:
     m.add_argument("--out", default=None, help="results folder (default bench/results/)")
     args = p.parse_args(argv)
     if args.reps is None:
-        args.reps = 3 if args.quick else 4
+        args.reps = 3 if args.quick else 6
     if args.quick:
         args.warmup = min(args.warmup, 1)
     if args.triton_smoke:
