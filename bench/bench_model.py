@@ -7,6 +7,7 @@ selective AC around every block, torch.compile with memory budgets, and the mode
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.util
 from typing import Callable, Dict, List, Optional
 
@@ -38,26 +39,18 @@ def _wrapped_blocks(blocks: List[torch.nn.Module], wrap: Callable[[Callable], Ca
             del blk.forward
 
 
-def _set_level(model: torch.nn.Module, level: str, backend: str) -> None:
-    """Recompute level and backend on every ckpt_ops module of a converted model (the MLP has no
-    "keep_attn": it gets the level a TransformerBlock would give it)."""
-    for m in model.modules():
-        if isinstance(m, ckpt_ops.nn.MLP):
-            m.recompute, m.backend = _block._MLP_LEVEL[level], backend
-        elif isinstance(m, (ckpt_ops.nn.Attention, ckpt_ops.nn.TransformerBlock)):
-            m.recompute, m.backend = level, backend
-
-
 def setup(config: Dict[str, object], device: torch.device, dtype: torch.dtype, backends: List[str],
           with_compile: bool = True) -> List[Case]:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     b, s = int(config["batch"]), int(config["seq"])
     torch.manual_seed(0)
+    # attn_pdrop stays 0: attention-probability dropout has no fused kernel, so a converted block
+    # would run its original forward (ckpt_ops.convert falls back) and measure nothing new.
     cfg = GPT2Config(vocab_size=int(config["vocab"]), n_positions=s, n_embd=int(config["d_model"]),
                      n_layer=int(config["layers"]), n_head=int(config["heads"]), resid_pdrop=float(config["dropout"]),
-                     embd_pdrop=float(config["dropout"]), attn_pdrop=0.0)
-    model = GPT2LMHeadModel(cfg, attn_implementation="sdpa").to(device, dtype).train()
+                     embd_pdrop=float(config["dropout"]), attn_pdrop=0.0, attn_implementation="sdpa")
+    model = GPT2LMHeadModel(cfg).to(device, dtype).train()
     ids = torch.randint(0, cfg.vocab_size, (b, s), device=device)
     loss = lambda mdl=model: mdl(input_ids=ids, labels=ids).loss  # noqa: E731
     blocks = list(model.transformer.h)
@@ -70,7 +63,12 @@ def setup(config: Dict[str, object], device: torch.device, dtype: torch.dtype, b
                 return loss()
         return fwd
 
+    # HF's own gradient checkpointing (transformers 5.24: use_reentrant=False by default).
+    gc_model = copy.deepcopy(model)
+    gc_model.gradient_checkpointing_enable()
+    gc_params = list(gc_model.parameters())
     cases = [make_case("eager", loss, one, [], params),
+             make_case("HF gradient_checkpointing", lambda: loss(gc_model), one, [], gc_params),
              make_case("torch.utils.checkpoint", per_block(providers.checkpointed), one, [], params),
              make_case("selective AC (matmuls)", per_block(providers.selective), one, [], params)]
     reason = None if with_compile else "--no-compile"
@@ -86,7 +84,7 @@ def setup(config: Dict[str, object], device: torch.device, dtype: torch.dtype, b
     for be in backends:
         for level in _block.LEVELS:
             def fwd(level=level, be=be):
-                _set_level(converted, level, be)
+                ckpt_ops.convert(converted, recompute=level, backend=be)  # re-convert: sets the level
                 return loss(converted)
             cases.append(make_case(f"ckpt_ops {level} [{be}]", fwd, one, [], cparams))
     return cases
