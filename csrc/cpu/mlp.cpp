@@ -207,15 +207,9 @@ inline void dropout_chunk(const scalar_t* y, const scalar_t* residual, scalar_t*
   using acc = acc_t<scalar_t>;
 #pragma omp simd
   for (int64_t i = begin; i < end; ++i) {
-    const acc yv = static_cast<acc>(y[i]);
     const acc rv = kResidual ? static_cast<acc>(residual[i]) : acc(0);
-    acc o;
-    if constexpr (kRng) {
-      o = philox::dropout_apply<kResidual>(yv, rv, philox::keep(seed, i, threshold), scale);
-    } else {
-      o = kResidual ? add_rn(rv, yv) : yv;
-    }
-    out[i] = static_cast<scalar_t>(o);
+    out[i] = static_cast<scalar_t>(
+        philox::dropout_element<kRng, kResidual>(static_cast<acc>(y[i]), rv, seed, i, threshold, scale));
   }
 }
 

@@ -68,15 +68,9 @@ __global__ void dropout_kernel(const scalar_t* __restrict__ y, const scalar_t* _
   const int64_t seed = kRng ? *seed_ptr : 0;
   const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
-    const acc yv = static_cast<acc>(y[i]);
     const acc rv = kResidual ? static_cast<acc>(residual[i]) : acc(0);
-    acc o;
-    if constexpr (kRng) {
-      o = philox::dropout_apply<kResidual>(yv, rv, philox::keep(seed, i, threshold), scale);
-    } else {
-      o = kResidual ? add_rn(rv, yv) : yv;
-    }
-    out[i] = static_cast<scalar_t>(o);
+    out[i] = static_cast<scalar_t>(
+        philox::dropout_element<kRng, kResidual>(static_cast<acc>(y[i]), rv, seed, i, threshold, scale));
   }
 }
 

@@ -93,5 +93,17 @@ CKPT_HD_INLINE acc dropout_apply(acc y, acc residual, bool kept, acc scale) {
   return kResidual ? add_rn(residual, v) : v;
 }
 
+// One output element of dropout_fwd / dropout_bwd (the whole per-element body of the CPU and
+// CUDA kernels): residual + keep * y * scale with Philox, or residual + y when p == 0.
+template <bool kRng, bool kResidual, typename acc>
+CKPT_HD_INLINE acc dropout_element(acc y, acc residual, int64_t seed, int64_t index, uint32_t threshold,
+                                   acc scale) {
+  if constexpr (kRng) {
+    return dropout_apply<kResidual>(y, residual, keep(seed, index, threshold), scale);
+  } else {
+    return kResidual ? add_rn(residual, y) : y;
+  }
+}
+
 }  // namespace philox
 }  // namespace ckpt_ops
