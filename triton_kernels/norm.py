@@ -111,6 +111,29 @@ def _norm_fwd_kernel(
 
 
 @triton.jit
+def _bwd_chunk(X, DY, W, row, N, c, mask, mean, rstd, HAS_WEIGHT: tl.constexpr):
+    """One column block of a row in the multi-block backward: (dy, xhat, w * dy), fp32; xhat rebuilt
+    from x and the saved statistics, identically in both passes over the row."""
+    x = tl.load(X + row * N + c, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + row * N + c, mask=mask, other=0.0).to(tl.float32)
+    xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+    if HAS_WEIGHT:
+        wdy = dy * tl.load(W + c, mask=mask, other=0.0).to(tl.float32)
+    else:
+        wdy = dy
+    return dy, xhat, wdy
+
+
+@triton.jit
+def _dx(wdy, xhat, rstd, c1, c2, IS_RMS: tl.constexpr):
+    """dx = rstd * (w dy - (xhat c2 + c1)); RMSNorm has no c1 term."""
+    if IS_RMS:
+        return (wdy - xhat * c2) * rstd
+    else:
+        return (wdy - (xhat * c2 + c1)) * rstd
+
+
+@triton.jit
 def _norm_bwd_kernel(
     DY, X, W, MEAN, RSTD,  # dy, x: (M, N) contiguous; w: (N,) or None; mean (None for RMS), rstd: (M,) fp32
     DX, DW_PART, DB_PART,  # dx: (M, N) or None; partials: (num_programs, N) fp32 or None
@@ -166,11 +189,8 @@ def _norm_bwd_kernel(
                 db_acc += dy
             if NEED_DX:
                 c2 = tl.sum(wdy * xhat, axis=0) / N
-                if IS_RMS:
-                    dx = (wdy - xhat * c2) * rstd
-                else:
-                    c1 = tl.sum(wdy, axis=0) / N
-                    dx = (wdy - (xhat * c2 + c1)) * rstd
+                c1 = 0.0 if IS_RMS else tl.sum(wdy, axis=0) / N
+                dx = _dx(wdy, xhat, rstd, c1, c2, IS_RMS)
                 tl.store(DX + row * N + cols, _cast_out(dx, DX.dtype.element_ty, RTNE_BF16), mask=mask)
         if NEED_DW:
             tl.store(DW_PART + part + cols, dw_acc, mask=mask)
@@ -189,13 +209,7 @@ def _norm_bwd_kernel(
             for off in range(0, N, BLOCK_N):
                 c = off + cols
                 mask = c < N
-                x = tl.load(X + row * N + c, mask=mask, other=0.0).to(tl.float32)
-                dy = tl.load(DY + row * N + c, mask=mask, other=0.0).to(tl.float32)
-                xhat = tl.where(mask, (x - mean) * rstd, 0.0)
-                if HAS_WEIGHT:
-                    wdy = dy * tl.load(W + c, mask=mask, other=0.0).to(tl.float32)
-                else:
-                    wdy = dy
+                dy, xhat, wdy = _bwd_chunk(X, DY, W, row, N, c, mask, mean, rstd, HAS_WEIGHT)
                 if NEED_DX:
                     acc_wdy_xhat += wdy * xhat
                     if not IS_RMS:
@@ -208,22 +222,12 @@ def _norm_bwd_kernel(
                     tl.store(DB_PART + part + c, p + dy, mask=mask)
             if NEED_DX:
                 c2 = tl.sum(acc_wdy_xhat, axis=0) / N
-                if not IS_RMS:
-                    c1 = tl.sum(acc_wdy, axis=0) / N
+                c1 = 0.0 if IS_RMS else tl.sum(acc_wdy, axis=0) / N
                 for off in range(0, N, BLOCK_N):
                     c = off + cols
                     mask = c < N
-                    x = tl.load(X + row * N + c, mask=mask, other=0.0).to(tl.float32)
-                    dy = tl.load(DY + row * N + c, mask=mask, other=0.0).to(tl.float32)
-                    xhat = tl.where(mask, (x - mean) * rstd, 0.0)
-                    if HAS_WEIGHT:
-                        wdy = dy * tl.load(W + c, mask=mask, other=0.0).to(tl.float32)
-                    else:
-                        wdy = dy
-                    if IS_RMS:
-                        dx = (wdy - xhat * c2) * rstd
-                    else:
-                        dx = (wdy - (xhat * c2 + c1)) * rstd
+                    dy, xhat, wdy = _bwd_chunk(X, DY, W, row, N, c, mask, mean, rstd, HAS_WEIGHT)
+                    dx = _dx(wdy, xhat, rstd, c1, c2, IS_RMS)
                     tl.store(DX + row * N + c, _cast_out(dx, DX.dtype.element_ty, RTNE_BF16), mask=mask)
 
 
