@@ -78,6 +78,21 @@ def _key_ok(KMASK, b, offs_n, S, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
+def _key_block(base, q, offs_m, offs_n, S, stride_s, k_col, v_col, offs_d, HD, KMASK, b, qk_scale,
+               HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr):
+    """One key block seen from a query block: (k, v, scaled scores q k^T * qk_scale, valid), valid
+    = key not padded (and j <= i when causal). Shared by the forward and the dq kernel so both
+    mask exactly the same entries."""
+    k = _load_rows(base, offs_n, S, stride_s, k_col, offs_d, HD, DOT_FP32)
+    v = _load_rows(base, offs_n, S, stride_s, v_col, offs_d, HD, DOT_FP32)
+    valid = _key_ok(KMASK, b, offs_n, S, HAS_MASK)[None, :]
+    if CAUSAL:
+        valid = valid & (offs_m[:, None] >= offs_n[None, :])
+    s = _dot(q, tl.trans(k), None) * qk_scale
+    return k, v, s, valid
+
+
+@triton.jit
 def _attn_fwd_kernel(
     QKV, KMASK, O, LSE,  # qkv (B, S, W); key_mask uint8 (B, S) or None; o (B, S, H*hd); lse fp32 (B, H, S)
     S, H, GROUP, HD,  # GROUP = H / KV query heads per KV head
@@ -109,12 +124,9 @@ def _attn_fwd_kernel(
         hi = S
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(base, offs_n, S, stride_qkv_s, (H + kvh) * HD, offs_d, HD, DOT_FP32)
-        v = _load_rows(base, offs_n, S, stride_qkv_s, (H + kv + kvh) * HD, offs_d, HD, DOT_FP32)
-        valid = _key_ok(KMASK, b, offs_n, S, HAS_MASK)[None, :]
-        if CAUSAL:
-            valid = valid & (offs_m[:, None] >= offs_n[None, :])
-        s = _dot(q, tl.trans(k), None) * qk_scale
+        k, v, s, valid = _key_block(base, q, offs_m, offs_n, S, stride_qkv_s, (H + kvh) * HD,
+                                    (H + kv + kvh) * HD, offs_d, HD, KMASK, b, qk_scale, HAS_MASK, CAUSAL,
+                                    DOT_FP32)
         s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_off = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no valid key yet: p = 2^-inf = 0
@@ -247,12 +259,9 @@ def _attn_bwd_dq_kernel(
         hi = S
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(base, offs_n, S, stride_qkv_s, (H + kvh) * HD, offs_d, HD, DOT_FP32)
-        v = _load_rows(base, offs_n, S, stride_qkv_s, (H + kv + kvh) * HD, offs_d, HD, DOT_FP32)
-        valid = _key_ok(KMASK, b, offs_n, S, HAS_MASK)[None, :]
-        if CAUSAL:
-            valid = valid & (offs_m[:, None] >= offs_n[None, :])
-        s = _dot(q, tl.trans(k), None) * qk_scale
+        k, v, s, valid = _key_block(base, q, offs_m, offs_n, S, stride_qkv_s, (H + kvh) * HD,
+                                    (H + kv + kvh) * HD, offs_d, HD, KMASK, b, qk_scale, HAS_MASK, CAUSAL,
+                                    DOT_FP32)
         p = tl.where(valid, tl.math.exp2(s - lse[:, None] * _LOG2E), 0.0)
         dp = _dot(do, tl.trans(v), None)
         ds = p * (dp - delta[:, None])
