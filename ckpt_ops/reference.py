@@ -181,20 +181,28 @@ def _mulhilo32(a: Tensor, b: int) -> Tuple[Tensor, Tensor]:
     return hi, lo
 
 
-def philox_uint32(seed: int, index: Tensor) -> Tensor:
-    """First 32-bit output of Philox4x32-10 with counter (index lo, index hi, 0, 0) and key
-    (seed lo, seed hi), as int64 values in [0, 2**32). Same rounds as csrc/include/ckpt_ops/philox.h
-    and the Triton kernels (and as Triton's tl.randint for 32-bit counters)."""
-    c0, c1 = index & _U32, (index >> 32) & _U32
-    c2 = torch.zeros_like(index)
-    c3 = torch.zeros_like(index)
+def philox4x32_10(seed: int, counter: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The four 32-bit output words of Philox4x32-10 (Salmon et al., SC'11) for counter
+    (counter lo, counter hi, 0, 0) and key (seed lo, seed hi), as int64 values in [0, 2**32).
+    Same rounds as csrc/include/ckpt_ops/philox.h and the Triton kernels."""
+    c0, c1 = counter & _U32, (counter >> 32) & _U32
+    c2 = torch.zeros_like(counter)
+    c3 = torch.zeros_like(counter)
     k0, k1 = seed & _U32, (seed >> 32) & _U32
     for _ in range(10):
         hi_b, lo_b = _mulhilo32(c2, PHILOX_M1)
         hi_a, lo_a = _mulhilo32(c0, PHILOX_M0)
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
         k0, k1 = (k0 + PHILOX_W0) & _U32, (k1 + PHILOX_W1) & _U32
-    return c0
+    return c0, c1, c2, c3
+
+
+def dropout_bits(seed: int, index: Tensor) -> Tensor:
+    """The 32 random bits of flat element ``index`` (non-negative int64): word ``index % 4`` of
+    Philox4x32-10 at counter ``index // 4``, so one Philox evaluation serves four neighbouring
+    elements (the CPU kernel evaluates it once per four; GPU threads select their word)."""
+    words = torch.stack(philox4x32_10(seed, index >> 2))
+    return words.gather(0, (index & 3).unsqueeze(0)).squeeze(0)
 
 
 def dropout_threshold(p: float) -> int:
@@ -206,7 +214,7 @@ def dropout_keep_mask(seed: Tensor, numel: int, p: float, device: torch.device) 
     """The boolean keep mask of ``numel`` elements (flat, row-major) for this seed and p."""
     s = int(seed.reshape(-1)[0].item())
     idx = torch.arange(numel, dtype=torch.int64, device=device)
-    return philox_uint32(s, idx) >= dropout_threshold(p)
+    return dropout_bits(s, idx) >= dropout_threshold(p)
 
 
 def dropout_scale(p: float, dtype: torch.dtype) -> float:

@@ -12,7 +12,8 @@ Tolerances, and why:
   DESIGN §4 rule: error vs the fp64 truth at most 2x that of eager PyTorch in that dtype.
 * dropout: out = residual + where(keep, y * scale, 0) in the accumulation dtype, rounded once --
   the same operations as the contract, so the output is bitwise equal in every dtype (and the
-  mask, which is integer Philox arithmetic, is identical by construction).
+  mask, which is integer Philox arithmetic -- word i mod 4 of Philox4x32-10 at counter i // 4 -- is
+  identical by construction).
 """
 import pytest
 import torch
@@ -202,6 +203,47 @@ def test_dropout_seeds():
     for i in range(len(vals)):
         for j in range(i + 1, len(vals)):
             assert not torch.equal(vals[i], vals[j]), "two seeds gave the same mask"
+
+
+def test_philox_reference_known_answer():
+    """The reference generator is Philox4x32-10 itself: Random123's known-answer vector for counter 0,
+    key 0 (kat_vectors: philox4x32 10 00000000 ... -> 6627e8d5 e169c58d bc57ac4c 9b00dbd8), and each
+    element draws word (i mod 4) of counter i // 4."""
+    words = [int(w[0]) for w in R.philox4x32_10(0, torch.zeros(1, dtype=torch.int64))]
+    assert words == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+    seed = 2**40 + 77
+    idx = torch.arange(4 * 5, 4 * 9, dtype=torch.int64)
+    per_counter = torch.stack(R.philox4x32_10(seed, torch.arange(5, 9, dtype=torch.int64)), dim=1)
+    assert torch.equal(R.dropout_bits(seed, idx), per_counter.reshape(-1))
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("n", [2 * 32768 + 7, 3 * 32768 + 2])
+def test_dropout_chunks_starting_mid_tile(n, threads):
+    """The CPU kernel evaluates Philox once per four elements in tiles aligned to 4; OpenMP chunks can
+    start anywhere (n / threads is not a multiple of 4 here): bits stay those of the reference."""
+    y, res = rand((n,), torch.float32, 7), rand((n,), torch.float32, 8)
+    seed = torch.tensor([2**33 + 5], dtype=torch.int64)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = ops.dropout_fwd(y, res, seed, 0.3)
+        dy = ops.dropout_bwd(y, seed, 0.3)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(out, R.dropout_fwd(y, res, seed, 0.3))
+    assert torch.equal(dy, R.dropout_bwd(y, seed, 0.3))
+
+
+def test_dropout_neighbours_independent():
+    """Four neighbouring elements share one Philox evaluation (different words): their keep decisions
+    must still be independent -- joint keep rate of each neighbour pair (i, i+1..3) ~ (1 - p)^2."""
+    n, p = 1 << 20, 0.5
+    keep = ops.dropout_fwd(torch.ones(n), None, torch.tensor([99], dtype=torch.int64), p) != 0
+    for lag in (1, 2, 3, 4):
+        joint = (keep[:-lag] & keep[lag:]).double().mean().item()
+        sigma = ((1 - p) ** 2 * (1 - (1 - p) ** 2) / n) ** 0.5
+        assert abs(joint - (1 - p) ** 2) < 6 * sigma, (lag, joint)
 
 
 def test_dropout_empty_and_thread_count_independent():

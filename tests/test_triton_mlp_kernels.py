@@ -212,28 +212,28 @@ def test_dropout_seed_changes_mask():
 @triton.jit
 def _philox_bits_kernel(SEED, OUT, base, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    bits = tm._philox_uint32(tl.load(SEED), offs + base)
+    bits = tm._dropout_bits(tl.load(SEED), offs + base)
     tl.store(OUT + offs, bits.to(tl.int64), mask=offs < n)  # uint32 -> int64 zero-extends
 
 
-@pytest.mark.parametrize("base", [0, 2 ** 32 - 700, 2 ** 40 + 12345, 2 ** 62])
+@pytest.mark.parametrize("base", [0, 2 ** 34 - 702, 2 ** 40 + 12345, 2 ** 62 + 1])
 def test_philox_bits_large_index(base):
-    # all 32 bits of the kernel's Philox against reference.philox_uint32, for counters whose high word is
-    # 0, crosses 2**32 inside the block, and is large
+    # all 32 bits of the kernel's dropout bits against reference.dropout_bits, for Philox counters whose
+    # high word is 0, crosses 2**32 inside the block, and is large; bases not a multiple of 4 included
     n = 1500
     out = torch.empty(n, dtype=torch.int64, device=DEVICE)
     _philox_bits_kernel[(triton.cdiv(n, 1024),)](_seed(), out, base, n, BLOCK=1024)
     idx = torch.arange(base, base + n, dtype=torch.int64, device=DEVICE)
-    assert torch.equal(out, ref.philox_uint32(int(SEED.item()), idx))
+    assert torch.equal(out, ref.dropout_bits(int(SEED.item()), idx))
 
 
-@pytest.mark.parametrize("base", [2 ** 32 - 700, 2 ** 40 + 12345])
+@pytest.mark.parametrize("base", [2 ** 34 - 700, 2 ** 40 + 12345])
 def test_dropout_large_index(base):
     # the dropout kernel itself past 2**32: the launcher's index_base shifts the Philox counter (not memory)
     y = torch.ones(1500, device=DEVICE)
     keep = tm._dropout(y, None, _seed(), 0.3, index_base=base) != 0
     idx = torch.arange(base, base + y.numel(), dtype=torch.int64, device=DEVICE)
-    assert torch.equal(keep, ref.philox_uint32(int(SEED.item()), idx) >= ref.dropout_threshold(0.3))
+    assert torch.equal(keep, ref.dropout_bits(int(SEED.item()), idx) >= ref.dropout_threshold(0.3))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

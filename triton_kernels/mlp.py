@@ -8,7 +8,7 @@ function of the same name in ``ckpt_ops.reference`` (``act_fwd``, ``act_bwd``, `
 
     act_fwd:      a = act(h)                      | gated (g given): a = act(g) * h
     act_bwd:      a (if need_a), dh = da * act'(h) | gated: a = act(g) * h, dh = da * act(g), dg = da * h * act'(g)
-    dropout_fwd:  out = residual + where(keep, y * scale, 0),  keep = philox(seed, flat index) >= threshold(p)
+    dropout_fwd:  out = residual + where(keep, y * scale, 0),  keep = dropout_bits(seed, flat index) >= threshold(p)
     dropout_bwd:  dy = where(keep, dout * scale, 0)           (the forward's mask, rebuilt from the seed)
 
 Activation codes (``ckpt_ops._consts.ACTIVATIONS``): 0 gelu (erf), 1 gelu_tanh, 2 relu, 3 silu. The backward
@@ -31,7 +31,7 @@ from ckpt_ops import _meta  # the fake implementations, shared with the extensio
 
 from ._common import DTYPES, _cast_out, _emulate_rtne, _interpreted, _register  # noqa: F401  (_interpreted: tests)
 
-# constants of ckpt_ops.reference.act_and_grad / philox_uint32 (constexpr: Triton only reads constexpr globals)
+# constants of ckpt_ops.reference.act_and_grad / philox4x32_10 (constexpr: Triton only reads constexpr globals)
 _SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
 _GELU_TANH_C = tl.constexpr(0.044715)
 _INV_SQRT_2 = tl.constexpr(0.7071067811865476)
@@ -142,14 +142,14 @@ def _act_bwd_kernel(
 
 
 @triton.jit
-def _philox_uint32(seed, idx):
-    """First output word of Philox4x32-10, counter (idx lo, idx hi, 0, 0), key (seed lo, seed hi); ``seed`` an
-    int64 scalar, ``idx`` a block of non-negative int64. Bit for bit ``reference.philox_uint32`` (and Triton's
-    ``tl.randint`` for counters below 2**32)."""
+def _philox4x32_10(seed, counter):
+    """The four output words of Philox4x32-10, counter (counter lo, counter hi, 0, 0), key (seed lo, seed hi);
+    ``seed`` an int64 scalar, ``counter`` a block of non-negative int64. Bit for bit
+    ``reference.philox4x32_10``."""
     k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
     k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
-    c0 = (idx & 0xFFFFFFFF).to(tl.uint32)
-    c1 = ((idx >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    c0 = (counter & 0xFFFFFFFF).to(tl.uint32)
+    c1 = ((counter >> 32) & 0xFFFFFFFF).to(tl.uint32)
     c2 = tl.zeros_like(c0)
     c3 = tl.zeros_like(c0)
     for _ in tl.static_range(10):
@@ -160,7 +160,17 @@ def _philox_uint32(seed, idx):
         c3 = tl.mul(_PHILOX_M0, _c0, sanitize_overflow=False)
         k0 = tl.add(k0, _PHILOX_W0, sanitize_overflow=False)
         k1 = tl.add(k1, _PHILOX_W1, sanitize_overflow=False)
-    return c0
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _dropout_bits(seed, idx):
+    """Random bits of flat elements ``idx`` (non-negative int64): word ``idx % 4`` of Philox at counter
+    ``idx // 4``, bit for bit ``reference.dropout_bits``. One evaluation per element, as tl.randint does: the
+    kernel is memory-bound on GPUs (the CPU kernel shares each evaluation among four elements)."""
+    w0, w1, w2, w3 = _philox4x32_10(seed, idx >> 2)
+    k = idx & 3
+    return tl.where(k < 2, tl.where(k == 0, w0, w1), tl.where(k == 2, w2, w3))
 
 
 @triton.jit
@@ -170,7 +180,7 @@ def _dropout_fwd_kernel(
     HAS_RESIDUAL: tl.constexpr, APPLY: tl.constexpr, BLOCK: tl.constexpr, RTNE_BF16: tl.constexpr,
 ):
     """Forward, fp32, rounded once:  out = residual + where(keep, y * scale, 0)
-        keep = philox(seed, index_base + i) >= threshold   (uint32 compare; i the flat index)
+        keep = dropout_bits(seed, index_base + i) >= threshold   (uint32 compare; i the flat index)
     APPLY=False (p == 0): no RNG, out = residual + y. Without residual this is also the backward:
         dy = where(keep, dout * scale, 0)   (the same bits as the forward, from the same seed)
     ``index_base`` is 0 for the ops; tests shift it to reach Philox counters >= 2**32."""
@@ -180,7 +190,7 @@ def _dropout_fwd_kernel(
     if APPLY:
         seed = tl.load(SEED).to(tl.int64)  # on the device: no host sync for the seed
         scale = tl.cast(scale, tl.float32)  # pin: Inductor passes Python floats as fp64
-        bits = _philox_uint32(seed, offs + index_base)
+        bits = _dropout_bits(seed, offs + index_base)
         keep = bits >= tl.cast(threshold, tl.uint32)
         v = tl.where(keep, v * scale, 0.0)
     if HAS_RESIDUAL:

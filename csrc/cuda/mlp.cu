@@ -69,8 +69,9 @@ __global__ void dropout_kernel(const scalar_t* __restrict__ y, const scalar_t* _
   const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
     const acc rv = kResidual ? static_cast<acc>(residual[i]) : acc(0);
+    const uint32_t bits = kRng ? philox::bits_at(seed, i) : 0u;
     out[i] = static_cast<scalar_t>(
-        philox::dropout_element<kRng, kResidual>(static_cast<acc>(y[i]), rv, seed, i, threshold, scale));
+        philox::dropout_element<kRng, kResidual>(static_cast<acc>(y[i]), rv, bits, threshold, scale));
   }
 }
 
