@@ -12,6 +12,8 @@ level          keeps for backward                            recomputes in backw
                                                              never fc2
 ``"keep_attn"``+ attention output O and its LSE              as "full" but never the attention
                                                              forward (cost ~ S^2)
+``"keep_mlp"`` + h1 (the MLP's input) and the fc1/gate       norm1, QKV, RoPE (one GEMM: the QKV
+               outputs                                       projection), norm2, activation
 ``"selective"``+ qkv (after RoPE), h1, fc1/gate outputs      norms, activation: elementwise only
 ``"none"``     what the un-checkpointed fused block needs    nothing but the dropout masks
 =============  ============================================  =====================================
@@ -32,8 +34,14 @@ from ckpt_ops.mlp import load, save
 
 Tensor = torch.Tensor
 
-LEVELS = ("full", "keep_attn", "selective", "none")
-_MLP_LEVEL = {"full": "full", "keep_attn": "full", "selective": "selective", "none": "none"}
+LEVELS = ("full", "keep_attn", "keep_mlp", "selective", "none")
+# Each block level as a level of its two segments. "keep_mlp" is the attention segment at
+# "keep_attn" (x, O, LSE) and the MLP segment at "selective" (its input h1, the fc1/gate outputs):
+# between keep_attn and selective, it replays the QKV projection but no other GEMM.
+_ATTN_LEVEL = {"full": "full", "keep_attn": "keep_attn", "keep_mlp": "keep_attn", "selective": "selective",
+               "none": "none"}
+_MLP_LEVEL = {"full": "full", "keep_attn": "full", "keep_mlp": "selective", "selective": "selective",
+              "none": "none"}
 N_ATTN, N_MLP = len(_attn.PARAMS), len(_mlp.PARAMS)
 
 
@@ -118,7 +126,7 @@ def transformer_block(x: Tensor, attn_params: dict, mlp_params: dict, attn_cfg: 
     residual stream in fp32, parameter gradients in the parameters' dtype."""
     if level not in LEVELS:
         raise ValueError(f"recompute must be one of {LEVELS}; got {level!r}")
-    cfg = BlockConfig(attn_cfg._replace(level=level), mlp_cfg._replace(level=_MLP_LEVEL[level]), level)
+    cfg = BlockConfig(attn_cfg._replace(level=_ATTN_LEVEL[level]), mlp_cfg._replace(level=_MLP_LEVEL[level]), level)
     seeds = [torch.randint(0, 2**62, (1,), dtype=torch.int64, device=x.device) if c.p > 0.0
              else torch.zeros(1, dtype=torch.int64, device=x.device) for c in (cfg.attn, cfg.mlp)]
     if attn_cfg.amp != mlp_cfg.amp:

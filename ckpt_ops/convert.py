@@ -177,7 +177,8 @@ class _BlockAdapter(Adapter):
             None if attn_p["bq"] is None else (attn_p["bq"], attn_p["bk"], attn_p["bv"]))
         acfg, mask, c, sn = _attn.prepare(
             x, qkv_w, qkv_b, attn_p["wo"], attn_p["bo"], attention_mask=key_mask, causal=True,
-            rope_cos=cos, rope_sin=sin, training=module.training, recompute=level, backend=state.backend, **attn_kw)
+            rope_cos=cos, rope_sin=sin, training=module.training, recompute=_block._ATTN_LEVEL[level], backend=state.backend,
+            **attn_kw)
         mcfg = _mlp.prepare(x, mlp_p["w1"], mlp_p["b1"], mlp_p["w2"], mlp_p["b2"], gate_weight=mlp_p["wg"],
                             gate_bias=mlp_p["bg"], training=module.training, recompute=_block._MLP_LEVEL[level],
                             backend=state.backend, residual=True, **mlp_kw)
@@ -357,7 +358,7 @@ def convert(model: torch.nn.Module, recompute: str = "full", inplace: bool = Tru
     """Swap the supported modules of `model` for fused checkpointed equivalents (see the module
     docstring) and return the model (a deep copy when ``inplace=False``).
 
-    recompute: "full" | "keep_attn" | "selective" | "none" for transformer blocks (norms have no
+    recompute: "full" | "keep_attn" | "keep_mlp" | "selective" | "none" for transformer blocks (norms have no
     levels). ``conversion_report(model)`` says what was swapped, what was left alone and why, and
     how many calls ran fused or fell back (and why)."""
     if not isinstance(model, torch.nn.Module):

@@ -200,7 +200,8 @@ class TransformerBlock(torch.nn.Module):
         multiple of 64), RoPE (``rope_theta``), grouped-query attention (``num_kv_heads``).
 
     Submodules ``attn`` (:class:`Attention` with norm + residual) and ``mlp`` (:class:`MLP` with
-    norm + residual). ``recompute``: "full" | "keep_attn" | "selective" | "none".
+    norm + residual). ``recompute``: "full" | "keep_attn" | "keep_mlp" | "selective" | "none"
+    (see ckpt_ops.block).
     forward(x (B, S, d_model), attention_mask=None (B, S), rope_cos=None, rope_sin=None).
     """
 
@@ -230,7 +231,7 @@ class TransformerBlock(torch.nn.Module):
         level = self.recompute
         for m in (self.attn, self.mlp):
             m.backend = self.backend if self.backend is not None else m.backend
-        apos, akw = self.attn._args(attention_mask, level, rope_cos, rope_sin)
+        apos, akw = self.attn._args(attention_mask, _block._ATTN_LEVEL[level], rope_cos, rope_sin)
         acfg, mask, cos, sin = _attn.prepare(x, *apos, **akw)
         mpos, mkw = self.mlp._args(_block._MLP_LEVEL[level])
         mcfg = _mlp.prepare(x, *mpos, **mkw)

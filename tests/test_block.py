@@ -12,7 +12,7 @@ from test_attention import eager_attention, make_mask
 from test_mlp import eager_mlp
 
 BACKENDS = available_backends("attention")
-LEVELS = ["full", "keep_attn", "selective", "none"]
+LEVELS = ["full", "keep_attn", "keep_mlp", "selective", "none"]
 
 
 def make_block(style, level, backend, p=0.0, dtype=torch.float32, seed=0):
@@ -85,6 +85,35 @@ def test_full_block_saves_what_checkpoint_saves(backend, style):
     assert ours * 5 <= plain
     with torch.no_grad():
         assert ckpt_ops.saved_bytes(blk, x, mask) == 0
+
+
+def block_bytes(level, b, s, d, h, kv, hd, d_ff, gated, mask_bytes, e=4):
+    """What each level keeps, counted by hand (module docstring of ckpt_ops.block)."""
+    x = b * s * d * e
+    o_lse = b * s * h * hd * e + b * h * s * 4
+    h1 = b * s * d * e
+    pre = b * s * d_ff * e * (2 if gated else 1)
+    qkv = b * s * (h + 2 * kv) * hd * e
+    seeds = 2 * 8
+    return x + mask_bytes + seeds + {"full": 0, "keep_attn": o_lse, "keep_mlp": o_lse + h1 + pre,
+                                     "selective": o_lse + h1 + pre + qkv}[level]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("style", ["gpt2", "llama"])
+def test_saved_bytes_of_every_level(backend, style):
+    """Each level keeps exactly what its docstring says, and the levels are ordered by memory."""
+    x = torch.randn(2, 16, 32, device=DEVICE, requires_grad=True)
+    mask = make_mask(2, 16, "right")
+    got = []
+    for level in ("full", "keep_attn", "keep_mlp", "selective"):
+        blk = make_block(style, level, backend, p=0.1)
+        kv = blk.attn.num_kv_heads
+        d_ff = blk.mlp.fc1.out_features
+        want = block_bytes(level, 2, 16, 32, 4, kv, 8, d_ff, style == "llama", mask.numel())
+        got.append(ckpt_ops.saved_bytes(blk, x, mask))
+        assert got[-1] == want, level
+    assert got == sorted(got)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -21,7 +21,7 @@ from ckpt_ops import reference as R
 from conftest import assert_close, assert_low_precision_ok, rel_err
 
 CPU = torch.device("cpu")
-LEVELS = ["full", "keep_attn", "selective", "none"]
+LEVELS = ["full", "keep_attn", "keep_mlp", "selective", "none"]
 STYLES = ["gpt2", "llama"]
 D, H, S, B = 32, 4, 8, 4
 

@@ -14,7 +14,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from conftest import assert_fp32_close  # noqa: E402
 
 transformers.logging.set_verbosity_error()
-LEVELS = ["full", "keep_attn", "selective", "none"]
+LEVELS = ["full", "keep_attn", "keep_mlp", "selective", "none"]
 
 
 def gpt2(impl="sdpa", **over):
