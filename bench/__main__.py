@@ -45,7 +45,7 @@ def parse(argv=None) -> argparse.Namespace:
     sz.add_argument("--dropouts", type=float, nargs="+", default=[0.0, 0.1], help="dropout probabilities (MLP)")
     sz.add_argument("--long", action="store_true", help="block: also S 2048 at batch 1")
     m = p.add_argument_group("measuring")
-    m.add_argument("--reps", type=int, default=None, help="timed repetitions per provider (default 6; --quick 3)")
+    m.add_argument("--reps", type=int, default=None, help="timed repetitions per provider (default 8; --quick 3)")
     m.add_argument("--warmup", type=int, default=1, help="untimed steps per provider (the first compiles)")
     m.add_argument("--quick", action="store_true", help="few repetitions")
     m.add_argument("--modes", nargs="+", choices=["forward", "backward", "step"], default=["step"])
@@ -60,7 +60,7 @@ def parse(argv=None) -> argparse.Namespace:
     m.add_argument("--out", default=None, help="results folder (default bench/results/)")
     args = p.parse_args(argv)
     if args.reps is None:
-        args.reps = 3 if args.quick else 6
+        args.reps = 3 if args.quick else 8
     if args.quick:
         args.warmup = min(args.warmup, 1)
     if args.triton_smoke:

@@ -30,8 +30,21 @@ def _level(r: Result) -> str:
     return r.provider[len("ckpt_ops "):] if r.provider.startswith("ckpt_ops ") else r.provider
 
 
+def _noise(r: Result) -> float:
+    """Half the p20-p80 spread of a point's step times, relative to its median."""
+    return (r.p80_ms - r.p20_ms) / (2.0 * r.median_ms) if r.median_ms > 0 else 0.0
+
+
+def _noise_note(margin: float, ours: Result, peer: Result) -> str:
+    """A warning when the time margin (either sign) is inside the two points' timing noise: the
+    verdict could flip on a re-run."""
+    noise = max(_noise(ours), _noise(peer))
+    return f" [time margin {abs(margin):.1%} within the timing noise +-{noise:.1%}]" if abs(margin) < noise else ""
+
+
 def verdicts(results: List[Result]) -> List[str]:
-    """One line per (op, peer): dominated by which ckpt_ops point, or by how much the closest misses."""
+    """One line per (op, peer): dominated by which ckpt_ops point, or by how much the closest misses;
+    flagged when the time margin is inside the timing noise (p20-p80) of the run."""
     lines = []
     for op, rs in _points(results).items():
         ours = [r for r in rs if r.group == "ckpt_ops"]
@@ -52,22 +65,24 @@ def verdicts(results: List[Result]) -> List[str]:
             if dom:
                 best = min(dom, key=lambda r: max(excess(r)))
                 lines.append(f"{head} dominated by ckpt_ops {_level(best)}: bytes {best.kept_ratio:.2f} <= {pb:.2f}, "
-                             f"time {best.ratio_to_eager:.2f} <= {pt:.2f}")
+                             f"time {best.ratio_to_eager:.3f} <= {pt:.3f}" + _noise_note(excess(best)[1], best, p))
             else:
                 best = min(ours, key=lambda r: max(excess(r)))
                 eb, et = excess(best)
                 miss = [f"{name} {v:+.1%} ({ours_v:.3f} > {peer_v:.3f})"
                         for name, v, ours_v, peer_v in (("bytes", eb, best.kept_ratio, pb),
                                                          ("time", et, best.ratio_to_eager, pt)) if v > 0]
+                note = _noise_note(et, best, p) if eb <= 0 else ""
                 lines.append(f"{head} NOT dominated: closest ckpt_ops point {_level(best)} (bytes "
-                             f"{best.kept_ratio:.2f}, time {best.ratio_to_eager:.2f}), misses by {', '.join(miss)}")
+                             f"{best.kept_ratio:.2f}, time {best.ratio_to_eager:.3f}), misses by {', '.join(miss)}{note}")
     return lines
 
 
 _PEER_STYLE = {"eager": ("X", "black"), "torch.utils.checkpoint": ("o", "tab:blue"),
                "selective AC (matmuls)": ("D", "tab:orange"), "compile budget 0.5": ("^", "tab:green"),
                "compile budget 0.1": ("v", "tab:olive")}
-_LEVEL_COLORS = {"full": "tab:red", "keep_attn": "tab:purple", "selective": "tab:brown", "none": "tab:pink"}
+_LEVEL_COLORS = {"full": "tab:red", "keep_attn": "tab:purple", "keep_mlp": "tab:cyan", "selective": "tab:brown",
+                 "none": "tab:pink"}
 
 
 def _style(r: Result) -> Tuple[str, str]:

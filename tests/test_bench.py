@@ -118,3 +118,35 @@ def test_eager_block_matches_ckpt_ops(style):
     blk.backend = "reference"
     x = torch.randn(2, 16, 32, dtype=torch.float64)
     torch.testing.assert_close(eager.block_forward(blk, x), blk(x), rtol=1e-10, atol=1e-10)
+
+
+def _point(provider, t, b, spread=0.0, group=None):
+    from bench.common import Result
+
+    med = 100.0 * t
+    return Result(op="op", provider=provider, config={}, median_ms=med, p20_ms=med * (1 - spread),
+                  p80_ms=med * (1 + spread), ratio_to_eager=t, saved_bytes=0, saved_ratio=b, kept_bytes=0,
+                  kept_ratio=b, group=group or ("ckpt_ops" if provider.startswith("ckpt_ops") else "peer"))
+
+
+def test_verdicts_dominance_and_noise_flag():
+    """The frontier verdicts: a peer is dominated only by a point at or below it on both axes; the
+    closest miss is reported with its excess; margins inside the p20-p80 noise are flagged."""
+    from bench.frontier import verdicts
+
+    rs = [_point("eager", 1.0, 1.0, group="eager"),
+          _point("torch.utils.checkpoint", 1.30, 0.06, 0.01),
+          _point("selective AC (matmuls)", 1.00, 0.61, 0.05),
+          _point("compile budget 0.5", 1.00, 0.47, 0.01),
+          _point("compile budget 0.1", 1.10, 0.11, 0.01),
+          _point("ckpt_ops full [cpu]", 1.20, 0.055, 0.01),
+          _point("ckpt_ops selective [cpu]", 0.98, 0.56, 0.05),
+          _point("ckpt_ops keep_mlp [cpu]", 1.05, 0.39, 0.01)]
+    lines = {ln.split(" | ")[1].split(":")[0]: ln for ln in verdicts(rs)}
+    assert "dominated by ckpt_ops full [cpu]" in lines["torch.utils.checkpoint"] and "noise" not in lines[
+        "torch.utils.checkpoint"]
+    assert "dominated by ckpt_ops selective [cpu]" in lines["selective AC (matmuls)"]
+    assert "within the timing noise" in lines["selective AC (matmuls)"]  # 2 % margin, +-5 % noise
+    assert "NOT dominated" in lines["compile budget 0.5"] and "keep_mlp" in lines["compile budget 0.5"]
+    assert "time +5.0%" in lines["compile budget 0.5"] and "noise" not in lines["compile budget 0.5"]
+    assert "NOT dominated" in lines["compile budget 0.1"] and "time +9.1%" in lines["compile budget 0.1"]
