@@ -2,8 +2,9 @@
 
 A benchmark builds, per provider, a ``Case``: a ``forward`` (used for saved bytes) and a ``step``
 (forward + backward, what is timed). Time is only ever reported as a ratio of strategies measured
-in the same process, interleaved (round-robin, rotating the order), median of many repetitions
-after warm-up: perf_counter on CPU, CUDA events on GPUs.
+in the same process, interleaved (round-robin, rotating the order), after warm-up: the median
+over rounds of each round's ratio to the baseline (``paired_ratios``), with its p20-p80 spread;
+perf_counter on CPU, CUDA events on GPUs.
 """
 from __future__ import annotations
 
@@ -96,6 +97,8 @@ class Result:
     tflops: Optional[float] = None  # achieved (roofline runs only: CUDA, or --triton-smoke)
     gbs: Optional[float] = None
     floor_ms: Optional[float] = None  # max(FLOPs / peak FLOP/s, io_bytes / peak bandwidth)
+    ratio_p20: Optional[float] = None  # spread of the per-round ratios behind ratio_to_eager
+    ratio_p80: Optional[float] = None
 
 
 @contextlib.contextmanager
@@ -236,6 +239,14 @@ def time_interleaved(cases: List[Case], device: torch.device, reps: int, warmup:
     return times
 
 
+def paired_ratios(ts: List[float], base_ts: List[float]) -> List[float]:
+    """Per-round ratios t[r] / base[r]: each round times every provider once, close together, so
+    a slow spell of a shared machine (minutes-long here: the whole VM ran 20 % slower for a
+    while, with no steal time showing) scales both terms of a round's ratio alike and cancels,
+    where a ratio of the two medians would keep it."""
+    return [t / b for t, b in zip(ts, base_ts)]
+
+
 def _quantile(xs: List[float], q: float) -> float:
     s = sorted(xs)
     return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
@@ -323,17 +334,18 @@ def measure(op: str, config: Dict[str, object], cases: List[Case], device: torch
     base_b, base_k = saved[baseline] or 1, kept[baseline] or 1
     out = []
     for mode in modes:
-        base_t = statistics.median(times[mode][baseline])
+        base_ts = times[mode][baseline]
         base_f = (flops[baseline][mode] if flops[baseline] else 0) or 1
         for c in cases:
             ts = times[mode][c.provider]
             med = statistics.median(ts)
+            ratios = paired_ratios(ts, base_ts)
             fl = flops[c.provider][mode] if flops[c.provider] else None
             r = Result(op, c.provider, config, med * 1e3, _quantile(ts, 0.2) * 1e3, _quantile(ts, 0.8) * 1e3,
-                       med / base_t, saved[c.provider], saved[c.provider] / base_b, kept[c.provider],
+                       statistics.median(ratios), saved[c.provider], saved[c.provider] / base_b, kept[c.provider],
                        kept[c.provider] / base_k, c.note, mode, c.group, fl, fl / base_f if fl is not None else None,
                        peak[c.provider],
-                       traffic[c.provider][mode])
+                       traffic[c.provider][mode], ratio_p20=_quantile(ratios, 0.2), ratio_p80=_quantile(ratios, 0.8))
             if peaks is not None:
                 r.gbs = r.io_bytes / med / 1e9
                 r.tflops = fl / med / 1e12 if fl is not None else None
@@ -366,9 +378,16 @@ class ProgressBar:
             sys.stderr.write("\n")
 
 
+def _spread(r: Result) -> str:
+    """Half the p20-p80 spread of the per-round ratios, in % of the ratio."""
+    if r.ratio_p20 is None or r.ratio_p80 is None or r.ratio_to_eager <= 0:
+        return "n/a"
+    return f"{100 * (r.ratio_p80 - r.ratio_p20) / (2 * r.ratio_to_eager):.1f}%"
+
+
 def print_table(results: List[Result]) -> None:
     roof = any(r.tflops is not None for r in results)
-    hdr = (f"{'op':<16} {'mode':<8} {'provider':<28} {'median ms':>10} {'p20':>9} {'p80':>9} {'t/eager':>8} "
+    hdr = (f"{'op':<16} {'mode':<8} {'provider':<28} {'median ms':>10} {'p20':>9} {'p80':>9} {'t/eager':>8} {'+-':>6} "
            f"{'saved MB':>9} {'kept MB':>9} {'kept/eager':>10} {'peak MB':>9} {'GFLOP':>8} {'fl/eager':>8}")
     if roof:
         hdr += f" {'TFLOP/s':>8} {'GB/s':>8} {'floor ms':>9}"
@@ -376,7 +395,7 @@ def print_table(results: List[Result]) -> None:
     print("-" * len(hdr))
     for r in results:
         line = (f"{r.op:<16} {r.mode:<8} {r.provider:<28} {r.median_ms:>10.2f} {r.p20_ms:>9.2f} {r.p80_ms:>9.2f} "
-                f"{r.ratio_to_eager:>8.3f} {r.saved_bytes / 1e6:>9.2f} {r.kept_bytes / 1e6:>9.2f} "
+                f"{r.ratio_to_eager:>8.3f} {_spread(r):>6} {r.saved_bytes / 1e6:>9.2f} {r.kept_bytes / 1e6:>9.2f} "
                 f"{r.kept_ratio:>10.3f} {r.peak_bytes / 1e6:>9.2f} "
                 + (f"{r.flops / 1e9:>8.2f} {r.flops_ratio:>8.3f}" if r.flops is not None else f"{'n/a':>8} {'n/a':>8}"))
         if roof:

@@ -31,13 +31,17 @@ def _level(r: Result) -> str:
 
 
 def _noise(r: Result) -> float:
-    """Half the p20-p80 spread of a point's step times, relative to its median."""
+    """Half the p20-p80 spread of a point's per-round time ratios (else of its step times), relative
+    to the median."""
+    if r.ratio_p20 is not None and r.ratio_p80 is not None and r.ratio_to_eager > 0:
+        return (r.ratio_p80 - r.ratio_p20) / (2.0 * r.ratio_to_eager)
     return (r.p80_ms - r.p20_ms) / (2.0 * r.median_ms) if r.median_ms > 0 else 0.0
 
 
 def _noise_note(margin: float, ours: Result, peer: Result) -> str:
     """A warning when the time margin (either sign) is inside the two points' timing noise: the
-    verdict could flip on a re-run."""
+    verdict could flip on a re-run. (The baseline's own per-round ratios are all 1: its noise
+    enters every other point's ratios.)"""
     noise = max(_noise(ours), _noise(peer))
     return f" [time margin {abs(margin):.1%} within the timing noise +-{noise:.1%}]" if abs(margin) < noise else ""
 

@@ -150,3 +150,16 @@ def test_verdicts_dominance_and_noise_flag():
     assert "NOT dominated" in lines["compile budget 0.5"] and "keep_mlp" in lines["compile budget 0.5"]
     assert "time +5.0%" in lines["compile budget 0.5"] and "noise" not in lines["compile budget 0.5"]
     assert "NOT dominated" in lines["compile budget 0.1"] and "time +9.1%" in lines["compile budget 0.1"]
+
+
+def test_paired_ratios_cancel_a_slow_spell():
+    """Three rounds, the second one during a spell where the whole machine ran 1.5x slower: the
+    per-round ratios see the true 0.9 in every round; the ratio of medians would not."""
+    from bench.common import paired_ratios
+
+    base = [1.0, 1.5, 1.0]
+    ours = [0.9, 1.35, 0.9]
+    assert paired_ratios(ours, base) == pytest.approx([0.9, 0.9, 0.9])
+    skewed_base, skewed_ours = [1.0, 1.5, 1.5], [0.9, 0.9 * 1.5, 0.9]
+    assert sorted(paired_ratios(skewed_ours, skewed_base))[1] == pytest.approx(0.9)
+    assert sorted(skewed_ours)[1] / sorted(skewed_base)[1] != pytest.approx(0.9)
