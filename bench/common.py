@@ -378,11 +378,17 @@ class ProgressBar:
             sys.stderr.write("\n")
 
 
-def _spread(r: Result) -> str:
-    """Half the p20-p80 spread of the per-round ratios, in % of the ratio."""
+def ratio_noise(r: Result) -> Optional[float]:
+    """Half the p20-p80 spread of a point's per-round time ratios, relative to its ratio (None when
+    the per-round ratios are not recorded)."""
     if r.ratio_p20 is None or r.ratio_p80 is None or r.ratio_to_eager <= 0:
-        return "n/a"
-    return f"{100 * (r.ratio_p80 - r.ratio_p20) / (2 * r.ratio_to_eager):.1f}%"
+        return None
+    return (r.ratio_p80 - r.ratio_p20) / (2.0 * r.ratio_to_eager)
+
+
+def _spread(r: Result) -> str:
+    noise = ratio_noise(r)
+    return "n/a" if noise is None else f"{100 * noise:.1f}%"
 
 
 def print_table(results: List[Result]) -> None:

@@ -11,7 +11,7 @@ import struct
 import zlib
 from typing import Dict, List, Optional, Tuple
 
-from bench.common import Result
+from bench.common import Result, ratio_noise
 from bench.providers import PEERS
 
 
@@ -33,8 +33,9 @@ def _level(r: Result) -> str:
 def _noise(r: Result) -> float:
     """Half the p20-p80 spread of a point's per-round time ratios (else of its step times), relative
     to the median."""
-    if r.ratio_p20 is not None and r.ratio_p80 is not None and r.ratio_to_eager > 0:
-        return (r.ratio_p80 - r.ratio_p20) / (2.0 * r.ratio_to_eager)
+    noise = ratio_noise(r)
+    if noise is not None:
+        return noise
     return (r.p80_ms - r.p20_ms) / (2.0 * r.median_ms) if r.median_ms > 0 else 0.0
 
 

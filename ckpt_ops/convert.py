@@ -177,8 +177,8 @@ class _BlockAdapter(Adapter):
             None if attn_p["bq"] is None else (attn_p["bq"], attn_p["bk"], attn_p["bv"]))
         acfg, mask, c, sn = _attn.prepare(
             x, qkv_w, qkv_b, attn_p["wo"], attn_p["bo"], attention_mask=key_mask, causal=True,
-            rope_cos=cos, rope_sin=sin, training=module.training, recompute=_block._ATTN_LEVEL[level], backend=state.backend,
-            **attn_kw)
+            rope_cos=cos, rope_sin=sin, training=module.training, recompute=_block._ATTN_LEVEL[level],
+            backend=state.backend, **attn_kw)
         mcfg = _mlp.prepare(x, mlp_p["w1"], mlp_p["b1"], mlp_p["w2"], mlp_p["b2"], gate_weight=mlp_p["wg"],
                             gate_bias=mlp_p["bg"], training=module.training, recompute=_block._MLP_LEVEL[level],
                             backend=state.backend, residual=True, **mlp_kw)

@@ -200,32 +200,24 @@ void act_bwd_kernel(const scalar_t* da, const scalar_t* h, const scalar_t* g, sc
   at::parallel_for(0, n, kActGrain, [&](int64_t begin, int64_t end) { chunk(da, h, g, a, dh, dg, begin, end); });
 }
 
-// out = residual + keep * y * scale (kRng), or residual + y (p == 0). With kRng the chunk goes
-// tile by tile: Philox once per four elements into `bits` (philox::fill_bits), then the
-// element loop; tiles start at multiples of 4, so a chunk may begin mid-tile.
+// out = residual + keep * y * scale (kRng), or residual + y (p == 0), tile by tile: with kRng,
+// Philox once per four elements into `bits` (philox::fill_bits), then the element loop; tiles
+// start at multiples of 4, so a chunk may begin mid-tile.
 template <bool kRng, bool kResidual, typename scalar_t>
 inline void dropout_chunk(const scalar_t* y, const scalar_t* residual, scalar_t* out, int64_t begin, int64_t end,
                           int64_t seed, uint32_t threshold, acc_t<scalar_t> scale) {
   using acc = acc_t<scalar_t>;
-  if constexpr (!kRng) {
+  constexpr int64_t kTile = 512;  // elements (128 Philox counters): 2 KiB of bits, in L1
+  alignas(64) uint32_t bits[kTile];
+  for (int64_t t0 = begin & ~int64_t(3); t0 < end; t0 += kTile) {
+    const int64_t t1 = std::min(t0 + kTile, end);
+    if constexpr (kRng) philox::fill_bits(seed, t0 >> 2, (t1 - t0 + 3) >> 2, bits);
 #pragma omp simd
-    for (int64_t i = begin; i < end; ++i) {
+    for (int64_t i = std::max(t0, begin); i < t1; ++i) {
       const acc rv = kResidual ? static_cast<acc>(residual[i]) : acc(0);
+      const uint32_t b = kRng ? bits[i - t0] : 0u;
       out[i] = static_cast<scalar_t>(
-          philox::dropout_element<false, kResidual>(static_cast<acc>(y[i]), rv, 0u, threshold, scale));
-    }
-  } else {
-    constexpr int64_t kTile = 512;  // elements (128 Philox counters): 2 KiB of bits, in L1
-    alignas(64) uint32_t bits[kTile];
-    for (int64_t t0 = begin & ~int64_t(3); t0 < end; t0 += kTile) {
-      const int64_t t1 = std::min(t0 + kTile, end);
-      philox::fill_bits(seed, t0 >> 2, (t1 - t0 + 3) >> 2, bits);
-#pragma omp simd
-      for (int64_t i = std::max(t0, begin); i < t1; ++i) {
-        const acc rv = kResidual ? static_cast<acc>(residual[i]) : acc(0);
-        out[i] = static_cast<scalar_t>(
-            philox::dropout_element<true, kResidual>(static_cast<acc>(y[i]), rv, bits[i - t0], threshold, scale));
-      }
+          philox::dropout_element<kRng, kResidual>(static_cast<acc>(y[i]), rv, b, threshold, scale));
     }
   }
 }
