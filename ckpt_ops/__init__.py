@@ -16,7 +16,9 @@ from ckpt_ops import functional, nn, reference  # noqa: E402  (registers the op 
 from ckpt_ops.convert import conversion_report, convert, unconvert  # noqa: E402
 from ckpt_ops.sequential import checkpoint_sequential  # noqa: E402
 from ckpt_ops.planner import Plan, plan  # noqa: E402
+from ckpt_ops.report import memory_report  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["backend_info", "saved_bytes", "convert", "conversion_report", "unconvert", "functional", "nn",
-           "reference", "checkpoint_sequential", "plan", "Plan", "__version__"]
+           "reference", "checkpoint_sequential", "plan", "Plan", "memory_report",
+           "__version__"]

@@ -156,11 +156,14 @@ def at_level(layer: torch.nn.Module, level: Optional[str]):
 def _fn(layer, call: Call, level: Optional[str], checkpoint: bool = False) -> Callable:
     fwd = _eager_call(layer) if level == EAGER else layer
 
-    def run(x):
+    def run_at_level(x):
         with at_level(layer, level):
-            if checkpoint:
-                return torch.utils.checkpoint.checkpoint(lambda t: call.run(fwd, t), x, use_reentrant=False)
             return call.run(fwd, x)
+
+    def run(x):  # the level is set inside the checkpointed function: its replay runs at it too
+        if checkpoint:
+            return torch.utils.checkpoint.checkpoint(run_at_level, x, use_reentrant=False)
+        return run_at_level(x)
     return run
 
 

@@ -39,7 +39,7 @@ from ckpt_ops import _probe
 from ckpt_ops import block as _block
 from ckpt_ops import sequential as _seq
 
-__all__ = ["plan", "Plan", "LayerCost", "measure_costs", "parse_budget"]
+__all__ = ["plan", "Plan", "LayerCost", "measure_costs", "parse_budget", "plan_with_inputs"]
 
 _TIE_MS = 1e-6  # time="flops": per level of recompute order, so "selective" is not a tie of "none"
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20,
@@ -308,3 +308,18 @@ def plan(model: torch.nn.Module, *example_args, budget: Union[float, int, str], 
     lv, segs = sol
     nbytes, ms = _cost(costs, lv, segs)
     return Plan(lv, segs, b, nbytes, ms, costs, eager, q)
+
+
+def plan_with_inputs(model: torch.nn.Module, budget, example_inputs, **options) -> Plan:
+    """``plan`` with the example inputs as one object: a tensor, a tuple of positional arguments or a
+    dict of keyword arguments (``convert(model, memory_budget=..., example_inputs=...)``)."""
+    if example_inputs is None:
+        raise ValueError("memory_budget needs example_inputs (a tensor, a tuple of positional arguments or a dict "
+                         "of keyword arguments for one training forward of the model)")
+    if isinstance(example_inputs, dict):
+        return plan(model, budget=budget, **options, **example_inputs)
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if not isinstance(example_inputs, tuple):
+        raise TypeError(f"example_inputs must be a tensor, a tuple or a dict; got {type(example_inputs).__name__}")
+    return plan(model, *example_inputs, budget=budget, **options)

@@ -204,3 +204,46 @@ def test_converted_hf_model():
     for (n, a), b in zip(model.named_parameters(), ref_model.parameters()):
         assert torch.equal(a.grad, b.grad), n
     assert ckpt_ops.conversion_report(model)["fallbacks"] == {}
+
+
+def test_memory_report():
+    layers = stack(4, dropout=0.0)
+    for m, lv in zip(layers, ("full", "keep_attn", "selective", "none")):
+        m.recompute = lv
+    x = torch.randn(B, S, D)
+    xb = x.numel() * 4
+    rep = ckpt_ops.memory_report(layers, x, reps=1)
+    assert [r.level for r in rep.layers] == ["full", "keep_attn", "selective", "none"]
+    costs = planner.measure_costs(layers, x, time="flops")
+    for r, c in zip(rep.layers, costs):
+        assert r.saved_bytes == c.saved[r.level] and r.eager_bytes == c.saved["none"]
+        assert r.checkpoint_bytes == xb  # torch.utils.checkpoint keeps the layer input
+        assert r.step_ms > 0 and r.eager_ms > 0 and r.checkpoint_ms > 0
+    full, none = rep.layers[0], rep.layers[3]
+    assert full.saved_bytes == xb  # "full" without dropout keeps exactly the block input
+    assert full.recompute_gflops > 0 and none.recompute_gflops == 0
+    assert full.checkpoint_recompute_gflops > 0  # checkpoint replays the block's GEMMs
+    assert rep.model_saved_bytes == sum(r.saved_bytes for r in rep.layers)
+    text = str(rep)
+    assert "x eager" in text and "x torch.utils.checkpoint" in text and len(text.splitlines()) == 2 + 4 + 2
+    p = ckpt_ops.plan(layers, x, budget=planner._min_units(costs, 1), costs=costs)
+    p.apply(layers)
+    rep2 = ckpt_ops.memory_report(layers, x, reps=1)
+    assert rep2.segments == p.segments and rep2.model_saved_bytes < rep.model_saved_bytes
+    ckpt_ops.sequential.remove_spans(list(layers))
+
+
+def test_convert_with_memory_budget():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=D, intermediate_size=64, num_hidden_layers=3,
+                                   num_attention_heads=H, num_key_value_heads=1, max_position_embeddings=S)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).train()
+    ids = torch.randint(0, 64, (B, S))
+    want = planner.plan(ckpt_ops.convert(model, inplace=False), input_ids=ids, budget=0.3, time="flops")
+    ckpt_ops.convert(model, memory_budget=0.3, example_inputs={"input_ids": ids})  # time="measure" inside
+    layers = model.model.layers
+    got = [m._ckpt_ops_state.recompute for m in layers]
+    assert len(got) == 3 and sum(c.saved[lv] for c, lv in zip(want.costs, got)) <= 0.3 * want.eager_bytes
+    with pytest.raises(ValueError, match="example_inputs"):
+        ckpt_ops.convert(model, memory_budget=0.3)
