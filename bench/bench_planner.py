@@ -8,7 +8,7 @@
    checkpointing (torch.utils.checkpoint around layers i % n == 0, n = 1, 2, 4) of the eager
    stack, all measured interleaved in one run. A peer point is dominated when a planner point
    keeps no more bytes (allocator, ``bench.common.kept_bytes``) and takes at most 1.02x its time.
-2. Segment sweep: stacks of L "full" blocks (--segment-layers, default 4 8 16 32) in outer
+2. Segment sweep (``--op segments``): stacks of L "full" blocks (--segment-layers, default 4 8 16 32) in outer
    segments of k blocks (``ckpt_ops.checkpoint_sequential``), weights frozen so that the peak is
    activations only: saved bytes, the allocator's peak during the step, time vs k = 1 (per-layer
    "full"); the exponent of min_k peak ~ L^a is fitted (the sqrt(L) law: a = 0.5).
@@ -199,18 +199,22 @@ def run(args, device, dtype) -> list:
                   f"{p.predicted_bytes / eager_bytes:.3f} of eager's saved bytes, {p.predicted_ms:.1f} ms")
         results += run_cases(f"{kind} x8 S={config['seq']}", config, cases, args, device)
     lines = verdicts(results)
-    seg_results, seg_lines = segment_sweep(args, device, dtype) if not getattr(args, "no_segments", False) else ([], [])
     print("\nplanner verdicts (kept bytes <=, time <= 1.02x, same run):")
     for line in lines:
         print("  " + line)
-    if seg_lines:
-        print("\nsegment sweep (outer segments of k 'full' blocks, frozen weights):")
-        for line in seg_lines:
-            print(line)
     try:
         path = result_path("bench-planner-frontier", "png", args.out)
         plot(results, path, lines)
         print(f"planner frontier PNG: {path}")
     except ImportError:
         print("  (matplotlib missing: no planner PNG)")
-    return results + seg_results
+    return results
+
+
+def run_segments(args, device, dtype) -> list:
+    """``python -m bench --op segments``: the segment sweep alone (item 2 of the module docstring)."""
+    results, lines = segment_sweep(args, device, dtype)
+    print("\nsegment sweep (outer segments of k 'full' blocks, frozen weights):")
+    for line in lines:
+        print(line)
+    return results
