@@ -21,8 +21,9 @@ The choice is exact for these costs: a dynamic programme over the layers whose s
 any unit, every cost rounded up and the budget down), pruned to the Pareto front of
 (bytes, replay, time) after each layer -- small, since equal layers give equal sums. Every plan
 kept has M <= budget, and a larger budget only adds feasible plans, so it never yields a slower
-one. Segments are considered only when the budget is below the smallest per-layer plan or the
-stack has layers without levels. With ``time="flops"`` each level's step also counts 1e-6 ms per
+one. Plans with segments are searched only below the smallest per-layer plan's M (or everywhere when
+the stack has layers without levels); the best of both searches is returned, which keeps the
+answer monotone in the budget. With ``time="flops"`` each level's step also counts 1e-6 ms per
 step of recompute order (the FLOP counter sees no elementwise recompute, so "selective" would
 tie "none"); remaining ties go to the larger M: the same costs give the same plan.
 """
@@ -301,11 +302,16 @@ def plan(model: torch.nn.Module, *example_args, budget: Union[float, int, str], 
                          f"({min_u * q / 1e6:.3f} MB, {min_u * q / max(eager, 1):.4f} of the unconverted "
                          f"{eager / 1e6:.3f} MB)")
     per_layer_min = sum(min(_units(c.saved[lv], q) for lv in c.levels) for c in costs)
-    allow = budget_u < per_layer_min or not all(_probe_levelled(c) for c in costs)
-    sol = _solve(costs, budget_u, q, allow)
-    if sol is None:  # cannot happen above the minimum (segments cover it); kept as a guard
-        sol = _solve(costs, budget_u, q, True)
-    lv, segs = sol
+    if not all(_probe_levelled(c) for c in costs):
+        candidates = [_solve(costs, budget_u, q, True)]
+    else:  # per-layer plans up to the budget; plans with segments only where M < the per-layer minimum
+        # (the search with segments everywhere is slow for large budgets). Both candidate sets grow
+        # with the budget, so the best of them never gets slower as the budget grows.
+        candidates = [_solve(costs, budget_u, q, False) if budget_u >= per_layer_min else None]
+        if min_u < per_layer_min:
+            candidates.append(_solve(costs, min(budget_u, per_layer_min - 1), q, True))
+    scored = [(_cost(costs, *c)[1], i, c) for i, c in enumerate(candidates) if c is not None]
+    lv, segs = min(scored)[2]
     nbytes, ms = _cost(costs, lv, segs)
     return Plan(lv, segs, b, nbytes, ms, costs, eager, q)
 
