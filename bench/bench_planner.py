@@ -84,10 +84,10 @@ def verdicts(results: List[Result]) -> List[str]:
     """One line per peer point: the planner point dominating it (kept bytes <=, time <= 1.02x), or
     the closest miss; with the timing noise of the two points."""
     lines = []
-    ours = [r for r in results if r.group == "ckpt_ops"]
     for p in results:
         if p.group == "ckpt_ops" or p.provider == "eager":
             continue
+        ours = [r for r in results if r.group == "ckpt_ops" and r.op == p.op]
         head = f"{p.op} | {p.provider} (bytes {p.kept_ratio:.3f}, time {p.ratio_to_eager:.3f}):"
         dom = [r for r in ours if r.kept_ratio <= p.kept_ratio and r.ratio_to_eager <= TIME_SLACK * p.ratio_to_eager]
         noise = lambda r: max(ratio_noise(r) or 0.0, ratio_noise(p) or 0.0)  # noqa: E731
@@ -107,10 +107,9 @@ def verdicts(results: List[Result]) -> List[str]:
 
 def segment_sweep(args, device, dtype) -> Tuple[List[Result], List[str]]:
     """Outer segments of k "full" blocks on stacks of L blocks (module docstring, item 2)."""
-    results, lines, best = [], [], {}
+    results, lines = [], []
     b, s, d, h = args.batch, (args.seqs or [512])[0], args.d_model, args.heads
-    transient = None  # the peak of one block's step: what every stack's backward adds on top
-    for n in (1,) + tuple(getattr(args, "segment_layers", None) or (4, 8, 16, 32)):
+    for n in tuple(getattr(args, "segment_layers", None) or (4, 8, 16, 32)):
         blocks = _stack("gpt2", n, d, h, device, dtype)
         for q in blocks.parameters():
             q.requires_grad_(False)
@@ -133,19 +132,39 @@ def segment_sweep(args, device, dtype) -> Tuple[List[Result], List[str]]:
             lines.append(f"  L={n:<3} {r.provider:<5} saved {r.saved_bytes / xb:6.2f} block inputs, peak "
                          f"{r.peak_bytes / 1e6:8.2f} MB ({r.peak_bytes / xb:6.2f} inputs), time {r.ratio_to_eager:.3f}"
                          f" x k=1 (+-{100 * (ratio_noise(r) or 0):.1f}%)")
-        if n == 1:
-            transient = rs[0].peak_bytes
-            lines.append(f"  one block's step peaks at {transient / xb:.2f} block inputs (subtracted below)")
-            continue
-        best[n] = (min(r.peak_bytes for r in rs) - transient, min(r.saved_bytes for r in rs))
-    if len(best) >= 2:
-        for j, what in enumerate(("allocator peak of the step minus one block's step peak", "saved bytes")):
-            pts = [(math.log(n), math.log(max(best[n][j], 1))) for n in sorted(best)]
-            mx, my = sum(p[0] for p in pts) / len(pts), sum(p[1] for p in pts) / len(pts)
-            slope = sum((u - mx) * (v - my) for u, v in pts) / sum((u - mx) ** 2 for u, _ in pts)
-            lines.append(f"  fitted exponent a of min over k of {what} ~ L^a, L = {sorted(best)}: a = {slope:.3f} "
-                         f"(sqrt law: 0.5; per-layer full: 1.0)")
-    return results, lines
+    return results, lines + segment_fit(results)
+
+
+def _slope(pts) -> float:
+    mx, my = sum(p[0] for p in pts) / len(pts), sum(p[1] for p in pts) / len(pts)
+    return sum((u - mx) * (v - my) for u, v in pts) / sum((u - mx) ** 2 for u, _ in pts)
+
+
+def segment_fit(results: List[Result]) -> List[str]:
+    """Exponents a of min over k ~ L^a: of the saved bytes, and of the allocator peak above the
+    part that does not grow with L (per L: the k = 1 peak minus its L saved block inputs, i.e. one
+    block's backward working set and the step's own buffers)."""
+    by_l: Dict[int, List[Result]] = {}
+    for r in results:
+        if r.op.startswith("segments L="):
+            by_l.setdefault(int(r.config["layers"]), []).append(r)
+    if len(by_l) < 2:
+        return []
+    saved, peak, const = {}, {}, {}
+    for n, rs in sorted(by_l.items()):
+        k1 = next(r for r in rs if r.provider == "k=1")
+        xb = k1.saved_bytes / n
+        const[n] = k1.peak_bytes - k1.saved_bytes
+        saved[n] = min(r.saved_bytes for r in rs) / xb
+        peak[n] = (min(r.peak_bytes for r in rs) - const[n]) / xb
+    ls = sorted(by_l)
+    out = [f"  L = {ls}: min over k of saved bytes = {[round(saved[n], 2) for n in ls]} block inputs; of the peak above "
+           f"the L-independent part ({[round(const[n] / (by_l[n][0].saved_bytes / n), 1) for n in ls]} inputs) = "
+           f"{[round(peak[n], 2) for n in ls]} inputs"]
+    for name, v in (("saved bytes", saved), ("allocator peak above the L-independent part", peak)):
+        a = _slope([(math.log(n), math.log(max(v[n], 1e-9))) for n in ls])
+        out.append(f"  fitted exponent a of min over k of {name} ~ L^a: a = {a:.3f} (sqrt law 0.5; per-layer full 1.0)")
+    return out
 
 
 def plot(results: List[Result], path: str, verdict_lines: List[str]) -> None:
