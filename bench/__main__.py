@@ -11,6 +11,8 @@ Examples:
   python -m bench --op attention --quick          # attention sublayer, S 512 and 2048
   python -m bench --op mlp --modes forward backward step --no-compile
   python -m bench --op all --quick
+  python -m bench --op planner --batch 1          # budget sweep: plans vs compile budgets and every-n-layers
+  python -m bench --op segments --batch 1         # outer segments of k blocks on 4..32-block stacks
   python -m bench --device cpu --triton-smoke     # Triton interpreter at tiny sizes: the CUDA
                                                   # reporting path (roofline), correctness only
 """
@@ -20,8 +22,9 @@ import argparse
 import os
 import sys
 import time
+import types
 
-OPS = ("norm", "mlp", "attention", "block", "model")
+OPS = ("norm", "mlp", "attention", "block", "model", "planner", "segments")
 SMOKE = {"d_model": 64, "heads": 2, "batch": 2, "seqs": [32], "layers": 1, "tokens": 64, "vocab": 256}
 
 
@@ -44,6 +47,10 @@ def parse(argv=None) -> argparse.Namespace:
     sz.add_argument("--dropout", type=float, default=0.1, help="residual dropout (attention, block, model)")
     sz.add_argument("--dropouts", type=float, nargs="+", default=[0.0, 0.1], help="dropout probabilities (MLP)")
     sz.add_argument("--long", action="store_true", help="block: also S 2048 at batch 1")
+    sz.add_argument("--budgets", type=float, nargs="+", default=None,
+                    help="planner: budgets as fractions of eager's saved bytes (default 0.06 0.1 0.2 0.3 0.5 0.7 0.9)")
+    sz.add_argument("--segment-layers", type=int, nargs="+", default=None,
+                    help="segments: stack depths of the sweep (default 4 8 16 32)")
     m = p.add_argument_group("measuring")
     m.add_argument("--reps", type=int, default=None, help="timed repetitions per provider (default 8; --quick 3)")
     m.add_argument("--warmup", type=int, default=1, help="untimed steps per provider (the first compiles)")
@@ -83,11 +90,12 @@ def main(argv=None) -> int:
     args = parse(argv)
     import torch
 
-    from bench import bench_attention, bench_block, bench_mlp, bench_model, bench_norm, frontier
+    from bench import bench_attention, bench_block, bench_mlp, bench_model, bench_norm, bench_planner, frontier
     from bench.common import device_peaks, environment, print_table, result_path, write_jsonl
 
     modules = {"norm": bench_norm, "mlp": bench_mlp, "attention": bench_attention, "block": bench_block,
-               "model": bench_model}
+               "model": bench_model, "planner": bench_planner,
+               "segments": types.SimpleNamespace(run=bench_planner.run_segments)}
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     args.peaks = device_peaks(device, dtype, args.peak_tflops, args.peak_gbs)

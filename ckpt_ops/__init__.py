@@ -14,7 +14,11 @@ from ckpt_ops._backend import backend_info
 from ckpt_ops.measure import saved_bytes
 from ckpt_ops import functional, nn, reference  # noqa: E402  (registers the op families)
 from ckpt_ops.convert import conversion_report, convert, unconvert  # noqa: E402
+from ckpt_ops.sequential import checkpoint_sequential  # noqa: E402
+from ckpt_ops.planner import Plan, plan  # noqa: E402
+from ckpt_ops.report import memory_report  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["backend_info", "saved_bytes", "convert", "conversion_report", "unconvert", "functional", "nn",
-           "reference", "__version__"]
+           "reference", "checkpoint_sequential", "plan", "Plan", "memory_report",
+           "__version__"]

@@ -354,13 +354,17 @@ def _converted_forward(self, *args, **kwargs):
 
 
 def convert(model: torch.nn.Module, recompute: str = "full", inplace: bool = True, *,
-            backend: Optional[str] = None) -> torch.nn.Module:
+            backend: Optional[str] = None, memory_budget=None, example_inputs=None) -> torch.nn.Module:
     """Swap the supported modules of `model` for fused checkpointed equivalents (see the module
     docstring) and return the model (a deep copy when ``inplace=False``).
 
     recompute: "full" | "keep_attn" | "keep_mlp" | "selective" | "none" for transformer blocks (norms have no
     levels). ``conversion_report(model)`` says what was swapped, what was left alone and why, and
-    how many calls ran fused or fell back (and why)."""
+    how many calls ran fused or fell back (and why).
+
+    memory_budget (with example_inputs: a tuple of positional arguments or a dict of keyword
+    arguments of one training forward): then apply ``ckpt_ops.plan(model, ..., budget=memory_budget)``
+    (per-layer levels and outer segments; see ckpt_ops.planner) instead of one level everywhere."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     if recompute not in _block.LEVELS:
@@ -390,6 +394,10 @@ def convert(model: torch.nn.Module, recompute: str = "full", inplace: bool = Tru
                 done.append(name)
                 break
     _REPORTS[model] = report
+    if memory_budget is not None:
+        from ckpt_ops.planner import plan_with_inputs
+
+        plan_with_inputs(model, memory_budget, example_inputs).apply(model)
     return model
 
 

@@ -16,7 +16,7 @@ from ckpt_ops import mlp as _mlp
 from ckpt_ops import norm as _norm
 from ckpt_ops._consts import ACTIVATIONS
 
-__all__ = ["LayerNorm", "RMSNorm", "MLP", "Attention", "TransformerBlock"]
+__all__ = ["LayerNorm", "RMSNorm", "MLP", "Attention", "TransformerBlock", "Sequential"]
 
 
 def _check_level(recompute, levels):
@@ -243,3 +243,6 @@ class TransformerBlock(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"style={self.style!r}, recompute={self.recompute!r}"
+
+
+from ckpt_ops.sequential import Sequential  # noqa: E402  (segment checkpointing, ckpt_ops.sequential)
