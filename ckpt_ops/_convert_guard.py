@@ -1,0 +1,145 @@
+"""What ``ckpt_ops.convert`` checks before a fused call, so that a converted model never answers
+differently from the unconverted one ("never wrong"), and the fallback context.
+
+A fused block reads its submodules' weights and never calls them, so anything that changes what a
+submodule computes would be silently dropped. Before each fused call the block's guard verifies
+that every submodule it reads is exactly the class the adapter assumes (``torch.nn.Linear``, HF
+``Conv1D``, the family's norm class: a PEFT LoRA wrapper, a quantised or parametrized Linear --
+``torch.nn.utils.parametrize`` swaps the class -- is not), that no module of the block carries a
+forward/pre/backward hook, that no global module hook is registered, that nothing is
+parametrized, and that the weights read are plain Parameters/tensors. Anything else raises
+:class:`Unservable` and the original forward serves that call (reported with the reason).
+
+Cost: a clean verdict is cached per block, keyed on ``torch.utils.hooks.RemovableHandle.next_id``
+(every hook registration, module-level or global, takes a new id) and the (identity, class) of the
+block's modules (a replaced submodule or a parametrization changes it). A verdict with a reason is
+not cached: it is re-checked at the next call, so removing the hook re-enables the fused path.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterable, Optional, Tuple
+
+import torch
+from torch.nn.modules import module as _nn_module
+from torch.utils.hooks import RemovableHandle
+
+
+class Unservable(Exception):
+    """Raised inside an adapter when a call cannot be served exactly by the fused path."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Fallback context: inside a block that runs its original forward, converted modules (norms) run
+# torch's own code too, so a fallback is exactly the unconverted computation on every CPU.
+# ------------------------------------------------------------------------------------------------
+_FALLBACK = [0]
+
+
+def in_fallback() -> bool:
+    return _FALLBACK[0] > 0
+
+
+@contextlib.contextmanager
+def fallback_context():
+    _FALLBACK[0] += 1
+    try:
+        yield
+    finally:
+        _FALLBACK[0] -= 1
+
+
+# ------------------------------------------------------------------------------------------------
+# The checks
+# ------------------------------------------------------------------------------------------------
+_MODULE_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                 "_global_backward_pre_hooks")
+_PLAIN = (torch.nn.Parameter, torch.Tensor)
+
+
+def global_hook_reason() -> Optional[str]:
+    for name in _GLOBAL_HOOKS:
+        if getattr(_nn_module, name):
+            return f"a global module hook is registered (torch.nn.modules.module.{name})"
+    return None
+
+
+def _describe(module: torch.nn.Module) -> str:
+    cls = type(module)
+    if cls.__module__.startswith("peft.") and ".lora" in cls.__module__:
+        return "a peft LoRA layer"
+    if cls.__module__.startswith("peft."):
+        return f"a peft {cls.__name__} layer"
+    return f"a {cls.__module__}.{cls.__name__}"
+
+
+def module_reason(module: torch.nn.Module, name: str) -> Optional[str]:
+    """Why `module` (a submodule of a fused block, or the block itself) changes what the fused
+    path would compute: hooks or a parametrization. None when clean."""
+    for attr in _MODULE_HOOKS:
+        if getattr(module, attr, None):
+            return f"{name or 'the block'} has {attr.strip('_').replace('_', ' ')}"
+    if torch.nn.utils.parametrize.is_parametrized(module):
+        return f"{name or 'the block'} is parametrized (torch.nn.utils.parametrize)"
+    return None
+
+
+def read_reason(module: Optional[torch.nn.Module], name: str, classes: Tuple[type, ...],
+                tensors: Iterable[str] = ("weight", "bias")) -> Optional[str]:
+    """Why the fused path cannot read `module` (expected exactly one of `classes`): another class
+    (a wrapper), or a weight that is not a plain Parameter/tensor. None when clean."""
+    if module is None:
+        return f"{name} is missing"
+    if type(module) not in classes:
+        expected = " / ".join(c.__name__ for c in classes)
+        return f"{name} is {_describe(module)}: not fused (expected exactly {expected})"
+    for t in tensors:
+        v = module._parameters[t] if t in module._parameters else module._buffers.get(t)
+        if v is not None and type(v) not in _PLAIN:
+            return f"{name}.{t} is a {type(v).__name__}, not a plain Parameter/tensor"
+    return None
+
+
+class Guard:
+    """The per-block verdict cache described in the module docstring. `reads` maps the dotted
+    names of the submodules the adapter reads to the classes it accepts."""
+
+    __slots__ = ("reads", "key")
+
+    def __init__(self, reads: dict):
+        self.reads = reads
+        self.key = None
+
+    def check(self, block: torch.nn.Module) -> None:
+        mods = tuple(block.named_modules())
+        key = (RemovableHandle.next_id, tuple((id(m), type(m)) for _, m in mods))
+        if key == self.key:
+            return
+        why = global_hook_reason()
+        if why is None:
+            for name, m in mods:
+                if name:  # hooks on the block itself run around the converted forward: fine
+                    why = module_reason(m, name)
+                elif torch.nn.utils.parametrize.is_parametrized(m):
+                    why = "the block is parametrized (torch.nn.utils.parametrize)"
+                if why:
+                    break
+        if why is None:
+            for name, classes in self.reads.items():
+                why = read_reason(_get(block, name), name, classes)
+                if why:
+                    break
+        if why is not None:
+            self.key = None
+            raise Unservable(why)
+        self.key = key
+
+
+def _get(block: torch.nn.Module, name: str) -> Optional[torch.nn.Module]:
+    m = block
+    for part in name.split("."):
+        m = m._modules.get(part) if isinstance(m, torch.nn.Module) else None
+        if m is None:
+            return None
+    return m
