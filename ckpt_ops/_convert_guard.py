@@ -18,6 +18,7 @@ not cached: it is re-checked at the next call, so removing the hook re-enables t
 from __future__ import annotations
 
 import contextlib
+import sys
 from typing import Iterable, Optional, Tuple
 
 import torch
@@ -74,14 +75,43 @@ def _describe(module: torch.nn.Module) -> str:
     return f"a {cls.__module__}.{cls.__name__}"
 
 
-def module_reason(module: torch.nn.Module, name: str) -> Optional[str]:
-    """Why `module` (a submodule of a fused block, or the block itself) changes what the fused
-    path would compute: hooks or a parametrization. None when clean."""
+def _recorder_key(hook) -> Optional[str]:
+    """The output key of a transformers output-capturing hook (installed on attention/layer modules
+    the first time an output such as ``output_attentions`` is requested, inert unless the current
+    call collects that key), else None."""
+    code = getattr(hook, "__code__", None)
+    if (code is None or code.co_name != "output_capturing_hook" or "key" not in code.co_freevars
+            or not getattr(hook, "__module__", "").startswith("transformers.")):
+        return None
+    return hook.__closure__[code.co_freevars.index("key")].cell_contents
+
+
+def module_reason(module: torch.nn.Module, name: str, recorders: list) -> Optional[str]:
+    """Why `module` (a submodule of a fused block) changes what the fused path would compute:
+    hooks or a parametrization. None when clean; transformers' output recorders are appended to
+    `recorders` as (name, key) instead (whether they are active is a per-call question)."""
     for attr in _MODULE_HOOKS:
-        if getattr(module, attr, None):
-            return f"{name or 'the block'} has {attr.strip('_').replace('_', ' ')}"
+        hooks = getattr(module, attr, None)
+        if not hooks:
+            continue
+        keys = [_recorder_key(h) for h in hooks.values()] if attr == "_forward_hooks" else [None]
+        if None in keys:
+            return f"{name} has {attr.strip('_').replace('_', ' ')}"
+        recorders.extend((name, k) for k in keys)
     if torch.nn.utils.parametrize.is_parametrized(module):
-        return f"{name or 'the block'} is parametrized (torch.nn.utils.parametrize)"
+        return f"{name} is parametrized (torch.nn.utils.parametrize)"
+    return None
+
+
+def recording_reason(recorders: list) -> Optional[str]:
+    """Why this call must run the original forward because transformers records an inner output."""
+    mod = sys.modules.get("transformers.utils.output_capturing")
+    collector = getattr(mod, "_active_collector", None)
+    collected = collector.get() if collector is not None else None
+    if collected:
+        for name, key in recorders:
+            if key in collected:
+                return f"transformers records {key!r} from {name} (output_{key}=True): original forward"
     return None
 
 
@@ -105,35 +135,43 @@ class Guard:
     """The per-block verdict cache described in the module docstring. `reads` maps the dotted
     names of the submodules the adapter reads to the classes it accepts."""
 
-    __slots__ = ("reads", "key")
+    __slots__ = ("reads", "key", "recorders")
 
     def __init__(self, reads: dict):
         self.reads = reads
         self.key = None
+        self.recorders: list = []
 
     def check(self, block: torch.nn.Module) -> None:
         mods = tuple(block.named_modules())
         key = (RemovableHandle.next_id, tuple((id(m), type(m)) for _, m in mods))
-        if key == self.key:
-            return
-        why = global_hook_reason()
-        if why is None:
-            for name, m in mods:
-                if name:  # hooks on the block itself run around the converted forward: fine
-                    why = module_reason(m, name)
-                elif torch.nn.utils.parametrize.is_parametrized(m):
-                    why = "the block is parametrized (torch.nn.utils.parametrize)"
-                if why:
-                    break
-        if why is None:
-            for name, classes in self.reads.items():
-                why = read_reason(_get(block, name), name, classes)
-                if why:
-                    break
-        if why is not None:
+        if key != self.key:
             self.key = None
+            why = self._reason(block, mods)
+            if why is not None:
+                raise Unservable(why)
+            self.key = key
+        why = recording_reason(self.recorders)
+        if why is not None:
             raise Unservable(why)
-        self.key = key
+
+    def _reason(self, block: torch.nn.Module, mods: tuple) -> Optional[str]:
+        why = global_hook_reason()
+        if why is not None:
+            return why
+        self.recorders = []
+        for name, m in mods:
+            # hooks on the block itself run around the converted forward: fine
+            why = module_reason(m, name, self.recorders) if name else (
+                "the block is parametrized (torch.nn.utils.parametrize)"
+                if torch.nn.utils.parametrize.is_parametrized(m) else None)
+            if why:
+                return why
+        for name, classes in self.reads.items():
+            why = read_reason(_get(block, name), name, classes)
+            if why:
+                return why
+        return None
 
 
 def _get(block: torch.nn.Module, name: str) -> Optional[torch.nn.Module]:
