@@ -109,10 +109,18 @@ def test_inference_with_kv_cache_falls_back_and_generates_the_same(arch):
     ref = MODELS[arch]().eval()
     conv = ckpt_ops.convert(copy.deepcopy(ref))
     ids = torch.randint(0, 97, (1, 5))
+    kw = dict(max_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True)
     with torch.no_grad():
-        out_ref = ref.generate(ids, max_new_tokens=4, do_sample=False)
-        out_conv = conv.generate(ids, max_new_tokens=4, do_sample=False)
-    assert torch.equal(out_ref, out_conv)
+        out_ref = ref.generate(ids, **kw)
+        out_conv = conv.generate(ids, **kw)
+    # the converted final norm runs ckpt_ops' kernel (rounding may differ from torch's by CPU), so
+    # scores are compared with a tolerance; the greedy tokens agree because every step's top-2
+    # margin is far above that tolerance
+    for a, b in zip(out_conv.scores, out_ref.scores):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        top2 = b.topk(2, dim=-1).values
+        assert (top2[:, 0] - top2[:, 1]).min() > 1e-3
+    assert torch.equal(out_ref.sequences, out_conv.sequences)
     assert any("KV cache" in k for k in ckpt_ops.conversion_report(conv)["fallbacks"])
 
 
