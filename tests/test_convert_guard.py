@@ -131,3 +131,21 @@ def test_peft_lora_projections_fall_back_with_lora_gradients(order):
     rep = ckpt_ops.conversion_report(conv)
     assert any("self_attn.q_proj is a peft LoRA layer: not fused" in k for k in rep["fallbacks"]), rep
     assert not rep["fused_calls"].get("LlamaDecoderLayer")
+
+
+def test_guard_check_traces_without_graph_breaks():
+    """The per-call check (hooks, classes, transformers' recorders) is plain Python on modules:
+    torch.compile traces it with no graph break."""
+    conv = ckpt_ops.convert(llama("eager"))
+    ids, am, _ = batch()
+    conv(input_ids=ids, attention_mask=am, output_attentions=True)  # installs transformers' recorders
+    layer = conv.model.layers[0]
+    guard = layer._ckpt_ops_state.guard
+
+    def f(x):
+        guard.check(layer)
+        return x * 2
+
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(f)(torch.randn(3))
+    assert guard.recorders and explained.graph_break_count == 0, explained.break_reasons
