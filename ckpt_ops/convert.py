@@ -175,12 +175,25 @@ def convert(model: torch.nn.Module, recompute: str = "full", inplace: bool = Tru
         module._ckpt_ops_state = _State(adapter, recompute, backend, report, adapter.guard(module))
         module.forward = types.MethodType(_converted_forward, module)
         report["swapped"].append((name, type(module).__name__))
+    fused_layers = [(n, c, _guard_now(model.get_submodule(n))) for n, c in fused_layers]
     left_names = {n for n, _, _ in left_layers}
     report["left"] = [t for t in left if t[0] not in left_names] + left_layers
     report["layers_fused"] = fused_layers
     report["layers_left"] = left_layers
     _REPORTS[model] = report
     return model
+
+
+def _guard_now(layer: torch.nn.Module) -> str:
+    """"fused", or what makes its calls run the original forward as the model stands now (a
+    PEFT LoRA wrapper applied before convert, a hook): the guard re-checks at every call."""
+    guard = layer._ckpt_ops_state.guard
+    try:
+        if guard is not None:
+            guard.check(layer)
+    except Unservable as e:
+        return f"converted, but its calls run the original forward while {e}"
+    return "fused"
 
 
 def _find_report(model: torch.nn.Module) -> Optional[Dict[str, Any]]:
@@ -196,12 +209,12 @@ def conversion_report(model: torch.nn.Module) -> Dict[str, Any]:
     """What convert() did to `model` (or to the converted model it wraps): {"swapped": [(name,
     class)], "left": [(name, class, why)] (modules and layers not fused, with the reason; a layer
     whose norms alone are swapped says so, and that this has no saved-bytes effect),
-    "layers": [(name, class, "fused" | why)] for every layer seen, "fused_calls": {kind: n},
+    "layers": [(name, class, "fused" | why)] for every layer seen (as it stood at convert time), "fused_calls": {kind: n},
     "fallbacks": {"kind: reason": n}}."""
     r = _find_report(model)
     if r is None:
         raise ValueError("this model was not converted by ckpt_ops.convert")
-    layers = [(n, c, "fused") for n, c in r.get("layers_fused", [])] + list(r.get("layers_left", []))
+    layers = list(r.get("layers_fused", [])) + list(r.get("layers_left", []))
     return {"swapped": list(r["swapped"]), "left": list(r["left"]), "layers": layers,
             "fused_calls": dict(r["fused_calls"]), "fallbacks": dict(r["fallbacks"])}
 

@@ -131,6 +131,8 @@ def test_peft_lora_projections_fall_back_with_lora_gradients(order):
     rep = ckpt_ops.conversion_report(conv)
     assert any("self_attn.q_proj is a peft LoRA layer: not fused" in k for k in rep["fallbacks"]), rep
     assert not rep["fused_calls"].get("LlamaDecoderLayer")
+    if order == "peft_then_convert":  # the layers seen at convert time say their calls will fall back
+        assert all("peft LoRA layer" in status for _, _, status in rep["layers"]), rep["layers"]
 
 
 def test_guard_check_traces_without_graph_breaks():
