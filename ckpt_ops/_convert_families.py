@@ -256,6 +256,7 @@ class Family:
     gate_up: Tuple[str, ...] = ("gate_proj", "up_proj")     # or one packed name, rows [gate | up]
     resid_dropout: Optional[Tuple[str, str]] = None  # nn.Dropout after attention / MLP (residual dropout)
     sliding_window: bool = False                     # attention may have a window: fused when >= S
+    norm_offset: float = 0.0                         # Gemma: RMSNorm scales by (offset + weight)
 
     def cls(self, suffix: str):
         return _hf_class(f"transformers.models.{self.name}.modeling_{self.name}", self.prefix + suffix)
@@ -267,8 +268,24 @@ FAMILIES = (
     Family("qwen2", "Qwen2", sliding_window=True),  # q/k/v biases: the split projections take them
     Family("phi3", "Phi3", qkv=("qkv_proj",), gate_up=("gate_up_proj",),
            resid_dropout=("resid_attn_dropout", "resid_mlp_dropout"), sliding_window=True),
+    Family("gemma", "Gemma", norm_offset=1.0),  # GeGLU (tanh GELU) via hidden_act; embed scaling is outside
 )
 _LAYER_ARGS = ("hidden_states", "attention_mask", "position_ids", "cache", "use_cache", "position_embeddings")
+
+
+def _norm_weight(norm: torch.nn.Module, offset: float) -> torch.Tensor:
+    """The RMSNorm scale: weight, or (offset + weight) for Gemma's norms, which HF computes in fp32
+    (served fused in fp32 only: (1 + w) rounded to 16 bits would lose w's low bits)."""
+    if not offset:
+        return norm.weight
+    if norm.weight.dtype != torch.float32:
+        raise Unservable(f"(1 + weight) RMSNorm with {norm.weight.dtype} weights (HF computes it in fp32): "
+                         "fused in fp32 only")
+    return norm.weight + offset
+
+
+def _eps(norm: torch.nn.Module) -> float:
+    return norm.variance_epsilon if hasattr(norm, "variance_epsilon") else norm.eps
 
 
 class LlamaLikeAdapter(_BlockAdapter):
@@ -331,22 +348,22 @@ class LlamaLikeAdapter(_BlockAdapter):
         p_attn, p_mlp = ((getattr(module, n).p if module.training else 0.0) for n in fam.resid_dropout) \
             if fam.resid_dropout else (0.0, 0.0)
         n1, n2 = module.input_layernorm, module.post_attention_layernorm
-        attn_p = {"nw": n1.weight, "nb": None, "wq": wq, "wk": wk, "wv": wv, "bq": bq, "bk": bk, "bv": bv,
+        nw1, nw2 = (_norm_weight(n, fam.norm_offset) for n in (n1, n2))
+        attn_p = {"nw": nw1, "nb": None, "wq": wq, "wk": wk, "wv": wv, "bq": bq, "bk": bk, "bv": bv,
                   "wo": attn.o_proj.weight, "bo": attn.o_proj.bias}
-        mlp_p = {"nw": n2.weight, "nb": None, "w1": w1, "b1": b1, "wg": wg, "bg": bg,
+        mlp_p = {"nw": nw2, "nb": None, "w1": w1, "b1": b1, "wg": wg, "bg": bg,
                  "w2": mlp.down_proj.weight, "b2": mlp.down_proj.bias}
         attn_kw = dict(num_heads=cfg.num_attention_heads, num_kv_heads=cfg.num_key_value_heads, scale=attn.scaling,
-                       norm="rmsnorm", norm_weight=n1.weight, norm_bias=None, norm_eps=n1.variance_epsilon,
+                       norm="rmsnorm", norm_weight=nw1, norm_bias=None, norm_eps=_eps(n1),
                        rope=True, rope_theta=10000.0, dropout=p_attn, residual=True)
-        mlp_kw = dict(activation=_ACTS_GATED[cfg.hidden_act], norm="rmsnorm", norm_weight=n2.weight, norm_bias=None,
-                      norm_eps=n2.variance_epsilon, dropout=p_mlp)
+        mlp_kw = dict(activation=_ACTS_GATED[cfg.hidden_act], norm="rmsnorm", norm_weight=nw2, norm_bias=None,
+                      norm_eps=_eps(n2), dropout=p_mlp)
         return self._run(module, state, x, call.get("attention_mask"), attn_p, mlp_p, attn_kw, mlp_kw, cos, sin)
 
 
 # Decoder/encoder layers seen but not fused, and why (kernel features they would need).
 KNOWN_LEFT = {
     "Qwen3DecoderLayer": "per-head q/k RMSNorm before RoPE: no fused kernel feature yet",
-    "GemmaDecoderLayer": "Gemma RMSNorm scales by (1 + weight) and embeds are scaled: no fused adapter yet",
     "Gemma2DecoderLayer": "pre- and post-sublayer norms, logit soft-capping, alternating sliding windows: "
                           "no fused kernel features yet",
     "Gemma3DecoderLayer": "pre- and post-sublayer norms, q/k norm, alternating sliding windows: no fused kernel "
@@ -362,14 +379,15 @@ KNOWN_LEFT = {
 
 
 class NormAdapter(Adapter):
-    """torch.nn.LayerNorm, torch.nn.RMSNorm and the RMSNorm classes of the families above."""
+    """torch.nn.LayerNorm, torch.nn.RMSNorm and the RMSNorm classes of the families above (Gemma's
+    (1 + w) form in fp32)."""
     kind = "norm"
 
     def __init__(self):
-        self.hf = tuple(c for c in (f.cls("RMSNorm") for f in FAMILIES) if c is not None)
+        self.offset = {c: f.norm_offset for c, f in ((f.cls("RMSNorm"), f) for f in FAMILIES) if c is not None}
 
     def matches(self, module):
-        return type(module) in (torch.nn.LayerNorm, torch.nn.RMSNorm) or type(module) in self.hf
+        return type(module) in (torch.nn.LayerNorm, torch.nn.RMSNorm) or type(module) in self.offset
 
     def fused(self, module, state, args, kwargs):
         if len(args) != 1 or kwargs:
@@ -381,7 +399,8 @@ class NormAdapter(Adapter):
                                     backend=state.backend)
         if isinstance(module, torch.nn.RMSNorm):
             return _norm.rms_norm(x, module.normalized_shape, module.weight, module.eps, backend=state.backend)
-        return _norm.rms_norm(x, (x.shape[-1],), module.weight, module.variance_epsilon, backend=state.backend)
+        weight = _norm_weight(module, self.offset[type(module)])
+        return _norm.rms_norm(x, (x.shape[-1],), weight, _eps(module), backend=state.backend)
 
 
 ADAPTERS: list = []

@@ -1,5 +1,6 @@
 """ckpt_ops.convert across model families (tiny random configs, nothing downloaded): the Llama-like
-families (Mistral, Qwen2 with q/k/v biases, Phi3 with packed projections) train fused -- loss and
+families (Mistral, Qwen2 with q/k/v biases, Phi3 with packed projections, Gemma with its (1 + w)
+RMSNorm and GeGLU) train fused -- loss and
 every gradient vs the unconverted model, saved bytes vs the unconverted model and HF's own
 checkpointing; the report lists every layer, fused or left with the reason; strict=True raises."""
 import copy
@@ -21,6 +22,7 @@ FUSED = {
     "mistral_window_ge_s": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=24)),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(pad_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0)),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(head_dim=16)),  # RMSNorm (1 + w), GeGLU (tanh GELU)
 }
 
 
@@ -119,3 +121,18 @@ def test_strict_conversion_of_a_supported_model_succeeds():
     assert all(s == "fused" for _, _, s in ckpt_ops.conversion_report(model)["layers"])
     with pytest.raises(TypeError, match="strict"):
         ckpt_ops.convert(model, strict="yes")
+
+
+def test_gemma_norm_in_bf16_falls_back_to_torch_exactly():
+    """HF computes Gemma's (1 + w) RMSNorm in fp32; with bf16 weights (1 + w) would be rounded to
+    bf16 by the fused path, so every layer and norm runs torch's own code: bitwise the unconverted."""
+    ref = make("gemma").to(torch.bfloat16)
+    conv = ckpt_ops.convert(copy.deepcopy(ref))
+    ids, am, labels = batch(b=2, s=12)
+    a = ref(input_ids=ids, attention_mask=am, labels=labels).loss
+    b = conv(input_ids=ids, attention_mask=am, labels=labels).loss
+    assert torch.equal(a, b)
+    rep = ckpt_ops.conversion_report(conv)
+    assert not rep["fused_calls"] and set(rep["fallbacks"]) == {
+        f"{kind}: (1 + weight) RMSNorm with torch.bfloat16 weights (HF computes it in fp32): fused in fp32 only"
+        for kind in ("GemmaDecoderLayer", "norm")}, rep
