@@ -15,9 +15,9 @@ the unconverted computation. Never a wrong answer.
 
 Fused, as ONE checkpointed segment per layer (``ckpt_ops.block``): Hugging Face ``transformers``
 ``GPT2Block`` (Conv1D weights used transposed, as views) and the Llama-like decoder layers of Llama,
-Mistral, Qwen2 and Phi3 (the model's own rotary tables; Phi3's packed projections as row views).
-``torch.nn.LayerNorm``, ``torch.nn.RMSNorm`` and those families' RMSNorms are swapped anywhere
-else. Every decoder layer seen (by class or by structure) that is not fused is reported with why.
+Mistral, Qwen2, Phi3 and Gemma (the model's own rotary tables; Phi3's packed projections as row
+views; Gemma's (1 + w) RMSNorm in fp32). ``torch.nn.LayerNorm``, ``torch.nn.RMSNorm`` and those
+families' RMSNorms are swapped anywhere else. Every decoder layer seen (by class or by structure) that is not fused is reported with why.
 
 As Hugging Face's own gradient checkpointing does, a training call (module in train mode, grad
 enabled) does not fill an empty KV cache the model created by default (``use_cache=True``); the

@@ -61,6 +61,23 @@ def test_family_training_step_matches_unconverted(family):
     assert b_conv <= b_hf, (b_conv, b_hf)
 
 
+def test_left_padding_trains_fused():
+    """Left padding (sdpa): the padded query rows attend to no key; their outputs never reach the
+    loss, and every gradient equals the unconverted model's."""
+    ref = make("qwen2")
+    conv = ckpt_ops.convert(copy.deepcopy(ref))
+    ids, am, _ = batch(b=2, s=12)
+    am = am.flip(-1)
+    labels = ids.masked_fill(am == 0, -100)
+    l_ref, g_ref = train_step(ref, ids, am, labels)
+    l_conv, g_conv = train_step(conv, ids, am, labels)
+    assert_fp32_close(l_conv, l_ref, "loss")
+    for name in g_ref:
+        assert_fp32_close(g_conv[name], g_ref[name], name)
+    rep = ckpt_ops.conversion_report(conv)
+    assert rep["fused_calls"]["Qwen2DecoderLayer"] == 4 and not rep["fallbacks"], rep
+
+
 def test_sliding_window_shorter_than_the_sequence_falls_back_exactly():
     ref = make("mistral", sliding_window=4)
     conv = ckpt_ops.convert(copy.deepcopy(ref))
