@@ -114,12 +114,23 @@ _KNOWN_KWARGS = {"hidden_states", "attention_mask", "position_ids", "cache", "pa
                  "cache_position", "position_embeddings", "output_attentions", "encoder_hidden_states"}
 
 
+# passed down to every layer by transformers (TransformersKwargs) without changing what it computes
+_INERT_KWARGS = {"num_items_in_batch", "output_hidden_states", "output_router_logits", "encoder_attention_mask",
+                 "return_dict"}
+
+
 def _bind(names: Tuple[str, ...], args: tuple, kwargs: dict) -> dict:
+    """The call's arguments by name. Anything not known to be served (packed-sequence metadata
+    such as cu_seq_lens_q / max_length_q / seq_idx, is_causal=False, ...) is Unservable."""
     call = dict(zip(names, args))
     call.update(kwargs)
     for k, v in call.items():
+        if k in _INERT_KWARGS or (k == "is_causal" and v is not False):
+            continue
         if k not in _KNOWN_KWARGS and v is not None and v is not False:
             raise Unservable(f"call argument {k!r} (e.g. packed-sequence metadata) is not served fused")
+        if k == "is_causal":
+            raise Unservable("is_causal=False")
     if call.get("output_attentions"):
         raise Unservable("attention weights requested")
     return call

@@ -151,3 +151,26 @@ def test_guard_check_traces_without_graph_breaks():
     torch._dynamo.reset()
     explained = torch._dynamo.explain(f)(torch.randn(3))
     assert guard.recorders and explained.graph_break_count == 0, explained.break_reasons
+
+
+def test_layer_kwargs_from_transformers_are_inert_or_fall_back():
+    """num_items_in_batch (passed to every layer by HF Trainer's loss path) keeps the call fused;
+    packed-sequence metadata (cu_seq_lens_q, ...) is not served fused and falls back."""
+    ref = llama().train()
+    conv = ckpt_ops.convert(copy.deepcopy(ref))
+    ids, am, labels = batch()
+    n = (labels != -100).sum()
+    a = ref(input_ids=ids, attention_mask=am, labels=labels, num_items_in_batch=n).loss
+    b = conv(input_ids=ids, attention_mask=am, labels=labels, num_items_in_batch=n).loss
+    assert_fp32_close(b, a, "loss")
+    rep = ckpt_ops.conversion_report(conv)
+    assert rep["fused_calls"]["LlamaDecoderLayer"] == 2 and not rep["fallbacks"], rep
+    layer = conv.model.layers[0]
+    x = torch.randn(1, 4, 64)
+    pe = conv.model.rotary_emb(x, torch.arange(4)[None])
+    cu = torch.tensor([0, 2, 4])
+    out = layer(x, position_embeddings=pe, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=2, max_length_k=2)
+    ref_out = ref.model.layers[0](x, position_embeddings=pe, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=2,
+                                  max_length_k=2)
+    torch.testing.assert_close(out, ref_out)
+    assert any("'cu_seq_lens_q'" in k for k in fallbacks(conv)), fallbacks(conv)
