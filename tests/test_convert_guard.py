@@ -174,3 +174,18 @@ def test_layer_kwargs_from_transformers_are_inert_or_fall_back():
                                   max_length_k=2)
     torch.testing.assert_close(out, ref_out)
     assert any("'cu_seq_lens_q'" in k for k in fallbacks(conv)), fallbacks(conv)
+
+
+def test_peft_lora_on_gpt2_conv1d_falls_back():
+    peft = pytest.importorskip("peft", reason="peft is not installed")
+    cfg = dict(r=4, target_modules=["c_attn", "c_fc"], init_lora_weights=False, fan_in_fan_out=True)
+    ref = peft.get_peft_model(gpt2(), peft.LoraConfig(**cfg)).train()
+    conv = peft.get_peft_model(ckpt_ops.convert(gpt2()), peft.LoraConfig(**cfg)).train()
+    ids, am, labels = batch()
+    l_ref, g_ref = train_step(ref, ids, am, labels)
+    l_conv, g_conv = train_step(conv, ids, am, labels)
+    assert_fp32_close(l_conv, l_ref, "loss")
+    assert len(g_ref) == 8 and g_conv.keys() == g_ref.keys()
+    for name in g_ref:
+        assert_fp32_close(g_conv[name], g_ref[name], name)
+    assert any("attn.c_attn is a peft LoRA layer: not fused" in k for k in fallbacks(conv)), fallbacks(conv)
