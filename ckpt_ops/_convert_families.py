@@ -125,12 +125,11 @@ def _bind(names: Tuple[str, ...], args: tuple, kwargs: dict) -> dict:
     call = dict(zip(names, args))
     call.update(kwargs)
     for k, v in call.items():
-        if k in _INERT_KWARGS or (k == "is_causal" and v is not False):
-            continue
-        if k not in _KNOWN_KWARGS and v is not None and v is not False:
-            raise Unservable(f"call argument {k!r} (e.g. packed-sequence metadata) is not served fused")
-        if k == "is_causal":
+        if k == "is_causal" and v is False:
             raise Unservable("is_causal=False")
+        if k not in _KNOWN_KWARGS and k not in _INERT_KWARGS and k != "is_causal" and v is not None \
+                and v is not False:
+            raise Unservable(f"call argument {k!r} (e.g. packed-sequence metadata) is not served fused")
     if call.get("output_attentions"):
         raise Unservable("attention weights requested")
     return call
