@@ -53,22 +53,27 @@ def train_step(model, ids, am, labels):
     return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def assert_same_step(conv, ref, ids, am, labels):
+    """One training step of each: loss and every gradient of `conv` vs `ref` by DESIGN 4's fp32 rule."""
+    l_ref, g_ref = train_step(ref, ids, am, labels)
+    l_conv, g_conv = train_step(conv, ids, am, labels)
+    assert_fp32_close(l_conv, l_ref, "loss")
+    assert g_ref.keys() == g_conv.keys() and g_ref
+    for name in g_ref:
+        assert_fp32_close(g_conv[name], g_ref[name], name)
+    return l_ref
+
+
 @pytest.mark.parametrize("arch", list(MODELS))
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 @pytest.mark.parametrize("level", LEVELS)
 def test_training_step_matches_unconverted(arch, impl, level):
     ref = MODELS[arch](impl).train()
     conv = ckpt_ops.convert(copy.deepcopy(ref), recompute=level)
-    ids, am, labels = batch()
-    l_ref, g_ref = train_step(ref, ids, am, labels)
-    l_conv, g_conv = train_step(conv, ids, am, labels)
+    assert_same_step(conv, ref, *batch())
     rep = ckpt_ops.conversion_report(conv)
     block = "GPT2Block" if arch == "gpt2" else "LlamaDecoderLayer"
     assert rep["fused_calls"].get(block) == 2 and not rep["fallbacks"], rep
-    assert_fp32_close(l_conv, l_ref, "loss")
-    assert g_ref.keys() == g_conv.keys()
-    for name in g_ref:
-        assert_fp32_close(g_conv[name], g_ref[name], name)
 
 
 @pytest.mark.parametrize("arch", list(MODELS))

@@ -11,8 +11,7 @@ import torch
 import ckpt_ops
 
 T = pytest.importorskip("transformers")
-from conftest import assert_fp32_close  # noqa: E402
-from test_convert import batch, train_step  # noqa: E402
+from test_convert import assert_same_step, batch, train_step  # noqa: E402
 
 T.logging.set_verbosity_error()
 DECODER = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
@@ -41,12 +40,7 @@ def test_family_training_step_matches_unconverted(family):
     ref = make(family)
     conv = ckpt_ops.convert(copy.deepcopy(ref), strict=True)
     ids, am, labels = batch(b=2, s=24)
-    l_ref, g_ref = train_step(ref, ids, am, labels)
-    l_conv, g_conv = train_step(conv, ids, am, labels)
-    assert_fp32_close(l_conv, l_ref, "loss")
-    assert g_ref.keys() == g_conv.keys()
-    for name in g_ref:
-        assert_fp32_close(g_conv[name], g_ref[name], name)
+    assert_same_step(conv, ref, ids, am, labels)
     rep = ckpt_ops.conversion_report(conv)
     assert rep["fused_calls"].get(layer_kind(ref)) == 4 and not rep["fallbacks"], rep
     assert [s for _, _, s in rep["layers"]] == ["fused"] * 4
@@ -69,11 +63,7 @@ def test_left_padding_trains_fused():
     ids, am, _ = batch(b=2, s=12)
     am = am.flip(-1)
     labels = ids.masked_fill(am == 0, -100)
-    l_ref, g_ref = train_step(ref, ids, am, labels)
-    l_conv, g_conv = train_step(conv, ids, am, labels)
-    assert_fp32_close(l_conv, l_ref, "loss")
-    for name in g_ref:
-        assert_fp32_close(g_conv[name], g_ref[name], name)
+    assert_same_step(conv, ref, ids, am, labels)
     rep = ckpt_ops.conversion_report(conv)
     assert rep["fused_calls"]["Qwen2DecoderLayer"] == 4 and not rep["fallbacks"], rep
 
@@ -82,11 +72,7 @@ def test_sliding_window_shorter_than_the_sequence_falls_back_exactly():
     ref = make("mistral", sliding_window=4)
     conv = ckpt_ops.convert(copy.deepcopy(ref))
     ids, am, labels = batch(b=2, s=10)
-    l_ref, g_ref = train_step(ref, ids, am, labels)
-    l_conv, g_conv = train_step(conv, ids, am, labels)
-    assert_fp32_close(l_conv, l_ref, "loss")
-    for name in g_ref:
-        assert_fp32_close(g_conv[name], g_ref[name], name)
+    assert_same_step(conv, ref, ids, am, labels)
     rep = ckpt_ops.conversion_report(conv)
     assert rep["fallbacks"] == {"MistralDecoderLayer: sliding window 4 shorter than the sequence (10): no fused "
                                 "window mask yet": 4}, rep

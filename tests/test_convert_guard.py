@@ -12,17 +12,7 @@ import ckpt_ops
 
 pytest.importorskip("transformers")
 from conftest import assert_fp32_close  # noqa: E402
-from test_convert import batch, gpt2, llama, train_step  # noqa: E402
-
-
-def assert_same_step(conv, ref, ids, am, labels):
-    l_ref, g_ref = train_step(ref, ids, am, labels)
-    l_conv, g_conv = train_step(conv, ids, am, labels)
-    assert_fp32_close(l_conv, l_ref, "loss")
-    assert g_ref.keys() == g_conv.keys() and g_ref
-    for name in g_ref:
-        assert_fp32_close(g_conv[name], g_ref[name], name)
-    return l_ref
+from test_convert import assert_same_step, batch, gpt2, llama, train_step  # noqa: E402
 
 
 def fallbacks(model):
