@@ -1,0 +1,422 @@
+"""The adapters of ``ckpt_ops.convert``: GPT-2's block, the Llama-like decoder layers (one small
+declarative :class:`Family` each), the norms, and the decoder layers known to be left (with why).
+
+Adding a Llama-like family (pre-norm RMSNorm, q/k/v/o + gated MLP, rotate-half RoPE tables passed as
+``position_embeddings``) is one :class:`Family` entry in ``FAMILIES``.
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+
+from ckpt_ops import attention as _attn
+from ckpt_ops import block as _block
+from ckpt_ops import mlp as _mlp
+from ckpt_ops import norm as _norm
+from ckpt_ops._convert_guard import Guard, Unservable
+from ckpt_ops.reference import attention_valid
+
+Linear = (torch.nn.Linear,)
+
+
+def _hf_class(module_path: str, name: str):
+    try:
+        mod = __import__(module_path, fromlist=[name])
+        return getattr(mod, name)
+    except Exception:  # transformers not installed, or another version without it
+        return None
+
+
+# ------------------------------------------------------------------------------------------------
+# Call checks shared by the block adapters
+# ------------------------------------------------------------------------------------------------
+_MASK_CACHE: Dict[str, Any] = {"ref": None, "version": None, "out": None}
+
+
+def key_mask_from_hf(mask: Optional[torch.Tensor], b: int, s: int, causal: bool) -> Optional[torch.Tensor]:
+    """The (B, S) key-padding mask equivalent to a Hugging Face 4-D attention mask, or Unservable.
+
+    HF passes None (plain causal), a bool (B, 1, S, S) mask (True = attend, sdpa) or an additive
+    float one (0 = attend, finfo.min = masked, eager). The conversion is accepted only if the 4-D
+    mask equals exactly causal & padding; one mask object serves every layer of a forward, so the
+    check runs once per forward (cached on the tensor's identity and version)."""
+    if mask is None:
+        return None
+    if _MASK_CACHE["ref"] is not None and _MASK_CACHE["ref"]() is mask and _MASK_CACHE["version"] == mask._version:
+        out = _MASK_CACHE["out"]
+        if isinstance(out, Unservable):
+            raise out
+        return out
+    try:
+        out = _convert_mask(mask, b, s, causal)
+    except Unservable as e:
+        out = e
+    _MASK_CACHE.update(ref=weakref.ref(mask), version=mask._version, out=out)
+    if isinstance(out, Unservable):
+        raise out
+    return out
+
+
+def _convert_mask(mask: torch.Tensor, b: int, s: int, causal: bool) -> Optional[torch.Tensor]:
+    if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[-2:] != (s, s) or mask.shape[0] not in (1, b):
+        raise Unservable(f"attention mask of shape {tuple(mask.shape)} (not (B, 1, S, S) with S = query length)")
+    if mask.dtype == torch.bool:
+        valid = mask[:, 0]
+    elif mask.dtype.is_floating_point:
+        low = torch.finfo(mask.dtype).min
+        if not ((mask == 0) | (mask == low)).all():
+            raise Unservable("additive attention mask with values other than 0 and the dtype's minimum (a bias)")
+        valid = mask[:, 0] == 0
+        if not bool(valid.any(dim=-1).all()):
+            # softmax over a row of equal minima averages every value: not what a fused kernel
+            # computes for a row with no key (exact zeros), so such calls stay on the original path
+            raise Unservable("additive mask with rows that attend to no key (left padding under eager attention)")
+    else:
+        raise Unservable(f"attention mask of dtype {mask.dtype}")
+    keys = valid[:, -1, :] if causal else valid.any(dim=1)
+    expected = attention_valid(keys, valid.shape[0], s, causal, mask.device)[:, 0]
+    if not torch.equal(expected, valid):
+        raise Unservable("attention mask is not exactly causal & key padding (packed sequences, windows, "
+                         "or fully masked rows unmasked by the attention implementation)")
+    if bool(keys.all()):
+        return None
+    return keys.expand(b, s).contiguous() if keys.shape[0] != b else keys.contiguous()
+
+
+def _check_cache(module: torch.nn.Module, cache: Any, layer_idx: Optional[int]) -> None:
+    """A KV cache may be passed along in training (HF creates one by default); it is served only
+    when it is empty and the call trains (as HF gradient checkpointing, it is not filled)."""
+    if cache is None:
+        return
+    if not (module.training and torch.is_grad_enabled()):
+        raise Unservable("KV cache in use (inference/generation)")
+    try:
+        seen = cache.get_seq_length(layer_idx) if layer_idx is not None else cache.get_seq_length()
+    except Exception as e:  # unknown cache type
+        raise Unservable(f"KV cache of type {type(cache).__name__}: {e}") from None
+    if seen:
+        raise Unservable("KV cache already holds tokens")
+
+
+def _check_dtypes(x: torch.Tensor, module: torch.nn.Module) -> None:
+    if torch.is_autocast_enabled(x.device.type):
+        raise Unservable("autocast (run the original forward under its casting policy)")
+    for p in module.parameters():
+        if p.dtype != x.dtype or p.device != x.device:
+            raise Unservable(f"parameter dtype/device {p.dtype}/{p.device} differs from the input's "
+                             f"{x.dtype}/{x.device}")
+
+
+_KNOWN_KWARGS = {"hidden_states", "attention_mask", "position_ids", "cache", "past_key_values", "use_cache",
+                 "cache_position", "position_embeddings", "output_attentions", "encoder_hidden_states"}
+
+
+# passed down to every layer by transformers (TransformersKwargs) without changing what it computes
+_INERT_KWARGS = {"num_items_in_batch", "output_hidden_states", "output_router_logits", "encoder_attention_mask",
+                 "return_dict"}
+
+
+def _bind(names: Tuple[str, ...], args: tuple, kwargs: dict) -> dict:
+    """The call's arguments by name. Anything not known to be served (packed-sequence metadata
+    such as cu_seq_lens_q / max_length_q / seq_idx, is_causal=False, ...) is Unservable."""
+    call = dict(zip(names, args))
+    call.update(kwargs)
+    for k, v in call.items():
+        if k == "is_causal" and v is False:
+            raise Unservable("is_causal=False")
+        if k not in _KNOWN_KWARGS and k not in _INERT_KWARGS and k != "is_causal" and v is not None \
+                and v is not False:
+            raise Unservable(f"call argument {k!r} (e.g. packed-sequence metadata) is not served fused")
+    if call.get("output_attentions"):
+        raise Unservable("attention weights requested")
+    return call
+
+
+_TABLE_CACHE: Dict[str, Any] = {"ref": None, "out": None}
+
+
+def _half_tables(cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """HF rotary tables (B, S, hd) repeat their first half; ckpt_ops takes (B, S, hd/2). Checked
+    once per forward (the same tensors serve every layer)."""
+    if _TABLE_CACHE["ref"] is not None and _TABLE_CACHE["ref"]() is cos:
+        return _TABLE_CACHE["out"]
+    h = head_dim // 2
+    if cos.shape[-1] != head_dim:
+        raise Unservable(f"rotary tables of width {cos.shape[-1]} for head_dim {head_dim} (partial rotary)")
+    if not (torch.equal(cos[..., :h], cos[..., h:]) and torch.equal(sin[..., :h], sin[..., h:])):
+        raise Unservable("rotary tables are not of the rotate-half form (cos/sin halves differ)")
+    out = (cos[..., :h].contiguous(), sin[..., :h].contiguous())
+    _TABLE_CACHE.update(ref=weakref.ref(cos), out=out)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Adapters
+# ------------------------------------------------------------------------------------------------
+class Adapter:
+    """Converts one kind of module. Subclasses define `kind`, `matches`, `static_reason`,
+    `fused`; block adapters also `guard` (what they read, see ckpt_ops._convert_guard)."""
+    kind = "module"
+    is_block = False
+
+    def matches(self, module: torch.nn.Module) -> bool:
+        raise NotImplementedError
+
+    def static_reason(self, module: torch.nn.Module) -> Optional[str]:
+        """None when the module can be converted, else why not (it is then left alone)."""
+        return None
+
+    def guard(self, module: torch.nn.Module) -> Optional[Guard]:
+        return None
+
+    def fused(self, module: torch.nn.Module, state, args: tuple, kwargs: dict):
+        """The fused result of module(*args, **kwargs), or raise Unservable."""
+        raise NotImplementedError
+
+
+_ACTS_GPT2 = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
+              "gelu": "gelu", "relu": "relu", "silu": "silu", "swish": "silu"}
+_ACTS_GATED = {"silu": "swiglu", "swish": "swiglu", "gelu_pytorch_tanh": "geglu", "gelu_new": "geglu"}
+
+
+class _BlockAdapter(Adapter):
+    """Shared call path of the transformer-block adapters: subclasses extract the parameters and
+    configs; this class checks the call and runs ckpt_ops.block."""
+    is_block = True
+
+    def _run(self, module, state, x, mask4d, attn_p: dict, mlp_p: dict, attn_kw: dict, mlp_kw: dict,
+             cos=None, sin=None):
+        if x.dim() != 3:
+            raise Unservable(f"hidden states of shape {tuple(x.shape)}")
+        _check_dtypes(x, module)
+        b, s, _ = x.shape
+        key_mask = key_mask_from_hf(mask4d, b, s, causal=True)
+        level = state.recompute
+        qkv_w = attn_p["wq"] if attn_p["wk"] is None else (attn_p["wq"], attn_p["wk"], attn_p["wv"])
+        qkv_b = attn_p["bq"] if attn_p["wk"] is None else (
+            None if attn_p["bq"] is None else (attn_p["bq"], attn_p["bk"], attn_p["bv"]))
+        acfg, mask, c, sn = _attn.prepare(
+            x, qkv_w, qkv_b, attn_p["wo"], attn_p["bo"], attention_mask=key_mask, causal=True,
+            rope_cos=cos, rope_sin=sin, training=module.training, recompute=_block._ATTN_LEVEL[level],
+            backend=state.backend, **attn_kw)
+        mcfg = _mlp.prepare(x, mlp_p["w1"], mlp_p["b1"], mlp_p["w2"], mlp_p["b2"], gate_weight=mlp_p["wg"],
+                            gate_bias=mlp_p["bg"], training=module.training, recompute=_block._MLP_LEVEL[level],
+                            backend=state.backend, residual=True, **mlp_kw)
+        return _block.transformer_block(x, attn_p, mlp_p, acfg, mcfg, level, mask, c, sn)
+
+
+class GPT2BlockAdapter(_BlockAdapter):
+    kind = "GPT2Block"
+
+    def __init__(self):
+        mod = "transformers.models.gpt2.modeling_gpt2"
+        self.cls = _hf_class(mod, "GPT2Block")
+        self.parts = (_hf_class(mod, "GPT2Attention"), _hf_class(mod, "GPT2MLP"),
+                      _hf_class("transformers.pytorch_utils", "Conv1D"))
+
+    def matches(self, module):
+        return self.cls is not None and isinstance(module, self.cls)
+
+    def static_reason(self, module):
+        act = module.mlp.act.__class__.__name__
+        fn = getattr(module.attn.config, "activation_function", None)
+        if fn not in _ACTS_GPT2:
+            return f"activation {fn!r} ({act}) has no fused kernel"
+        return None
+
+    def guard(self, module):
+        attn, mlp, conv = ((c,) for c in self.parts)
+        ln = (torch.nn.LayerNorm,)
+        return Guard({"ln_1": ln, "ln_2": ln, "attn": attn, "attn.c_attn": conv, "attn.c_proj": conv, "mlp": mlp,
+                      "mlp.c_fc": conv, "mlp.c_proj": conv})
+
+    def fused(self, module, state, args, kwargs):
+        call = _bind(("hidden_states", "cache", "attention_mask", "encoder_hidden_states"), args, kwargs)
+        x = call["hidden_states"]
+        if call.get("encoder_hidden_states") is not None:
+            raise Unservable("cross-attention")
+        _check_cache(module, call.get("cache", call.get("past_key_values")), module.attn.layer_idx)
+        attn, mlp = module.attn, module.mlp
+        if module.training and attn.attn_dropout.p > 0:
+            raise Unservable("attention-probability dropout in training (attn_pdrop > 0)")
+        cfg = attn.config
+        attn_p = {"nw": module.ln_1.weight, "nb": module.ln_1.bias, "wq": attn.c_attn.weight.t(), "wk": None,
+                  "wv": None, "bq": attn.c_attn.bias, "bk": None, "bv": None, "wo": attn.c_proj.weight.t(),
+                  "bo": attn.c_proj.bias}
+        mlp_p = {"nw": module.ln_2.weight, "nb": module.ln_2.bias, "w1": mlp.c_fc.weight.t(), "b1": mlp.c_fc.bias,
+                 "wg": None, "bg": None, "w2": mlp.c_proj.weight.t(), "b2": mlp.c_proj.bias}
+        attn_kw = dict(num_heads=attn.num_heads, num_kv_heads=attn.num_heads, scale=attn.scaling, norm="layernorm",
+                       norm_weight=attn_p["nw"], norm_bias=attn_p["nb"], norm_eps=module.ln_1.eps, rope=False,
+                       rope_theta=10000.0, dropout=attn.resid_dropout.p, residual=True)
+        mlp_kw = dict(activation=_ACTS_GPT2[cfg.activation_function], norm="layernorm", norm_weight=mlp_p["nw"],
+                      norm_bias=mlp_p["nb"], norm_eps=module.ln_2.eps, dropout=mlp.dropout.p)
+        return self._run(module, state, x, call.get("attention_mask"), attn_p, mlp_p, attn_kw, mlp_kw)
+
+
+@dataclass(frozen=True)
+class Family:
+    """A Llama-like decoder layer: pre-norm RMSNorm around attention and a gated MLP, RoPE tables
+    passed as ``position_embeddings``. Names are submodule names inside the layer."""
+    name: str                                       # the HF model folder, e.g. "llama"
+    prefix: str                                     # class prefix, e.g. "Llama" -> LlamaDecoderLayer, ...
+    qkv: Tuple[str, ...] = ("q_proj", "k_proj", "v_proj")  # or one packed name, rows [q | k | v]
+    gate_up: Tuple[str, ...] = ("gate_proj", "up_proj")     # or one packed name, rows [gate | up]
+    resid_dropout: Optional[Tuple[str, str]] = None  # nn.Dropout after attention / MLP (residual dropout)
+    sliding_window: bool = False                     # attention may have a window: fused when >= S
+    norm_offset: float = 0.0                         # Gemma: RMSNorm scales by (offset + weight)
+
+    def cls(self, suffix: str):
+        return _hf_class(f"transformers.models.{self.name}.modeling_{self.name}", self.prefix + suffix)
+
+
+FAMILIES = (
+    Family("llama", "Llama"),
+    Family("mistral", "Mistral", sliding_window=True),
+    Family("qwen2", "Qwen2", sliding_window=True),  # q/k/v biases: the split projections take them
+    Family("phi3", "Phi3", qkv=("qkv_proj",), gate_up=("gate_up_proj",),
+           resid_dropout=("resid_attn_dropout", "resid_mlp_dropout"), sliding_window=True),
+    Family("gemma", "Gemma", norm_offset=1.0),  # GeGLU (tanh GELU) via hidden_act; embed scaling is outside
+)
+_LAYER_ARGS = ("hidden_states", "attention_mask", "position_ids", "cache", "use_cache", "position_embeddings")
+
+
+def _norm_weight(norm: torch.nn.Module, offset: float) -> torch.Tensor:
+    """The RMSNorm scale: weight, or (offset + weight) for Gemma's norms, which HF computes in fp32
+    (served fused in fp32 only: (1 + w) rounded to 16 bits would lose w's low bits)."""
+    if not offset:
+        return norm.weight
+    if norm.weight.dtype != torch.float32:
+        raise Unservable(f"(1 + weight) RMSNorm with {norm.weight.dtype} weights (HF computes it in fp32): "
+                         "fused in fp32 only")
+    return norm.weight + offset
+
+
+def _eps(norm: torch.nn.Module) -> float:
+    return norm.variance_epsilon if hasattr(norm, "variance_epsilon") else norm.eps
+
+
+class LlamaLikeAdapter(_BlockAdapter):
+    """One adapter per :class:`Family`."""
+
+    def __init__(self, fam: Family):
+        self.fam, self.kind = fam, fam.prefix + "DecoderLayer"
+        self.cls, self.attn_cls, self.mlp_cls, self.norm_cls = (fam.cls(s) for s in
+                                                                ("DecoderLayer", "Attention", "MLP", "RMSNorm"))
+
+    def matches(self, module):
+        return self.cls is not None and isinstance(module, self.cls)
+
+    def static_reason(self, module):
+        act = getattr(module.mlp.config, "hidden_act", None)
+        if act not in _ACTS_GATED:
+            return f"hidden_act {act!r} has no fused kernel"
+        for n in (module.input_layernorm, module.post_attention_layernorm):
+            if self.norm_cls is None or type(n) is not self.norm_cls:
+                return f"norm of type {type(n).__name__}"
+        return None
+
+    def guard(self, module):
+        norm = (self.norm_cls,)
+        reads = {"input_layernorm": norm, "post_attention_layernorm": norm, "self_attn": (self.attn_cls,),
+                 "self_attn.o_proj": Linear, "mlp": (self.mlp_cls,), "mlp.down_proj": Linear}
+        reads.update({f"self_attn.{n}": Linear for n in self.fam.qkv})
+        reads.update({f"mlp.{n}": Linear for n in self.fam.gate_up})
+        return Guard(reads)
+
+    def fused(self, module, state, args, kwargs):
+        fam = self.fam
+        call = _bind(_LAYER_ARGS, args, kwargs)
+        x = call["hidden_states"]
+        attn, mlp = module.self_attn, module.mlp
+        _check_cache(module, call.get("cache", call.get("past_key_values")), attn.layer_idx)
+        if module.training and attn.attention_dropout > 0:
+            raise Unservable("attention-probability dropout in training (attention_dropout > 0)")
+        if fam.sliding_window and x.dim() == 3:
+            w = getattr(attn, "sliding_window", getattr(attn.config, "sliding_window", None))
+            if w is not None and w < x.shape[1]:
+                raise Unservable(f"sliding window {w} shorter than the sequence ({x.shape[1]}): no fused "
+                                 "window mask yet")
+        pe = call.get("position_embeddings")
+        if pe is None:
+            raise Unservable("no position_embeddings passed (older transformers call convention)")
+        cfg = attn.config
+        cos, sin = _half_tables(pe[0], pe[1], attn.head_dim)
+        qkv = [getattr(attn, n) for n in fam.qkv]
+        if len(qkv) == 1:  # packed rows [q | k | v]: one projection
+            wq, wk, wv, bq, bk, bv = qkv[0].weight, None, None, qkv[0].bias, None, None
+        else:
+            (wq, bq), (wk, bk), (wv, bv) = ((p.weight, p.bias) for p in qkv)
+        gu = [getattr(mlp, n) for n in fam.gate_up]
+        if len(gu) == 1:  # packed rows [gate | up]: row views of one weight
+            wg, w1 = gu[0].weight.chunk(2, dim=0)
+            bg, b1 = gu[0].bias.chunk(2) if gu[0].bias is not None else (None, None)
+        else:
+            (wg, bg), (w1, b1) = ((p.weight, p.bias) for p in gu)
+        p_attn, p_mlp = ((getattr(module, n).p if module.training else 0.0) for n in fam.resid_dropout) \
+            if fam.resid_dropout else (0.0, 0.0)
+        n1, n2 = module.input_layernorm, module.post_attention_layernorm
+        nw1, nw2 = (_norm_weight(n, fam.norm_offset) for n in (n1, n2))
+        attn_p = {"nw": nw1, "nb": None, "wq": wq, "wk": wk, "wv": wv, "bq": bq, "bk": bk, "bv": bv,
+                  "wo": attn.o_proj.weight, "bo": attn.o_proj.bias}
+        mlp_p = {"nw": nw2, "nb": None, "w1": w1, "b1": b1, "wg": wg, "bg": bg,
+                 "w2": mlp.down_proj.weight, "b2": mlp.down_proj.bias}
+        attn_kw = dict(num_heads=cfg.num_attention_heads, num_kv_heads=cfg.num_key_value_heads, scale=attn.scaling,
+                       norm="rmsnorm", norm_weight=nw1, norm_bias=None, norm_eps=_eps(n1),
+                       rope=True, rope_theta=10000.0, dropout=p_attn, residual=True)
+        mlp_kw = dict(activation=_ACTS_GATED[cfg.hidden_act], norm="rmsnorm", norm_weight=nw2, norm_bias=None,
+                      norm_eps=_eps(n2), dropout=p_mlp)
+        return self._run(module, state, x, call.get("attention_mask"), attn_p, mlp_p, attn_kw, mlp_kw, cos, sin)
+
+
+# Decoder/encoder layers seen but not fused, and why (kernel features they would need).
+KNOWN_LEFT = {
+    "Qwen3DecoderLayer": "per-head q/k RMSNorm before RoPE: no fused kernel feature yet",
+    "Gemma2DecoderLayer": "pre- and post-sublayer norms, logit soft-capping, alternating sliding windows: "
+                          "no fused kernel features yet",
+    "Gemma3DecoderLayer": "pre- and post-sublayer norms, q/k norm, alternating sliding windows: no fused kernel "
+                          "features yet",
+    "Olmo2DecoderLayer": "post-sublayer norms and q/k norm over the whole projection: no fused kernel features yet",
+    "GPTNeoXLayer": "parallel residual and partial rotary: no fused kernel features yet",
+    "FalconDecoderLayer": "parallel attention/MLP and multi-query layout: no fused adapter yet",
+    "BertLayer": "encoder layer (post-norm, bidirectional, optional cross-attention): encoders stay unconverted",
+    "RobertaLayer": "encoder layer (post-norm, bidirectional, optional cross-attention): encoders stay "
+                    "unconverted",
+    "T5Block": "T5 block (relative position bias, cross-attention in the decoder): stays unconverted",
+}
+
+
+class NormAdapter(Adapter):
+    """torch.nn.LayerNorm, torch.nn.RMSNorm and the RMSNorm classes of the families above (Gemma's
+    (1 + w) form in fp32)."""
+    kind = "norm"
+
+    def __init__(self):
+        self.offset = {c: f.norm_offset for c, f in ((f.cls("RMSNorm"), f) for f in FAMILIES) if c is not None}
+
+    def matches(self, module):
+        return type(module) in (torch.nn.LayerNorm, torch.nn.RMSNorm) or type(module) in self.offset
+
+    def fused(self, module, state, args, kwargs):
+        if len(args) != 1 or kwargs:
+            raise Unservable("unexpected call arguments")
+        x = args[0]
+        _check_dtypes(x, module)
+        if isinstance(module, torch.nn.LayerNorm):
+            return _norm.layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps,
+                                    backend=state.backend)
+        if isinstance(module, torch.nn.RMSNorm):
+            return _norm.rms_norm(x, module.normalized_shape, module.weight, module.eps, backend=state.backend)
+        weight = _norm_weight(module, self.offset[type(module)])
+        return _norm.rms_norm(x, (x.shape[-1],), weight, _eps(module), backend=state.backend)
+
+
+ADAPTERS: list = []
+
+
+def adapters() -> list:
+    if not ADAPTERS:
+        ADAPTERS.extend([GPT2BlockAdapter(), *(LlamaLikeAdapter(f) for f in FAMILIES), NormAdapter()])
+    return ADAPTERS
