@@ -59,9 +59,19 @@ _GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_
 _PLAIN = (torch.nn.Parameter, torch.Tensor)
 
 
+def _observer(hook) -> bool:
+    """A global hook of torch's ModuleTracker (installed by FlopCounterMode and the memory
+    trackers): it records which module runs, for attribution, and never changes an output. Fusing
+    under it keeps FLOP counts of the fused path instead of measuring the fallback's."""
+    from torch.utils.module_tracker import ModuleTracker
+
+    return isinstance(getattr(hook, "__self__", None), ModuleTracker)
+
+
 def global_hook_reason() -> Optional[str]:
     for name in _GLOBAL_HOOKS:
-        if getattr(_nn_module, name):
+        hooks = getattr(_nn_module, name)
+        if hooks and not all(_observer(h) for h in hooks.values()):
             return f"a global module hook is registered (torch.nn.modules.module.{name})"
     return None
 

@@ -32,7 +32,7 @@ EAGER = "eager"  # the layer's unconverted forward (for a ckpt_ops.nn.Transforme
 
 def levelled(m: torch.nn.Module) -> bool:
     """A layer with recompute levels: a ckpt_ops TransformerBlock or a block converted by convert()."""
-    from ckpt_ops.convert import _BlockAdapter
+    from ckpt_ops._convert_families import _BlockAdapter
     from ckpt_ops.nn import TransformerBlock
 
     if isinstance(m, TransformerBlock):
@@ -109,6 +109,21 @@ class Call:
         return _seq._first_tensor(layer(*a, **kw))
 
 
+def _is_cache(v) -> bool:
+    """A key/value cache object (transformers' Cache classes): replaying a recorded call with it
+    would append to it and tie every probe step to the example forward's graph."""
+    return any(c.__name__.endswith("Cache") for c in type(v).__mro__[:-1])
+
+
+def _without_cache(args: tuple, kwargs: dict) -> Tuple[tuple, dict]:
+    """The recorded call as a training step makes it: no cache object, ``use_cache=False``."""
+    args = tuple(None if _is_cache(a) else a for a in args)
+    kwargs = {k: (None if _is_cache(v) else v) for k, v in kwargs.items()}
+    if "use_cache" in kwargs:
+        kwargs["use_cache"] = False
+    return args, kwargs
+
+
 def record_calls(model: torch.nn.Module, layers: Sequence[torch.nn.Module], args: tuple,
                  kwargs: dict) -> List[Call]:
     calls: Dict[int, Call] = {}
@@ -118,8 +133,8 @@ def record_calls(model: torch.nn.Module, layers: Sequence[torch.nn.Module], args
             if i not in calls:
                 x = _seq._hidden(a, kw, "hidden_states")
                 if isinstance(x, torch.Tensor):
-                    stripped = _seq._with_hidden(a, kw, "hidden_states", None)
-                    calls[i] = Call(stripped[0], stripped[1], x.detach().clone())
+                    sa, skw = _seq._with_hidden(a, kw, "hidden_states", None)
+                    calls[i] = Call(*_without_cache(sa, skw), x.detach().clone())
         return pre
 
     handles = [m.register_forward_pre_hook(hook(i), with_kwargs=True) for i, m in enumerate(layers)]

@@ -80,6 +80,25 @@ def test_global_module_hook_falls_back_and_sees_every_call():
     assert not ckpt_ops.conversion_report(conv)["fused_calls"].get("GPT2Block")
 
 
+def test_flop_counter_module_tracker_does_not_force_a_fallback():
+    """FlopCounterMode's ModuleTracker hooks only observe: the fused path keeps running under them,
+    so FLOP counts of a converted model are the fused path's, recompute included."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    ref = gpt2().train()
+    conv = ckpt_ops.convert(copy.deepcopy(ref))
+    ids, am, labels = batch()
+    counts = []
+    for model in (ref, conv):
+        with FlopCounterMode(display=False) as c:
+            model(input_ids=ids, attention_mask=am, labels=labels).loss.backward()
+        counts.append(c.get_total_flops())
+    assert fallbacks(conv) == {}
+    assert ckpt_ops.conversion_report(conv)["fused_calls"]["GPT2Block"] == 2
+    assert counts[0] < counts[1]  # the fused step replays the attention half and fc1: more FLOPs than eager
+    assert_same_step(conv, ref, ids, am, labels)
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_output_attentions_runs_the_original_forward(arch):
     ref = (gpt2 if arch == "gpt2" else llama)("eager").train()
