@@ -59,17 +59,8 @@ CKPT_CPU_ALWAYS_INLINE void to_float(const scalar_t* src, float* dst, int64_t n)
 }
 template <typename scalar_t>
 CKPT_CPU_ALWAYS_INLINE void from_float(const float* src, scalar_t* dst, int64_t n) {
-  #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-      const uint32_t u = static_cast<uint32_t>(host_math::float_to_bits(src[i]));
-      const uint32_t rounded = (u + (UINT32_C(0x7FFF) + ((u >> 16) & 1u))) >> 16;
-      const bool nan = src[i] != src[i];
-      dst[i].x = static_cast<uint16_t>(nan ? UINT32_C(0x7FC0) : rounded);
-    } else {
-      dst[i] = static_cast<scalar_t>(src[i]);
-    }
-  }
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] = cpu::narrow<scalar_t>(src[i]);
 }
 
 // One chunk of a kernel, inlined into each ISA copy (ckpt_ops/cpu_isa.h) so that its
@@ -181,7 +172,7 @@ CKPT_CPU_ALWAYS_INLINE void dropout_chunk(const scalar_t* y, const scalar_t* res
     for (int64_t i = std::max(t0, begin); i < t1; ++i) {
       const acc rv = kResidual ? static_cast<acc>(residual[i]) : acc(0);
       const uint32_t b = kRng ? bits[i - t0] : 0u;
-      out[i] = static_cast<scalar_t>(
+      out[i] = cpu::narrow<scalar_t>(
           philox::dropout_element<kRng, kResidual>(static_cast<acc>(y[i]), rv, b, threshold, scale));
     }
   }

@@ -52,7 +52,7 @@ struct NormFwdRows {
       #pragma omp simd
       for (int64_t j = 0; j < N; ++j) {
         const acc xh = norm::xhat<kRms>(static_cast<acc>(xr[j]), m, r);
-        yr[j] = static_cast<scalar_t>(norm::affine(xh, kW ? static_cast<acc>(w[j]) : acc(1),
+        yr[j] = cpu::narrow<scalar_t>(norm::affine(xh, kW ? static_cast<acc>(w[j]) : acc(1),
                                                    kB ? static_cast<acc>(b[j]) : acc(0), kW, kB));
       }
     }
@@ -100,7 +100,7 @@ struct NormBwdChunks {
           for (int64_t j = 0; j < N; ++j) {
             const acc g = kW ? static_cast<acc>(dyr[j]) * static_cast<acc>(w[j]) : static_cast<acc>(dyr[j]);
             const acc xh = norm::xhat<kRms>(static_cast<acc>(xr[j]), m, r);
-            dxr[j] = static_cast<scalar_t>(norm::dx(g, xh, r, c1, c2));
+            dxr[j] = cpu::narrow<scalar_t>(norm::dx(g, xh, r, c1, c2));
           }
         }
         if (pdw) {

@@ -42,8 +42,8 @@ struct RopeRows {
         for (int64_t i = 0; i < half; ++i) {
           acc y1, y2;
           rope::rotate<kInverse>(static_cast<acc>(x1[i]), static_cast<acc>(x2[i]), c[i], sn[i], &y1, &y2);
-          x1[i] = static_cast<scalar_t>(y1);
-          x2[i] = static_cast<scalar_t>(y2);
+          x1[i] = cpu::narrow<scalar_t>(y1);
+          x2[i] = cpu::narrow<scalar_t>(y2);
         }
       }
     }
