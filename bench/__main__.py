@@ -35,6 +35,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="default: float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--autocast", choices=["bfloat16", "float16"], default=None,
+                   help="run every forward under torch.autocast(device, dtype) (inputs and parameters stay --dtype)")
     sz = p.add_argument_group("sizes")
     sz.add_argument("--batch", type=int, default=4)
     sz.add_argument("--seq", dest="seqs", type=int, nargs="+", default=None,
@@ -90,7 +92,8 @@ def main(argv=None) -> int:
     args = parse(argv)
     import torch
 
-    from bench import bench_attention, bench_block, bench_mlp, bench_model, bench_norm, bench_planner, frontier
+    from bench import (bench_attention, bench_block, bench_mlp, bench_model, bench_norm, bench_planner, frontier,
+                       targets)
     from bench.common import device_peaks, environment, print_table, result_path, write_jsonl
 
     modules = {"norm": bench_norm, "mlp": bench_mlp, "attention": bench_attention, "block": bench_block,
@@ -103,7 +106,8 @@ def main(argv=None) -> int:
         print("  roofline columns off: unknown GPU peaks (give --peak-tflops and --peak-gbs)")
     t0 = time.time()
     env = environment(device, dtype)
-    print(f"# ckpt_ops bench on {env['device']} ({device.type}, {env['threads']} threads), {env['dtype']}, "
+    print(f"# ckpt_ops bench on {env['device']} ({device.type}, {env['threads']} threads), {env['dtype']}"
+          + (f" under autocast {args.autocast}" if args.autocast else "") + ", "
           f"torch {env['torch']}, triton {env['triton']}, ckpt_ops {env['ckpt_ops']}, commit {env['commit']}"
           + (f"; roofline peaks {args.peaks.tflops} TFLOP/s, {args.peaks.gbs} GB/s ({args.peaks.source})"
              if args.peaks else ""))
@@ -121,6 +125,9 @@ def main(argv=None) -> int:
     print_table(results)
     print()
     for line in frontier.verdicts(results):
+        print(line)
+    print()
+    for line in targets.lines(results):
         print(line)
     tag = f"bench-{args.op}"
     json_path = write_jsonl(results, env, result_path(tag, "jsonl", args.out))

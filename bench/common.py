@@ -64,8 +64,19 @@ def build_cases(forwards, x: torch.Tensor, dy: torch.Tensor, params: List[torch.
     return [make_case(name, (lambda f=f: f(x)), dy, [x], params) for name, f in forwards]
 
 
+def autocast_case(case: Case, device: torch.device, dtype: torch.dtype) -> Case:
+    """The case with its forward under torch.autocast(device, dtype) (backward outside, as in training)."""
+    def forward(f=case.forward):
+        with torch.autocast(device.type, dtype=dtype):
+            return f()
+    return dataclasses.replace(case, forward=forward)
+
+
 def run_cases(op: str, config: Dict[str, object], cases: List[Case], args, device: torch.device) -> List["Result"]:
     """measure() with the command line's repetitions, modes and roofline peaks."""
+    if getattr(args, "autocast", None):
+        config = {**config, "autocast": args.autocast}
+        cases = [autocast_case(c, device, getattr(torch, args.autocast)) for c in cases]
     print(f"- {op}: {', '.join(f'{k}={v}' for k, v in config.items())}; {len(cases)} providers")
     return measure(op, config, cases, device, reps=args.reps, warmup=args.warmup, modes=tuple(args.modes),
                    peaks=getattr(args, "peaks", None))
@@ -99,6 +110,7 @@ class Result:
     floor_ms: Optional[float] = None  # max(FLOPs / peak FLOP/s, io_bytes / peak bandwidth)
     ratio_p20: Optional[float] = None  # spread of the per-round ratios behind ratio_to_eager
     ratio_p80: Optional[float] = None
+    round_ms: Optional[List[float]] = None  # this provider's time in each interleaved round (paired figures)
 
 
 @contextlib.contextmanager
@@ -345,7 +357,8 @@ def measure(op: str, config: Dict[str, object], cases: List[Case], device: torch
                        statistics.median(ratios), saved[c.provider], saved[c.provider] / base_b, kept[c.provider],
                        kept[c.provider] / base_k, c.note, mode, c.group, fl, fl / base_f if fl is not None else None,
                        peak[c.provider],
-                       traffic[c.provider][mode], ratio_p20=_quantile(ratios, 0.2), ratio_p80=_quantile(ratios, 0.8))
+                       traffic[c.provider][mode], ratio_p20=_quantile(ratios, 0.2), ratio_p80=_quantile(ratios, 0.8),
+                       round_ms=[t * 1e3 for t in ts])
             if peaks is not None:
                 r.gbs = r.io_bytes / med / 1e9
                 r.tflops = fl / med / 1e12 if fl is not None else None
@@ -421,8 +434,15 @@ def environment(device: torch.device, dtype: torch.dtype) -> Dict[str, object]:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
+    from ckpt_ops import _backend
+
+    isa = _backend.cpu_isa()
     return {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else f"{isa['cpu']}, ckpt_ops CPU kernels: {isa['isa']} (requested {isa['requested']}; "
+                        f"CPU has {isa['supported']}{', avx512_bf16' if isa['avx512_bf16'] else ''}), "
+                        f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}"),
+        "cpu_isa": isa,
         "device_type": device.type, "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "triton": triton_version, "ckpt_ops": ckpt_ops.__version__, "commit": commit,
         "extension": ckpt_ops.backend_info()["extension"], "host": platform.node(),

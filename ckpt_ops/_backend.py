@@ -271,7 +271,8 @@ def backend_info() -> dict:
          "triton": {"installed", "interpret", "version"},
          "cuda_available": bool,
          "ops": {family: {"cpu": backend or error, "cuda": backend or error}},
-         "fallbacks": [{"op", "device", "wanted", "using", "why"}, ...]}   # auto fall-backs so far
+         "fallbacks": [{"op", "device", "wanted", "using", "why"}, ...],   # auto fall-backs so far
+         "cpu_isa": {"isa", "requested", "supported", "avx512_bf16", "error", "cpu"}}
     """
     try:
         requested = _requested(None)
@@ -300,4 +301,30 @@ def backend_info() -> dict:
         "cuda_available": torch.cuda.is_available(),
         "ops": ops,
         "fallbacks": [{"op": f, "device": d, **v} for (f, d), v in sorted(_fallbacks.items())],
+        "cpu_isa": cpu_isa(),
     }
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux, else platform.processor())."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def cpu_isa() -> dict:
+    """The instruction set the C++ CPU kernels run (chosen once: the CPU's widest, or the one the
+    CKPT_OPS_CPU_ISA environment variable forces: avx512 | avx2 | scalar | auto). "error" is set
+    when the request cannot be served; the CPU kernels then raise it."""
+    info = dict(_C.cpu_isa()) if _C is not None else {
+        "isa": None, "requested": os.environ.get("CKPT_OPS_CPU_ISA", "auto"), "supported": "",
+        "avx512_bf16": False, "error": "ckpt_ops._C is not built"}
+    info["cpu"] = cpu_model()
+    return info

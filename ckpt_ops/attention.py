@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from ckpt_ops import _amp, _backend, _validate
 from ckpt_ops import reference as _ref
-from ckpt_ops.mlp import _norm_fwd, load, mm, norm_backward, residual_dtype, save
+from ckpt_ops.mlp import _norm_fwd, load, mm, norm_backward, residual_dropout, save
 from ckpt_ops.norm import default_rms_eps
 
 Tensor = torch.Tensor
@@ -172,13 +172,9 @@ def output_projection(cfg: AttnConfig, x: Tensor, o: Tensor, wo, bo, seed) -> Te
     """[x +] dropout(o @ wo^T + bo) as (B*S, D); the same kernels whether in the forward or when a
     block's backward rebuilds its MLP input, so both are bit-identical."""
     b, s, d = x.shape
-    y = residual_dtype(cfg, F.linear(o.view(b * s, -1), wo, bo), x)
     if seed is None:  # not kept when p == 0: the kernels still take one
         seed = torch.zeros(1, dtype=torch.int64, device=x.device)
-    if cfg.p > 0.0 or cfg.residual:
-        return _backend.kernel("mlp", cfg.backend, "dropout_fwd")(y, x.view(b * s, d) if cfg.residual else None,
-                                                                  seed, cfg.p)
-    return y
+    return residual_dropout(cfg, F.linear(o.view(b * s, -1), wo, bo), x.view(b * s, d), seed)
 
 
 def segment_keep(cfg: AttnConfig, plan: _Plan, x, p: dict, st: dict, key_mask, cos, sin, seed) -> dict:

@@ -88,11 +88,20 @@ def mm(cfg, t: Tensor) -> Tensor:
     return t if cfg.amp is None or t.dtype == cfg.amp else t.to(cfg.amp)
 
 
-def residual_dtype(cfg, y: Tensor, x: Tensor) -> Tensor:
-    """y (a GEMM output) in the dtype of the residual add y + x (x's, promoted; autocast only)."""
-    if cfg.residual and y.dtype != x.dtype:
-        return y.to(torch.promote_types(y.dtype, x.dtype))
-    return y
+def residual_dropout(cfg, y: Tensor, x: Tensor, seed: Tensor) -> Tensor:
+    """[x +] dropout(y) of a segment's last GEMM output y (cfg.p, cfg.residual), by the fused
+    dropout (+ residual) kernel. Under autocast y is in the GEMM dtype and x is not: with dropout,
+    y is promoted first (the kernel takes one dtype); at p == 0 the residual add is torch's
+    promoting add -- one pass, as eager's ``x + y``, not a cast and then the kernel -- with the
+    same fp32 sum, so the bits are the kernel's."""
+    if cfg.p == 0.0:
+        if not cfg.residual:
+            return y
+        if y.dtype != x.dtype:
+            return torch.add(x, y)
+    elif cfg.residual and y.dtype != x.dtype:
+        y = y.to(torch.promote_types(y.dtype, x.dtype))
+    return _backend.kernel("mlp", cfg.backend, "dropout_fwd")(y, x if cfg.residual else None, seed, cfg.p)
 
 
 def _norm_fwd(cfg: MLPConfig, x, nw, nb):
@@ -132,14 +141,11 @@ def segment_forward(cfg: MLPConfig, x: Tensor, p: dict, seed: Tensor):
     (out, state) where state holds every intermediate a backward could use."""
     k = lambda name: _backend.kernel("mlp", cfg.backend, name)  # noqa: E731
     n, mean, rstd = _norm_fwd(cfg, x, p["nw"], p["nb"])
-    h = F.linear(mm(cfg, n), p["w1"], p["b1"])
-    g = F.linear(mm(cfg, n), p["wg"], p["bg"]) if cfg.gated else None
+    nm = mm(cfg, n)  # autocast: one cast of n for fc1 and the gate
+    h = F.linear(nm, p["w1"], p["b1"])
+    g = F.linear(nm, p["wg"], p["bg"]) if cfg.gated else None
     a = k("act_fwd")(h, g, cfg.activation)
-    y = residual_dtype(cfg, F.linear(a, p["w2"], p["b2"]), x)
-    if cfg.p > 0.0 or cfg.residual:
-        out = k("dropout_fwd")(y, x if cfg.residual else None, seed, cfg.p)
-    else:
-        out = y
+    out = residual_dropout(cfg, F.linear(a, p["w2"], p["b2"]), x, seed)
     return out, {"n": n, "mean": mean, "rstd": rstd, "h": h, "g": g, "a": a}
 
 
@@ -192,9 +198,11 @@ def segment_backward(cfg: MLPConfig, plan: _Plan, need, dout: Tensor, t: dict) -
             n = x
         else:  # the forward's own norm kernel: n, mean and rstd bit-identical to the forward's
             n, mean, rstd = _norm_fwd(cfg, x, t["nw"], t["nb"])
+    nm = None  # n in the GEMM dtype (autocast: cast once for the replay and the weight gradients)
     if h is None and (plan.up or a is None):  # "full": replay fc1 (and gate), bit-identical
-        h = F.linear(mm(cfg, n), t["w1"], t["b1"])
-        g = F.linear(mm(cfg, n), t["wg"], t["bg"]) if cfg.gated else None
+        nm = mm(cfg, n)
+        h = F.linear(nm, t["w1"], t["b1"])
+        g = F.linear(nm, t["wg"], t["bg"]) if cfg.gated else None
 
     rebuild_a = need[7] and a is None
     dyc = mm(cfg, dy)  # autocast: fc2's backward GEMMs in the GEMM dtype, like eager's
@@ -209,12 +217,14 @@ def segment_backward(cfg: MLPConfig, plan: _Plan, need, dout: Tensor, t: dict) -
     if not plan.up:
         return grads
 
+    if nm is None and (need[3] or (cfg.gated and need[5])):
+        nm = mm(cfg, n)
     if need[3]:
-        grads[3] = dh.t() @ mm(cfg, n)
+        grads[3] = dh.t() @ nm
     if need[4]:
         grads[4] = dh.sum(0)
     if cfg.gated and need[5]:
-        grads[5] = dg.t() @ mm(cfg, n)
+        grads[5] = dg.t() @ nm
     if cfg.gated and need[6]:
         grads[6] = dg.sum(0)
     if not plan.dn:

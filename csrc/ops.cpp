@@ -8,6 +8,8 @@
 
 #include <torch/library.h>
 
+#include "ckpt_ops/cpu_isa.h"
+
 TORCH_LIBRARY(ckpt_ops, m) {
   // ---- LayerNorm / RMSNorm (csrc/cpu/norm.cpp, csrc/cuda/norm.cu) --------
   // x: contiguous (M, N); weight/bias: (N,) of x's dtype; mean/rstd: (M,) in
@@ -74,9 +76,20 @@ PyObject* build_info(PyObject* /*self*/, PyObject* /*args*/) {
                        "torch_version", torch_version);
 }
 
+// The CPU kernels' instruction set (ckpt_ops/cpu_isa.h): {isa, requested, supported,
+// avx512_bf16, error}; error is "" unless CKPT_OPS_CPU_ISA cannot be served.
+PyObject* cpu_isa(PyObject* /*self*/, PyObject* /*args*/) {
+  const ckpt_ops::cpu::IsaInfo& i = ckpt_ops::cpu::isa_info();
+  return Py_BuildValue("{s:s,s:s,s:s,s:O,s:s}", "isa", i.name.c_str(), "requested", i.requested.c_str(),
+                       "supported", i.supported.c_str(), "avx512_bf16", i.avx512_bf16 ? Py_True : Py_False,
+                       "error", i.error.c_str());
+}
+
 PyMethodDef methods[] = {
     {"build_info", build_info, METH_NOARGS,
      "Compile-time facts: with_cuda (bool), cuda_archs, torch_version built against."},
+    {"cpu_isa", cpu_isa, METH_NOARGS,
+     "The CPU kernels' instruction set: isa, requested (CKPT_OPS_CPU_ISA), supported, avx512_bf16, error."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C",

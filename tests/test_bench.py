@@ -163,3 +163,31 @@ def test_paired_ratios_cancel_a_slow_spell():
     skewed_base, skewed_ours = [1.0, 1.5, 1.5], [0.9, 0.9 * 1.5, 0.9]
     assert sorted(paired_ratios(skewed_ours, skewed_base))[1] == pytest.approx(0.9)
     assert sorted(skewed_ours)[1] / sorted(skewed_base)[1] != pytest.approx(0.9)
+
+
+def test_issue13_target_lines_paired_and_noise_aware():
+    """bench.targets: the checkpoint-overhead ratio is formed per round ((full - eager) /
+    (ckpt - eager)), each level is held to its FLOP floor, and the verdict says whether the margin
+    is outside the p20-p80 noise."""
+    from bench.common import Result
+    from bench.targets import lines
+
+    def res(provider, rounds, flops_ratio=1.0, group="ckpt_ops"):
+        return Result("mlp p=0.0", provider, {"tokens": 8}, 0.0, 0.0, 0.0, 1.0, 0, 0.0, group=group,
+                      flops_ratio=flops_ratio, round_ms=rounds)
+
+    eager = [100.0, 150.0, 100.0, 100.0, 100.0]  # round 2: a slow spell of the whole machine
+    rs = [res("eager", eager, group="eager"), res("torch.utils.checkpoint", [120.0, 180.0, 120.0, 120.0, 120.0],
+                                                   1.2, "peer"),
+          res("ckpt_ops full [cpu]", [116.0, 174.0, 116.0, 116.0, 116.0], 1.2),
+          res("ckpt_ops selective [cpu]", [101.0, 151.5, 104.0, 100.0, 103.0]),
+          res("ckpt_ops none [cpu]", [110.0, 165.0, 110.0, 110.0, 110.0])]
+    got = lines(rs)
+    assert got[0].startswith("mlp p=0.0 [step] targets")
+    line = lambda name: next(ln for ln in got if ln.strip().startswith(name))  # noqa: E731
+    full = line("full [cpu]: overhead / checkpoint's overhead")
+    assert "0.800" in full and "target <= 0.90: met" in full  # 16/20 in every round, the slow one too
+    sel = line("selective [cpu]: time / eager")
+    assert "1.010" in sel and "met, inside the noise" in sel  # p80 1.03 > 1.02
+    assert "target <= 1.00: MISSED" in line("none [cpu]: time / eager")
+    assert "0.967" in line("full [cpu]: (time / eager) / FLOP floor 1.200")

@@ -191,6 +191,27 @@ def test_autocast_bf16_matches_eager_autocast(style, level, backend):
         assert_low_precision_ok(g, eg, tg, name, floor=1e-3)
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_autocast_levels_forward_bitwise_equal(dropout):
+    """Under autocast (bf16 GEMM outputs, fp32 residual stream) every level's forward is the
+    "none" level's bit for bit, whether the residual add is torch's promoting add (p == 0) or the
+    dropout kernel (p > 0); and "full"'s recompute reproduces it (its gradients equal "none"'s
+    up to the bf16 GEMM rounding of the replay, which is the same GEMM on the same inputs)."""
+    x = torch.randn(B, S, D, requires_grad=True)
+    wt = torch.randn(B, S, D)
+    res = {}
+    for level in ckpt_ops.block.LEVELS:
+        blk = make_block("gpt2", level)
+        blk.attn.dropout = blk.mlp.dropout = dropout
+        torch.manual_seed(3)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            res[level] = step(blk, x, wt)
+    for level, (out, _, grads) in res.items():
+        assert torch.equal(out, res["none"][0]), level
+        for g, ref in zip(grads, res["none"][2]):
+            assert torch.equal(g, ref), level
+
+
 @pytest.mark.parametrize("style", STYLES)
 def test_autocast_runs_gemms_in_bf16_not_fp32(style):
     """Under autocast the block is not secretly fp32: its error is that of bf16 GEMMs (far above

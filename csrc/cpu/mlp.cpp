@@ -13,20 +13,9 @@
 #include <type_traits>
 
 #include "ckpt_ops/activation_math.h"
+#include "ckpt_ops/cpu_isa.h"
 #include "ckpt_ops/mlp_host.h"
 #include "ckpt_ops/philox.h"
-
-// An AVX2 copy of the activation loops, chosen at run time (x86-64 GCC/Clang).
-#if defined(__x86_64__) && defined(__GNUC__)
-#define CKPT_CPU_HAVE_AVX2 1
-#else
-#define CKPT_CPU_HAVE_AVX2 0
-#endif
-#if defined(__GNUC__)
-#define CKPT_CPU_ALWAYS_INLINE inline __attribute__((always_inline))
-#else
-#define CKPT_CPU_ALWAYS_INLINE inline
-#endif
 
 namespace ckpt_ops {
 namespace {
@@ -59,7 +48,7 @@ CKPT_CPU_ALWAYS_INLINE BwdValues<acc> bwd_values(acc da, acc h, acc g) {
 // bf16 rounding is c10's: round to nearest even, NaN -> 0x7FC0).
 template <typename scalar_t>
 CKPT_CPU_ALWAYS_INLINE void to_float(const scalar_t* src, float* dst, int64_t n) {
-#pragma omp simd
+  #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
       dst[i] = host_math::bits_to_float(static_cast<int32_t>(static_cast<uint32_t>(src[i].x) << 16));
@@ -71,19 +60,10 @@ CKPT_CPU_ALWAYS_INLINE void to_float(const scalar_t* src, float* dst, int64_t n)
 template <typename scalar_t>
 CKPT_CPU_ALWAYS_INLINE void from_float(const float* src, scalar_t* dst, int64_t n) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-      const uint32_t u = static_cast<uint32_t>(host_math::float_to_bits(src[i]));
-      const uint32_t rounded = (u + (UINT32_C(0x7FFF) + ((u >> 16) & 1u))) >> 16;
-      const bool nan = src[i] != src[i];
-      dst[i].x = static_cast<uint16_t>(nan ? UINT32_C(0x7FC0) : rounded);
-    } else {
-      dst[i] = static_cast<scalar_t>(src[i]);
-    }
-  }
+  for (int64_t i = 0; i < n; ++i) dst[i] = cpu::narrow<scalar_t>(src[i]);
 }
 
-// One chunk of a kernel, inlined into an ISA-specific wrapper below so that its
+// One chunk of a kernel, inlined into each ISA copy (ckpt_ops/cpu_isa.h) so that its
 // `omp simd` loop (and the activation math inlined into it) is vectorised for
 // that wrapper's instruction set. fp32 / fp64 run in place; bf16 / fp16 are
 // widened to fp32 a block at a time, run through the fp32 loop (so they get the
@@ -95,7 +75,7 @@ CKPT_CPU_ALWAYS_INLINE void act_fwd_chunk(const scalar_t* h, const scalar_t* g, 
                                           int64_t end) {
   using acc = acc_t<scalar_t>;
   if constexpr (std::is_same_v<acc, scalar_t>) {
-#pragma omp simd
+    #pragma omp simd
     for (int64_t i = begin; i < end; ++i) {
       if constexpr (kGated) {
         a[i] = act::gated_fwd<kAct>(h[i], g[i]);
@@ -120,7 +100,7 @@ CKPT_CPU_ALWAYS_INLINE void act_bwd_chunk(const scalar_t* da, const scalar_t* h,
                                           scalar_t* dh, scalar_t* dg, int64_t begin, int64_t end) {
   using acc = acc_t<scalar_t>;
   if constexpr (std::is_same_v<acc, scalar_t>) {
-#pragma omp simd
+    #pragma omp simd
     for (int64_t i = begin; i < end; ++i) {
       const BwdValues<acc> o = bwd_values<kAct, kGated>(da[i], h[i], kGated ? g[i] : acc(0));
       if constexpr (kGated) dg[i] = o.dg;
@@ -142,61 +122,37 @@ CKPT_CPU_ALWAYS_INLINE void act_bwd_chunk(const scalar_t* da, const scalar_t* h,
   }
 }
 
-// Baseline-ISA and AVX2 copies of each chunk. The activation math uses no FMA
-// (host_math.h, -ffp-contract=off), so both copies return the same bits; the
-// AVX2 one is only faster. Every kernel picks its copy with the same runtime
-// test, so a forward and a backward kernel always run the same code anyway.
-template <int kAct, bool kGated, typename scalar_t>
-void act_fwd_chunk_base(const scalar_t* h, const scalar_t* g, scalar_t* a, int64_t begin, int64_t end) {
-  act_fwd_chunk<kAct, kGated>(h, g, a, begin, end);
-}
-template <int kAct, bool kGated, bool kNeedA, typename scalar_t>
-void act_bwd_chunk_base(const scalar_t* da, const scalar_t* h, const scalar_t* g, scalar_t* a, scalar_t* dh,
-                        scalar_t* dg, int64_t begin, int64_t end) {
-  act_bwd_chunk<kAct, kGated, kNeedA>(da, h, g, a, dh, dg, begin, end);
-}
-#if CKPT_CPU_HAVE_AVX2
-template <int kAct, bool kGated, typename scalar_t>
-__attribute__((target("avx2"))) void act_fwd_chunk_avx2(const scalar_t* h, const scalar_t* g, scalar_t* a,
-                                                          int64_t begin, int64_t end) {
-  act_fwd_chunk<kAct, kGated>(h, g, a, begin, end);
-}
-template <int kAct, bool kGated, bool kNeedA, typename scalar_t>
-__attribute__((target("avx2"))) void act_bwd_chunk_avx2(const scalar_t* da, const scalar_t* h, const scalar_t* g,
-                                                          scalar_t* a, scalar_t* dh, scalar_t* dg, int64_t begin,
-                                                          int64_t end) {
-  act_bwd_chunk<kAct, kGated, kNeedA>(da, h, g, a, dh, dg, begin, end);
-}
-#endif
-
-bool use_avx2() {
-#if CKPT_CPU_HAVE_AVX2
-  static const bool yes = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") != 0;
-  }();
-  return yes;
-#else
-  return false;
-#endif
-}
+// The chunks as ISA bodies (ckpt_ops/cpu_isa.h): one copy per instruction set,
+// picked once per kernel call. The activation math uses no FMA (host_math.h,
+// -ffp-contract=off), so every copy returns the same bits; a forward and a
+// backward kernel run the same copy anyway.
+template <int kAct, bool kGated>
+struct ActFwd {
+  template <typename scalar_t>
+  static CKPT_CPU_ALWAYS_INLINE void run(const scalar_t* h, const scalar_t* g, scalar_t* a, int64_t begin,
+                                         int64_t end) {
+    act_fwd_chunk<kAct, kGated>(h, g, a, begin, end);
+  }
+};
+template <int kAct, bool kGated, bool kNeedA>
+struct ActBwd {
+  template <typename scalar_t>
+  static CKPT_CPU_ALWAYS_INLINE void run(const scalar_t* da, const scalar_t* h, const scalar_t* g, scalar_t* a,
+                                         scalar_t* dh, scalar_t* dg, int64_t begin, int64_t end) {
+    act_bwd_chunk<kAct, kGated, kNeedA>(da, h, g, a, dh, dg, begin, end);
+  }
+};
 
 template <int kAct, bool kGated, typename scalar_t>
 void act_fwd_kernel(const scalar_t* h, const scalar_t* g, scalar_t* a, int64_t n) {
-  auto chunk = &act_fwd_chunk_base<kAct, kGated, scalar_t>;
-#if CKPT_CPU_HAVE_AVX2
-  if (use_avx2()) chunk = &act_fwd_chunk_avx2<kAct, kGated, scalar_t>;
-#endif
+  const auto chunk = cpu::isa_fn<ActFwd<kAct, kGated>>(h, g, a, n, n);
   at::parallel_for(0, n, kActGrain, [&](int64_t begin, int64_t end) { chunk(h, g, a, begin, end); });
 }
 
 template <int kAct, bool kGated, bool kNeedA, typename scalar_t>
 void act_bwd_kernel(const scalar_t* da, const scalar_t* h, const scalar_t* g, scalar_t* a, scalar_t* dh,
                     scalar_t* dg, int64_t n) {
-  auto chunk = &act_bwd_chunk_base<kAct, kGated, kNeedA, scalar_t>;
-#if CKPT_CPU_HAVE_AVX2
-  if (use_avx2()) chunk = &act_bwd_chunk_avx2<kAct, kGated, kNeedA, scalar_t>;
-#endif
+  const auto chunk = cpu::isa_fn<ActBwd<kAct, kGated, kNeedA>>(da, h, g, a, dh, dg, n, n);
   at::parallel_for(0, n, kActGrain, [&](int64_t begin, int64_t end) { chunk(da, h, g, a, dh, dg, begin, end); });
 }
 
@@ -204,7 +160,7 @@ void act_bwd_kernel(const scalar_t* da, const scalar_t* h, const scalar_t* g, sc
 // Philox once per four elements into `bits` (philox::fill_bits), then the element loop; tiles
 // start at multiples of 4, so a chunk may begin mid-tile.
 template <bool kRng, bool kResidual, typename scalar_t>
-inline void dropout_chunk(const scalar_t* y, const scalar_t* residual, scalar_t* out, int64_t begin, int64_t end,
+CKPT_CPU_ALWAYS_INLINE void dropout_chunk(const scalar_t* y, const scalar_t* residual, scalar_t* out, int64_t begin, int64_t end,
                           int64_t seed, uint32_t threshold, acc_t<scalar_t> scale) {
   using acc = acc_t<scalar_t>;
   constexpr int64_t kTile = 512;  // elements (128 Philox counters): 2 KiB of bits, in L1
@@ -212,38 +168,30 @@ inline void dropout_chunk(const scalar_t* y, const scalar_t* residual, scalar_t*
   for (int64_t t0 = begin & ~int64_t(3); t0 < end; t0 += kTile) {
     const int64_t t1 = std::min(t0 + kTile, end);
     if constexpr (kRng) philox::fill_bits(seed, t0 >> 2, (t1 - t0 + 3) >> 2, bits);
-#pragma omp simd
+    #pragma omp simd
     for (int64_t i = std::max(t0, begin); i < t1; ++i) {
       const acc rv = kResidual ? static_cast<acc>(residual[i]) : acc(0);
       const uint32_t b = kRng ? bits[i - t0] : 0u;
-      out[i] = static_cast<scalar_t>(
+      out[i] = cpu::narrow<scalar_t>(
           philox::dropout_element<kRng, kResidual>(static_cast<acc>(y[i]), rv, b, threshold, scale));
     }
   }
 }
 
-template <bool kRng, bool kResidual, typename scalar_t>
-void dropout_chunk_base(const scalar_t* y, const scalar_t* residual, scalar_t* out, int64_t begin, int64_t end,
-                        int64_t seed, uint32_t threshold, acc_t<scalar_t> scale) {
-  dropout_chunk<kRng, kResidual>(y, residual, out, begin, end, seed, threshold, scale);
-}
-#if CKPT_CPU_HAVE_AVX2
-// Philox's 32x32->64 multiplies vectorise to vpmuludq; integer math, so both copies agree bitwise.
-template <bool kRng, bool kResidual, typename scalar_t>
-__attribute__((target("avx2"))) void dropout_chunk_avx2(const scalar_t* y, const scalar_t* residual,
-                                                          scalar_t* out, int64_t begin, int64_t end, int64_t seed,
-                                                          uint32_t threshold, acc_t<scalar_t> scale) {
-  dropout_chunk<kRng, kResidual>(y, residual, out, begin, end, seed, threshold, scale);
-}
-#endif
+// Philox's 32x32->64 multiplies vectorise to vpmuludq; integer math, so every copy agrees bitwise.
+template <bool kRng, bool kResidual>
+struct Dropout {
+  template <typename scalar_t>
+  static CKPT_CPU_ALWAYS_INLINE void run(const scalar_t* y, const scalar_t* residual, scalar_t* out, int64_t begin,
+                                         int64_t end, int64_t seed, uint32_t threshold, acc_t<scalar_t> scale) {
+    dropout_chunk<kRng, kResidual>(y, residual, out, begin, end, seed, threshold, scale);
+  }
+};
 
 template <bool kRng, bool kResidual, typename scalar_t>
 void dropout_kernel(const scalar_t* y, const scalar_t* residual, scalar_t* out, int64_t n, int64_t seed,
                     uint32_t threshold, acc_t<scalar_t> scale) {
-  auto chunk = &dropout_chunk_base<kRng, kResidual, scalar_t>;
-#if CKPT_CPU_HAVE_AVX2
-  if (use_avx2()) chunk = &dropout_chunk_avx2<kRng, kResidual, scalar_t>;
-#endif
+  const auto chunk = cpu::isa_fn<Dropout<kRng, kResidual>>(y, residual, out, n, n, seed, threshold, scale);
   at::parallel_for(0, n, kDropoutGrain, [&](int64_t begin, int64_t end) {
     chunk(y, residual, out, begin, end, seed, threshold, scale);
   });

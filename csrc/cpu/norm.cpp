@@ -15,53 +15,67 @@
 #include <algorithm>
 #include <tuple>
 
+#include "ckpt_ops/cpu_isa.h"
 #include "ckpt_ops/norm_host.h"
 #include "ckpt_ops/norm_math.h"
 
 namespace ckpt_ops {
 namespace {
 
-template <bool kRms, bool kW, bool kB, typename scalar_t>
-void norm_fwd_kernel(const scalar_t* x, const scalar_t* w, const scalar_t* b, scalar_t* y, acc_t<scalar_t>* mean,
-                     acc_t<scalar_t>* rstd, int64_t M, int64_t N, acc_t<scalar_t> eps) {
-  using acc = acc_t<scalar_t>;
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(N, 1));
-  at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
+// Rows [begin, end) of the forward: one ISA body (ckpt_ops/cpu_isa.h).
+template <bool kRms, bool kW, bool kB>
+struct NormFwdRows {
+  template <typename scalar_t>
+  static CKPT_CPU_ALWAYS_INLINE void run(const scalar_t* x, const scalar_t* w, const scalar_t* b, scalar_t* y,
+                                         acc_t<scalar_t>* mean, acc_t<scalar_t>* rstd, int64_t N,
+                                         acc_t<scalar_t> eps, int64_t begin, int64_t end) {
+    using acc = acc_t<scalar_t>;
     for (int64_t row = begin; row < end; ++row) {
       const scalar_t* xr = x + row * N;
       scalar_t* yr = y + row * N;
       acc m = 0;
       if (!kRms) {
         acc s = 0;
-#pragma omp simd reduction(+ : s)
+        #pragma omp simd reduction(+ : s)
         for (int64_t j = 0; j < N; ++j) s += static_cast<acc>(xr[j]);
         m = norm::mean_from_sum(s, N);
         mean[row] = m;
       }
       acc q = 0;
-#pragma omp simd reduction(+ : q)
+      #pragma omp simd reduction(+ : q)
       for (int64_t j = 0; j < N; ++j) {
         const acc c = norm::centered<kRms>(static_cast<acc>(xr[j]), m);
         q += c * c;
       }
       const acc r = norm::rstd_from_sq_sum(q, N, eps);
       rstd[row] = r;
-#pragma omp simd
+      #pragma omp simd
       for (int64_t j = 0; j < N; ++j) {
         const acc xh = norm::xhat<kRms>(static_cast<acc>(xr[j]), m, r);
-        yr[j] = static_cast<scalar_t>(norm::affine(xh, kW ? static_cast<acc>(w[j]) : acc(1),
+        yr[j] = cpu::narrow<scalar_t>(norm::affine(xh, kW ? static_cast<acc>(w[j]) : acc(1),
                                                    kB ? static_cast<acc>(b[j]) : acc(0), kW, kB));
       }
     }
-  });
+  }
+};
+
+template <bool kRms, bool kW, bool kB, typename scalar_t>
+void norm_fwd_kernel(const scalar_t* x, const scalar_t* w, const scalar_t* b, scalar_t* y, acc_t<scalar_t>* mean,
+                     acc_t<scalar_t>* rstd, int64_t M, int64_t N, acc_t<scalar_t> eps) {
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(N, 1));
+  const auto rows = cpu::isa_fn<NormFwdRows<kRms, kW, kB>>(x, w, b, y, mean, rstd, N, eps, M, M);
+  at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) { rows(x, w, b, y, mean, rstd, N, eps, begin, end); });
 }
 
-template <bool kRms, bool kW, typename scalar_t>
-void norm_bwd_kernel(const scalar_t* dy, const scalar_t* x, const scalar_t* w, const acc_t<scalar_t>* mean,
-                     const acc_t<scalar_t>* rstd, scalar_t* dx, acc_t<scalar_t>* dw_part,
-                     acc_t<scalar_t>* db_part, int64_t M, int64_t N, int64_t chunks) {
-  using acc = acc_t<scalar_t>;
-  at::parallel_for(0, chunks, 1, [&](int64_t cbegin, int64_t cend) {
+// Row chunks [cbegin, cend) of the backward: one ISA body (ckpt_ops/cpu_isa.h).
+template <bool kRms, bool kW>
+struct NormBwdChunks {
+  template <typename scalar_t>
+  static CKPT_CPU_ALWAYS_INLINE void run(const scalar_t* dy, const scalar_t* x, const scalar_t* w,
+                                         const acc_t<scalar_t>* mean, const acc_t<scalar_t>* rstd, scalar_t* dx,
+                                         acc_t<scalar_t>* dw_part, acc_t<scalar_t>* db_part, int64_t M, int64_t N,
+                                         int64_t chunks, int64_t cbegin, int64_t cend) {
+    using acc = acc_t<scalar_t>;
     for (int64_t c = cbegin; c < cend; ++c) {
       const int64_t rbegin = c * M / chunks, rend = (c + 1) * M / chunks;
       acc* pdw = dw_part ? dw_part + c * N : nullptr;
@@ -73,7 +87,7 @@ void norm_bwd_kernel(const scalar_t* dy, const scalar_t* x, const scalar_t* w, c
         const acc r = rstd[row];
         if (dx) {
           acc sg = 0, sgx = 0;
-#pragma omp simd reduction(+ : sg, sgx)
+          #pragma omp simd reduction(+ : sg, sgx)
           for (int64_t j = 0; j < N; ++j) {
             const acc g = kW ? static_cast<acc>(dyr[j]) * static_cast<acc>(w[j]) : static_cast<acc>(dyr[j]);
             sg += g;
@@ -82,24 +96,35 @@ void norm_bwd_kernel(const scalar_t* dy, const scalar_t* x, const scalar_t* w, c
           acc c1, c2;
           norm::dx_coeffs<kRms>(sg, sgx, N, &c1, &c2);
           scalar_t* dxr = dx + row * N;
-#pragma omp simd
+          #pragma omp simd
           for (int64_t j = 0; j < N; ++j) {
             const acc g = kW ? static_cast<acc>(dyr[j]) * static_cast<acc>(w[j]) : static_cast<acc>(dyr[j]);
             const acc xh = norm::xhat<kRms>(static_cast<acc>(xr[j]), m, r);
-            dxr[j] = static_cast<scalar_t>(norm::dx(g, xh, r, c1, c2));
+            dxr[j] = cpu::narrow<scalar_t>(norm::dx(g, xh, r, c1, c2));
           }
         }
         if (pdw) {
-#pragma omp simd
+          #pragma omp simd
           for (int64_t j = 0; j < N; ++j)
             pdw[j] += static_cast<acc>(dyr[j]) * norm::xhat<kRms>(static_cast<acc>(xr[j]), m, r);
         }
         if (pdb) {
-#pragma omp simd
+          #pragma omp simd
           for (int64_t j = 0; j < N; ++j) pdb[j] += static_cast<acc>(dyr[j]);
         }
       }
     }
+  }
+};
+
+template <bool kRms, bool kW, typename scalar_t>
+void norm_bwd_kernel(const scalar_t* dy, const scalar_t* x, const scalar_t* w, const acc_t<scalar_t>* mean,
+                     const acc_t<scalar_t>* rstd, scalar_t* dx, acc_t<scalar_t>* dw_part,
+                     acc_t<scalar_t>* db_part, int64_t M, int64_t N, int64_t chunks) {
+  const auto run = cpu::isa_fn<NormBwdChunks<kRms, kW>>(dy, x, w, mean, rstd, dx, dw_part, db_part, M, N, chunks,
+                                                         chunks, chunks);
+  at::parallel_for(0, chunks, 1, [&](int64_t cbegin, int64_t cend) {
+    run(dy, x, w, mean, rstd, dx, dw_part, db_part, M, N, chunks, cbegin, cend);
   });
 }
 

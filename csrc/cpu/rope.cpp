@@ -11,6 +11,7 @@
 #include <algorithm>
 
 #include "ckpt_ops/attention_host.h"
+#include "ckpt_ops/cpu_isa.h"
 #include "ckpt_ops/rope_math.h"
 
 namespace ckpt_ops {
@@ -20,13 +21,15 @@ namespace {
 // size amortises the OpenMP hand-off.
 constexpr int64_t kRopeGrainPairs = 16384;
 
-template <bool kInverse, typename scalar_t>
-void rope_kernel(scalar_t* qkv, const acc_t<scalar_t>* cos, const acc_t<scalar_t>* sin, int64_t rows, int64_t S,
-                 int64_t heads, int64_t hd, int64_t width, int64_t table_batch_stride) {
-  using acc = acc_t<scalar_t>;
-  const int64_t half = hd / 2;
-  const int64_t grain = std::max<int64_t>(1, kRopeGrainPairs / std::max<int64_t>(1, heads * half));
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+// Rows [begin, end): one ISA body (ckpt_ops/cpu_isa.h).
+template <bool kInverse>
+struct RopeRows {
+  template <typename scalar_t>
+  static CKPT_CPU_ALWAYS_INLINE void run(scalar_t* qkv, const acc_t<scalar_t>* cos, const acc_t<scalar_t>* sin,
+                                         int64_t S, int64_t heads, int64_t hd, int64_t width,
+                                         int64_t table_batch_stride, int64_t begin, int64_t end) {
+    using acc = acc_t<scalar_t>;
+    const int64_t half = hd / 2;
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / S, s = r % S;
       const acc* c = cos + b * table_batch_stride + s * half;
@@ -35,15 +38,25 @@ void rope_kernel(scalar_t* qkv, const acc_t<scalar_t>* cos, const acc_t<scalar_t
       for (int64_t h = 0; h < heads; ++h) {  // the q and k heads: the first H + KV of the row
         scalar_t* x1 = row + h * hd;
         scalar_t* x2 = x1 + half;
-#pragma omp simd
+        #pragma omp simd
         for (int64_t i = 0; i < half; ++i) {
           acc y1, y2;
           rope::rotate<kInverse>(static_cast<acc>(x1[i]), static_cast<acc>(x2[i]), c[i], sn[i], &y1, &y2);
-          x1[i] = static_cast<scalar_t>(y1);
-          x2[i] = static_cast<scalar_t>(y2);
+          x1[i] = cpu::narrow<scalar_t>(y1);
+          x2[i] = cpu::narrow<scalar_t>(y2);
         }
       }
     }
+  }
+};
+
+template <bool kInverse, typename scalar_t>
+void rope_kernel(scalar_t* qkv, const acc_t<scalar_t>* cos, const acc_t<scalar_t>* sin, int64_t rows, int64_t S,
+                 int64_t heads, int64_t hd, int64_t width, int64_t table_batch_stride) {
+  const int64_t grain = std::max<int64_t>(1, kRopeGrainPairs / std::max<int64_t>(1, heads * (hd / 2)));
+  const auto run = cpu::isa_fn<RopeRows<kInverse>>(qkv, cos, sin, S, heads, hd, width, table_batch_stride, rows, rows);
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    run(qkv, cos, sin, S, heads, hd, width, table_batch_stride, begin, end);
   });
 }
 
