@@ -309,15 +309,17 @@ _INTERPRETER_TILES = dict(fwd=(16, 16, 1, 1), dkdv=(16, 32, 1, 1), dq=(32, 16, 1
 # 4 KB; docs/gpu_resources.md has every figure); the AOT test fails if a compile exceeds it, or spills.
 # 16-bit: Triton tutorial 06 / FA-2 sizes, trimmed where ptxas spilled (dk/dv at hd 64: 32 x 32 keys).
 # fp32: the dots are IEEE FMA loops on CUDA cores (no TF32) whose operand tiles live in registers, so the
-# tiles are small (16 x 16 .. 32 x 32): the FA-2 sizes spilled up to 38 KB per thread.
+# tiles are small (16 x 16 .. 32 x 32): the FA-2 sizes spilled up to 38 KB per thread. The fp32 dk/dv kernel
+# at hd 128 still spills a few bytes on some archs with every tile tried (16 x 16 .. 32 x 32, 2-8 warps;
+# 2 warps the least); ``._aot`` bounds fp32 spills at FP32_SPILL_BYTES and lists them.
 # The last entry of each list (16 x 16 tiles) is the fallback for parts with less shared memory.
 _SMALL = dict(fwd=(16, 16, 4, 1), dkdv=(16, 16, 4, 1), dq=(16, 16, 4, 1))
 _GPU_TILES = {
-    (64, 2): [(56 << 10, dict(fwd=(64, 64, 4, 3), dkdv=(16, 32, 4, 1), dq=(64, 32, 4, 3))), (20 << 10, _SMALL)],
+    (64, 2): [(60 << 10, dict(fwd=(64, 64, 4, 3), dkdv=(16, 32, 4, 1), dq=(64, 32, 4, 3))), (20 << 10, _SMALL)],
     (128, 2): [(84 << 10, dict(fwd=(64, 32, 8, 1), dkdv=(32, 64, 8, 2), dq=(64, 32, 8, 2))), (36 << 10, _SMALL)],
     (256, 2): [(84 << 10, dict(fwd=(16, 32, 4, 1), dkdv=(32, 32, 8, 1), dq=(16, 32, 8, 1))), (68 << 10, _SMALL)],
     (64, 4): [(40 << 10, dict(fwd=(32, 32, 8, 1), dkdv=(32, 32, 4, 1), dq=(16, 32, 4, 1))), (20 << 10, _SMALL)],
-    (128, 4): [(52 << 10, dict(fwd=(16, 16, 4, 1), dkdv=(16, 16, 4, 1), dq=(16, 32, 4, 1))), (36 << 10, _SMALL)],
+    (128, 4): [(52 << 10, dict(fwd=(16, 16, 4, 1), dkdv=(16, 16, 2, 1), dq=(16, 32, 4, 1)))],
     (256, 4): [(68 << 10, dict(fwd=(16, 16, 4, 1), dkdv=(16, 16, 4, 1), dq=(16, 16, 8, 1)))],
 }
 
