@@ -10,8 +10,8 @@ the combinations that interact get a case of their own: left padding under causa
 start of a sequence), a fully padded sequence with causal and without, GQA/MQA with padding (dk/dv summed
 over a group whose rows include empty ones), S = 129 (a ragged tail past several 16/32 tiles) with hd 80
 (BLOCK_D 128 masked on d) and causal. fp16 runs a smaller set with the same pairings (its kernels are the
-same code, only the dot operand dtype changes); bf16 one case (under the interpreter its dots run in fp32,
-see the module docstring).
+same code, only the dot operand dtype changes); bf16 three (under the interpreter its dots run in fp32 on
+operands rounded to bf16 exactly as on a GPU -- P and dS included --, see the module docstring).
 """
 import os
 import sys
@@ -27,9 +27,11 @@ import torch  # noqa: E402
 pytest.importorskip("triton")
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import triton  # noqa: E402
 import triton_kernels.attention as ta  # noqa: E402
 import triton_kernels.rope as tr  # noqa: E402
 from ckpt_ops import reference as ref  # noqa: E402
+from triton_kernels._common import ARCH_LIMITS, check_grid, recording, sized_for  # noqa: E402
 
 if not ta._interpreted() and not torch.cuda.is_available():
     pytest.skip("needs CUDA or TRITON_INTERPRET=1 before Triton is imported", allow_module_level=True)
@@ -59,7 +61,7 @@ FP16_CASES = [
     (2, 33, 4, 1, 80, False, "one_empty"),
     (1, 129, 8, 2, 16, True, None),
 ]
-BF16_CASES = [(2, 33, 8, 2, 16, True, "right")]
+BF16_CASES = [(2, 33, 8, 2, 16, True, "right"), (2, 64, 4, 1, 64, False, "one_empty"), (1, 129, 4, 4, 80, True, None)]
 
 
 def _ids(cases):
@@ -208,25 +210,83 @@ def test_attention_16bit(dtype, case):
         assert ours <= 2 * theirs + 1e-6, f"{name}: relative error {ours:.3g} > 2 x the contract's {theirs:.3g}"
 
 
-def test_causal_block_skipping():
+@pytest.mark.parametrize("dtype,sizing", [(torch.float32, "interpreter"), (torch.float32, "sm_90"),
+                                          (torch.float16, "sm_90"), (torch.float16, "sm_86")])
+def test_causal_block_skipping(dtype, sizing):
     """Under causal, the forward and the dq kernel never read key blocks right of the diagonal block: NaN in
     k/v of the key blocks at or after row R (R a multiple of both query tiles) leaves o, lse and dq of every
-    row before R finite and equal to the clean inputs' results (a loaded NaN would leak through 0 * NaN)."""
-    case = (1, 64, 4, 2, 16, True, None)
+    row before R finite and equal to the clean inputs' results (a loaded NaN would leak through 0 * NaN).
+    Run with the interpreter's tiles and with the tiles a GPU would use (``sized_for``: the GPU's shared
+    memory limit, executed here by the interpreter), on a sequence long enough that R < S for both; the
+    clean run also meets the fp32 / 2x rule at the GPU tiles."""
+    case = (1, 160, 4, 2, 16, True, None)
     b, s, h, kv, hd, causal, _ = case
-    qkv, do, _, scale = _inputs(case, torch.float32)
-    tiles = ta._tiles(hd)
-    r = max(tiles["fwd"][0], tiles["dq"][0])
-    if r >= s:
-        pytest.skip("the GPU tiles are as long as the test sequence")
-    poisoned = qkv.clone()
-    poisoned[:, r:, h * hd:] = float("nan")
-    o, lse = OPS.attention_fwd_triton(qkv, None, h, kv, causal, scale)
-    o_n, lse_n = OPS.attention_fwd_triton(poisoned, None, h, kv, causal, scale)
+    qkv, do, _, scale = _inputs(case, dtype)
+    limits = None if sizing == "interpreter" else ARCH_LIMITS[int(sizing[3:])]
+    with sized_for(limits):
+        tiles = ta._tiles(hd, dtype, qkv.device)
+        if sizing != "interpreter" and DEVICE == "cpu":
+            assert tiles == ta.attention_tiles(hd, dtype, limits.smem)
+        r = max(tiles["fwd"][0], tiles["dq"][0])
+        assert r < s, f"tiles {tiles} as long as the test sequence: no block would be skipped"
+        poisoned = qkv.clone()
+        poisoned[:, r:, h * hd:] = float("nan")
+        o, lse, dqkv = _run(case, qkv, do, None, scale)
+        o_n, lse_n = OPS.attention_fwd_triton(poisoned, None, h, kv, causal, scale)
+        dq_n = OPS.attention_bwd_triton(do, poisoned, o_n, lse_n, None, h, kv, causal, scale)[..., :h * hd]
     assert torch.equal(o_n[:, :r], o[:, :r]) and torch.equal(lse_n[..., :r], lse[..., :r])
-    dq = OPS.attention_bwd_triton(do, qkv, o, lse, None, h, kv, causal, scale)[..., :h * hd]
-    dq_n = OPS.attention_bwd_triton(do, poisoned, o_n, lse_n, None, h, kv, causal, scale)[..., :h * hd]
-    assert torch.equal(dq_n[:, :r], dq[:, :r])
+    assert torch.equal(dq_n[:, :r], dqkv[..., :h * hd][:, :r])
+    o_t, lse_t, dqkv_t = _truth(case, qkv, do, None, scale)
+    if dtype == torch.float32:
+        _assert_fp32("o", o, o_t)
+        _assert_fp32("dqkv", dqkv, dqkv_t)
+    else:
+        o_p, lse_p = ref.attention_fwd(qkv, None, h, kv, causal, scale)
+        dqkv_p = ref.attention_bwd(do, qkv, o_p, lse_p, None, h, kv, causal, scale)
+        for name, x, p, t in (("o", o, o_p, o_t), ("dqkv", dqkv, dqkv_p, dqkv_t)):
+            assert _rel(x, t) <= 2 * _rel(p, t) + 1e-6, f"{name} at tiles {tiles}"
+
+
+def test_attention_tiles():
+    """The GPU tile choice is a pure function of (head_dim, dtype, shared memory limit): the largest entry
+    that fits, the small fallback on parts with less shared memory, an error when nothing fits; tiles are
+    never smaller than tl.dot's 16, and BLOCK_D covers head_dim."""
+    for hd in (16, 64, 80, 128, 256):
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
+            width = 4 if dtype == torch.float32 else 2
+            entries = ta._GPU_TILES[(max(64, triton.next_power_of_2(hd)), width)]
+            for arch, lim in ARCH_LIMITS.items():
+                t = ta.attention_tiles(hd, dtype, lim.smem)
+                assert t == dict(entries[0][1], block_d=max(16, triton.next_power_of_2(hd))), (hd, dtype, arch)
+                assert t["block_d"] >= hd and all(min(t[k][:2]) >= 16 for k in ("fwd", "dkdv", "dq"))
+            need_small = entries[-1][0]
+            assert ta.attention_tiles(hd, dtype, need_small) == dict(entries[-1][1], block_d=t["block_d"])
+            with pytest.raises(ValueError, match="shared memory"):
+                ta.attention_tiles(hd, dtype, need_small - 1)
+    assert ta.attention_tiles(64, torch.float32, 232448) != ta.attention_tiles(64, torch.bfloat16, 232448)
+    with pytest.raises(ValueError, match="head_dim"):
+        ta.attention_tiles(512, torch.float16, 232448)
+
+
+def test_grid_within_cuda_limits():
+    """B * H = 2048 * 32 = 65,536 (one past CUDA's 65,535 cap on grid axes y/z): every attention launch is a 1-D
+    grid of cdiv(S, BLOCK) * B * heads programs; recorded on meta tensors (nothing allocated or run). A grid
+    past the limits raises before launching."""
+    b, s, h, kv, hd = 2048, 256, 32, 8, 64
+    meta = torch.device("meta")
+    qkv = torch.empty(b, s, (h + 2 * kv) * hd, dtype=torch.bfloat16, device=meta)
+    o, lse = torch.empty(b, s, h * hd, dtype=torch.bfloat16, device=meta), torch.empty(b, h, s, device=meta)
+    with recording(ARCH_LIMITS[90]) as launches:
+        ta.attention_fwd(qkv, None, h, kv, True, 0.125)
+        ta.attention_bwd(o, qkv, o, lse, None, h, kv, True, 0.125)
+    assert len(launches) == 4
+    for ln in launches:
+        blk = ln.meta["BLOCK_N"] if "dkdv" in ln.kernel.__name__ else ln.meta["BLOCK_M"]
+        heads = kv if "dkdv" in ln.kernel.__name__ else h
+        assert ln.grid == (triton.cdiv(s, blk) * b * heads,), (ln.kernel.__name__, ln.grid)
+        assert ln.grid[0] <= 2**31 - 1
+    with pytest.raises(ValueError, match="axis y"):
+        check_grid((4, b * h))
 
 
 def test_noncontiguous_inputs():

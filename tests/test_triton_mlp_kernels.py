@@ -71,11 +71,14 @@ def _assert_2x(name, out, peer, truth):
     """Max error vs the fp64 truth at most 2x the peer's, plus a floor: the DESIGN low-precision rule.
 
     16-bit: the peer is eager PyTorch in the output dtype (every op rounds to it), floor a quarter ulp of the
-    largest value. fp32: the peer is the reference contract evaluated in fp32, and the floor 4 ulps of the largest
-    value (each output is 5-10 fp32 roundings; on a tensor of 1-3 elements the peer's error can be far below
-    its typical ulp). That is ~5e-7 relative to the largest value, 200x tighter than DESIGN's rtol 1e-4."""
+    largest value. fp32: the peer is the reference contract evaluated in fp32 (on the test's device: on a GPU,
+    eager PyTorch's CUDA math), and the floor 4 ulps of the largest value under the interpreter (each output
+    is 5-10 fp32 roundings; on a tensor of 1-3 elements the peer's error can be far below its typical ulp),
+    16 on a GPU, where the compiled kernel's tl.exp is ex2.approx (2 ulp) and fp32 `/` div.full (2 ulp):
+    2 x (up to 4 such operations x 2 ulp). ~2e-6 relative to the largest value, 50x tighter than DESIGN's
+    rtol 1e-4."""
     scale = max(truth.abs().max().item(), 1.0) if truth.numel() else 1.0
-    floor = 4.0 if out.dtype == torch.float32 else 0.25
+    floor = (4.0 if tm._interpreted() else 16.0) if out.dtype == torch.float32 else 0.25
     tol = 2 * _max_err(peer, truth) + floor * torch.finfo(out.dtype).eps * scale
     err = _max_err(out, truth)
     assert err <= tol, _fail_msg(name, out, truth, tol) + f" (peer max err {_max_err(peer, truth):.3g})"

@@ -179,9 +179,16 @@ def test_column_loop_small_cap(kind, need, monkeypatch):
     x, w, b, dy = _inputs(5, 200, torch.float32, bias=kind == "ln")
     got = _run(kind, x, w, b, dy, need, via_ops=False)
     _check_all(kind, x, w, b, dy, got, need)
-    monkeypatch.undo()  # the column loop must give the statistics of the one-block path
-    ref = _run(kind, x, w, b, dy, need, via_ops=False)
-    torch.testing.assert_close(got["rstd"], ref["rstd"], rtol=1e-6, atol=0)
+    monkeypatch.undo()  # the column loop's statistics are as accurate as the one-block path's
+    one = _run(kind, x, w, b, dy, need, via_ops=False)
+    # 2x-eager rule, not an ulp bound between the two paths (their fp32 sums run in different orders, and on
+    # a GPU in a third one): each within 2x eager fp32's relative error (+ one fp32 rounding) of the fp64 truth
+    truth = _reference(kind, x, w, b, dy, EPS[kind])["rstd"]
+    x32 = x.float()
+    eager = ((x32.var(-1, unbiased=False) if kind == "ln" else x32.pow(2).mean(-1)) + EPS[kind]).rsqrt()
+    rel = lambda r: ((r.double() - truth) / truth).abs().max().item()  # noqa: E731
+    for name, r in (("column loop", got["rstd"]), ("one block", one["rstd"])):
+        assert rel(r) <= 2 * rel(eager) + torch.finfo(torch.float32).eps, (name, rel(r), rel(eager))
 
 
 def test_empty_rows():

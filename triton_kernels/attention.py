@@ -24,8 +24,13 @@ blocks, from the diagonal on under causal), so GQA/MQA sums happen in registers:
 Precision: loads in the storage dtype, dot operands in that dtype (P and dS rounded to it, as in every flash
 kernel) with fp32 accumulation; fp32 dots use input_precision="ieee" (no TF32, ``_dot``); softmax
 statistics, delta and the output scaling in fp32, one rounding on store. Under the interpreter bf16 dots
-are computed in fp32 (DOT_FP32): its tl.dot on bf16 operands is wrong; compiled kernels always use the
+are computed in fp32 (DOT_FP32): its tl.dot on bf16 operands is wrong; the operands are still bf16 values
+(loaded from bf16, P and dS rounded to bf16 to nearest even by ``_operand``) and the products of two bf16
+values are exact in fp32, so the interpreter sees the GPU's roundings; compiled kernels always use the
 storage dtype.
+Grids are 1-D, (blocks of S) x (batch * heads) folded into axis x (``_split_pid``): no 65,535 cap on B * H.
+Tiles come from ``attention_tiles(head_dim, dtype, shared-memory limit)``, per kernel; ``._aot`` compiles
+every choice for sm_80/86/89/90/100/120 and docs/gpu_resources.md lists what each uses.
 Registration (``triton_op`` on CUDA, ``custom_op`` under the interpreter) and the output cast: ``._common``.
 """
 import torch
@@ -36,7 +41,7 @@ from torch.library import wrap_triton  # a bare name: triton_op's kernel discove
 from ckpt_ops import _meta
 
 from . import rope  # noqa: F401  (registers ckpt_ops::rope_triton_)
-from ._common import _cast_out, _emulate_rtne, _interpreted, _register
+from ._common import _cast_out, _emulate_rtne, _interpreted, _register, device_limits, launch
 from .rope import _check_heads
 
 _LOG2E = tl.constexpr(1.4426950408889634)
@@ -56,6 +61,27 @@ def _dot(a, b, acc):
         return tl.dot(a, b, acc, input_precision="ieee")
     else:
         return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _split_pid(S, BLOCK: tl.constexpr):
+    """1-D grid folded as (head, block): block = pid % cdiv(S, BLOCK) (fastest, so neighbouring programs share
+    a head's K/V in L2), head = pid // cdiv(S, BLOCK) as int64. One axis of up to 2^31 - 1 programs: no
+    65,535 cap on batch * heads (CUDA's limit on grid axes y and z)."""
+    pid = tl.program_id(0)
+    n_blk = tl.cdiv(S, BLOCK)
+    return pid % n_blk, (pid // n_blk).to(tl.int64)
+
+
+@triton.jit
+def _operand(x, STORE_DTYPE: tl.constexpr, DOT_FP32: tl.constexpr, RTNE_BF16: tl.constexpr):
+    """fp32 P or dS -> the dot operand: rounded to the storage dtype, as a compiled kernel does. Under the
+    interpreter with DOT_FP32 (bf16 dots computed in fp32) the value is still rounded to bf16 (round to
+    nearest even, ``_cast_out``) and widened back, so the interpreter sees the GPU's rounding."""
+    if DOT_FP32:
+        return _cast_out(x, STORE_DTYPE, RTNE_BF16).to(tl.float32)
+    else:
+        return x.to(STORE_DTYPE)
 
 
 @triton.jit
@@ -101,10 +127,9 @@ def _attn_fwd_kernel(
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr, RTNE_BF16: tl.constexpr,
 ):
-    """Grid (cdiv(S, BLOCK_M), B * H). One query block of one head, online softmax over the key blocks
-    (math in the module docstring); stores o and lse for its rows."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    """Grid (cdiv(S, BLOCK_M) * B * H,) (``_split_pid``). One query block of one head, online softmax over
+    the key blocks (math in the module docstring); stores o and lse for its rows."""
+    pid_m, pid_bh = _split_pid(S, BLOCK_M)
     b = pid_bh // H
     h = pid_bh % H
     kvh = h // GROUP
@@ -133,7 +158,7 @@ def _attn_fwd_kernel(
         p = tl.math.exp2(s - m_off[:, None])
         alpha = tl.math.exp2(m_i - m_off)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = _dot(p.to(v.dtype), v, acc * alpha[:, None])
+        acc = _dot(_operand(p, QKV.dtype.element_ty, DOT_FP32, RTNE_BF16), v, acc * alpha[:, None])
         m_i = m_new
     has_key = l_i > 0.0
     o = acc / tl.where(has_key, l_i, 1.0)[:, None]  # no key: acc == 0, o = 0 exactly
@@ -150,9 +175,8 @@ def _attn_bwd_preprocess(
     S, H, HD, stride_o_b, stride_o_s, stride_do_b, stride_do_s,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Grid (cdiv(S, BLOCK_M), B * H):  delta = rowsum(dO * O) in fp32 (the softmax-gradient correction)."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    """Grid (cdiv(S, BLOCK_M) * B * H,):  delta = rowsum(dO * O) in fp32 (the softmax-gradient correction)."""
+    pid_m, pid_bh = _split_pid(S, BLOCK_M)
     b = pid_bh // H
     h = pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -171,13 +195,12 @@ def _attn_bwd_dkdv_kernel(
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr, RTNE_BF16: tl.constexpr,
 ):
-    """Grid (cdiv(S, BLOCK_N), B * KV). One key block of one KV head; for each of the GROUP query heads that
+    """Grid (cdiv(S, BLOCK_N) * B * KV,). One key block of one KV head; for each of the GROUP query heads that
     read it and each query block (causal: from the block holding the diagonal on), transposed tiles:
         P^T = 2^(c k q^T - lse log2 e)  (0 on masked entries),   dV += P^T dO,
         dP^T = v dO^T,   dS^T = P^T * (dP^T - delta),            dK += dS^T q
     and finally dK *= scale; dk, dv stored once into dqkv's k / v columns."""
-    pid_n = tl.program_id(0)
-    pid_bk = tl.program_id(1).to(tl.int64)
+    pid_n, pid_bk = _split_pid(S, BLOCK_N)
     kv = H // GROUP
     b = pid_bk // kv
     kvh = pid_bk % kv
@@ -212,10 +235,10 @@ def _attn_bwd_dkdv_kernel(
                 valid = valid & (offs_m[None, :] >= offs_n[:, None])
             s_t = _dot(k, tl.trans(q), None) * qk_scale
             p_t = tl.where(valid, tl.math.exp2(s_t - lse[None, :] * _LOG2E), 0.0)
-            dv = _dot(p_t.to(do.dtype), do, dv)
+            dv = _dot(_operand(p_t, QKV.dtype.element_ty, DOT_FP32, RTNE_BF16), do, dv)
             dp_t = _dot(v, tl.trans(do), None)
             ds_t = p_t * (dp_t - delta[None, :])
-            dk = _dot(ds_t.to(q.dtype), q, dk)
+            dk = _dot(_operand(ds_t, QKV.dtype.element_ty, DOT_FP32, RTNE_BF16), q, dk)
     dk = dk * scale
     n_mask = (offs_n[:, None] < S) & (offs_d[None, :] < HD)
     out = DQKV + b * stride_dqkv_b + offs_n.to(tl.int64)[:, None] * stride_dqkv_s + offs_d[None, :]
@@ -232,11 +255,10 @@ def _attn_bwd_dq_kernel(
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr, RTNE_BF16: tl.constexpr,
 ):
-    """Grid (cdiv(S, BLOCK_M), B * H). One query block of one head, over the key blocks (causal: up to the
+    """Grid (cdiv(S, BLOCK_M) * B * H,). One query block of one head, over the key blocks (causal: up to the
     diagonal block):  P = 2^(c q k^T - lse log2 e),  dP = dO v^T,  dS = P * (dP - delta),  dQ += dS k;
     dQ *= scale, stored into dqkv's q columns."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    pid_m, pid_bh = _split_pid(S, BLOCK_M)
     b = pid_bh // H
     h = pid_bh % H
     kvh = h // GROUP
@@ -265,7 +287,7 @@ def _attn_bwd_dq_kernel(
         p = tl.where(valid, tl.math.exp2(s - lse[:, None] * _LOG2E), 0.0)
         dp = _dot(do, tl.trans(v), None)
         ds = p * (dp - delta[:, None])
-        dq = _dot(ds.to(k.dtype), k, dq)
+        dq = _dot(_operand(ds, QKV.dtype.element_ty, DOT_FP32, RTNE_BF16), k, dq)
     dq = dq * scale
     out = DQKV + b * stride_dqkv_b + offs_m.to(tl.int64)[:, None] * stride_dqkv_s + h * HD + offs_d[None, :]
     tl.store(out, _cast_out(dq, DQKV.dtype.element_ty, RTNE_BF16), mask=m_ok[:, None] & (offs_d[None, :] < HD))
@@ -276,28 +298,59 @@ def _attn_bwd_dq_kernel(
 # ----------------------------------------------------------------------------------------------------------
 # Interpreter tiles: small, and unequal in the backward like the GPU ones, so tests on S <= 129 see several
 # blocks, ragged tails, diagonal blocks that straddle tile borders, and lo = (start_n // BLOCK_M) * BLOCK_M != start_n.
-_INTERPRETER_TILES = dict(fwd=(16, 16), dkdv=(16, 32), dq=(32, 16), num_warps=1, num_stages=1)
+# The delta pre-pass: o and dO tiles of _PRE_ELEMS elements (32 fp32 values per thread each with 4 warps).
+_PRE_ELEMS = 4096
+_INTERPRETER_TILES = dict(fwd=(16, 16, 1, 1), dkdv=(16, 32, 1, 1), dq=(32, 16, 1, 1))
+
+# GPU tiles per (BLOCK_D, operand bytes): per kernel (BLOCK_M, BLOCK_N, num_warps, num_stages). Entries from the
+# largest to the smallest footprint, each (smem_needed, tiles): ``attention_tiles`` takes the first whose
+# smem_needed fits the device's opt-in shared memory per block. smem_needed is the most any of the three
+# kernels takes with those tiles on sm_80/86/89/90/100/120 (Triton 3.8, measured by ``._aot``, rounded up to
+# 4 KB; docs/gpu_resources.md has every figure); the AOT test fails if a compile exceeds it, or spills.
+# 16-bit: Triton tutorial 06 / FA-2 sizes, trimmed where ptxas spilled (dk/dv at hd 64: 32 x 32 keys).
+# fp32: the dots are IEEE FMA loops on CUDA cores (no TF32) whose operand tiles live in registers, so the
+# tiles are small (16 x 16 .. 32 x 32): the FA-2 sizes spilled up to 38 KB per thread. The fp32 dk/dv kernel
+# at hd 128 still spills a few bytes on some archs with every tile tried (16 x 16 .. 32 x 32, 2-8 warps;
+# 2 warps the least); ``._aot`` bounds fp32 spills at FP32_SPILL_BYTES and lists them.
+# The last entry of each list (16 x 16 tiles) is the fallback for parts with less shared memory.
+_SMALL = dict(fwd=(16, 16, 4, 1), dkdv=(16, 16, 4, 1), dq=(16, 16, 4, 1))
+_GPU_TILES = {
+    (64, 2): [(60 << 10, dict(fwd=(64, 64, 4, 3), dkdv=(16, 32, 4, 1), dq=(64, 32, 4, 3))), (20 << 10, _SMALL)],
+    (128, 2): [(84 << 10, dict(fwd=(64, 32, 8, 1), dkdv=(32, 64, 8, 2), dq=(64, 32, 8, 2))), (36 << 10, _SMALL)],
+    (256, 2): [(84 << 10, dict(fwd=(16, 32, 4, 1), dkdv=(32, 32, 8, 1), dq=(16, 32, 8, 1))), (68 << 10, _SMALL)],
+    (64, 4): [(40 << 10, dict(fwd=(32, 32, 8, 1), dkdv=(32, 32, 4, 1), dq=(16, 32, 4, 1))), (20 << 10, _SMALL)],
+    (128, 4): [(52 << 10, dict(fwd=(16, 16, 4, 1), dkdv=(16, 16, 2, 1), dq=(16, 32, 4, 1)))],
+    (256, 4): [(68 << 10, dict(fwd=(16, 16, 4, 1), dkdv=(16, 16, 4, 1), dq=(16, 16, 8, 1)))],
+}
 
 
-def _tiles(head_dim):
-    """Every launch's (BLOCK_M, BLOCK_N) per kernel, num_warps, num_stages and BLOCK_D, from head_dim only.
+def attention_tiles(head_dim, dtype, smem_limit):
+    """Every launch's (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and BLOCK_D, for a GPU whose blocks
+    may use ``smem_limit`` bytes of shared memory: the largest ``_GPU_TILES`` entry of (BLOCK_D, operand
+    bytes) that fits. A pure function of its arguments (unit-tested; ``._aot`` compiles what it returns).
 
-    Depending on nothing else (not S, B, dtype or the mask) makes the recomputed forward ("full" level)
-    bitwise the original: same tiles, same reduction order. GPU choices (Triton tutorial 06 / FA-2 sizes,
-    not tuned here: no GPU was available when this was written):
-      hd <= 64 : fwd 64 x 64, dkdv (32 queries x 64 keys), dq (64 x 32), 4 warps, 3 stages;
-      hd <= 128: fwd 64 x 32, same backward tiles, 8 warps (dk, dv fp32 accumulators of 64 x 128 would take
-                 128 registers per thread with 4 warps), 2 stages;
-      larger   : 32 x 32 everywhere, 8 warps, 1 stage.
+    Depending on nothing else (not S, B or the mask) makes the recomputed forward ("full" level) bitwise the
+    original: same device, same dtype, so the same tiles and the same reduction order.
     BLOCK_D = next power of two >= hd (>= 16, tl.dot's minimum), masked on d."""
     block_d = max(16, triton.next_power_of_2(int(head_dim)))
-    if _interpreted():
-        return dict(_INTERPRETER_TILES, block_d=block_d)
-    if block_d <= 64:
-        return dict(fwd=(64, 64), dkdv=(32, 64), dq=(64, 32), num_warps=4, num_stages=3, block_d=block_d)
-    if block_d <= 128:
-        return dict(fwd=(64, 32), dkdv=(32, 64), dq=(64, 32), num_warps=8, num_stages=2, block_d=block_d)
-    return dict(fwd=(32, 32), dkdv=(32, 32), dq=(32, 32), num_warps=8, num_stages=1, block_d=block_d)
+    if block_d > 256:
+        raise ValueError(f"head_dim must be <= 256 for the Triton attention kernels, got {head_dim}")
+    width = 4 if dtype == torch.float32 else 2
+    entries = _GPU_TILES[(max(64, block_d), width)]
+    for need, tiles in entries:
+        if need <= smem_limit:
+            return dict(tiles, block_d=block_d)
+    raise ValueError(f"no attention tiles for head_dim {head_dim} {dtype} fit {smem_limit} bytes of shared "
+                     f"memory per block (the smallest needs {entries[-1][0]})")
+
+
+def _tiles(head_dim, dtype, device):
+    """The tiles of a launch on ``device``: ``attention_tiles`` for its shared memory (``device_limits``),
+    or the interpreter's small tiles on CPU tensors."""
+    limits = device_limits(device)
+    if limits is None:
+        return dict(_INTERPRETER_TILES, block_d=max(16, triton.next_power_of_2(int(head_dim))))
+    return attention_tiles(head_dim, dtype, limits.smem)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -321,11 +374,12 @@ def _check_like(name, t, shape, dtype, device):
     return t.contiguous()
 
 
-def _common_meta(qkv, causal, key_mask, cfg):
-    """Launch options shared by the forward, dk/dv and dq kernels."""
+def _meta_for(kernel, qkv, causal, key_mask, cfg):
+    """Launch options of the forward, dk/dv or dq kernel (``kernel``: "fwd", "dkdv", "dq")."""
+    block_m, block_n, warps, stages = cfg[kernel]
     return dict(CAUSAL=bool(causal), HAS_MASK=key_mask is not None, BLOCK_D=cfg["block_d"],
                 DOT_FP32=qkv.dtype == torch.bfloat16 and _interpreted(), RTNE_BF16=_emulate_rtne(qkv),
-                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
 
 
 def attention_fwd(qkv, key_mask, num_heads, num_kv_heads, causal, scale):
@@ -338,12 +392,11 @@ def attention_fwd(qkv, key_mask, num_heads, num_kv_heads, causal, scale):
     lse = qkv.new_empty(b, num_heads, s, dtype=torch.float32)
     if o.numel() == 0:
         return o, lse
-    cfg = _tiles(hd)
-    block_m, block_n = cfg["fwd"]
-    wrap_triton(_attn_fwd_kernel)[(triton.cdiv(s, block_m), b * num_heads)](
+    cfg = _tiles(hd, qkv.dtype, qkv.device)
+    meta = _meta_for("fwd", qkv, causal, mask, cfg)
+    launch(wrap_triton(_attn_fwd_kernel), (triton.cdiv(s, meta["BLOCK_M"]) * b * num_heads,),
         qkv, mask, o, lse, s, num_heads, num_heads // num_kv_heads, hd,
-        qkv.stride(0), qkv.stride(1), o.stride(0), o.stride(1), float(scale) * _LOG2E_PY,
-        BLOCK_M=block_m, BLOCK_N=block_n, **_common_meta(qkv, causal, mask, cfg))
+        qkv.stride(0), qkv.stride(1), o.stride(0), o.stride(1), float(scale) * _LOG2E_PY, **meta)
     return o, lse
 
 
@@ -359,22 +412,22 @@ def attention_bwd(do, qkv, o, lse, key_mask, num_heads, num_kv_heads, causal, sc
     dqkv = torch.empty_like(qkv)
     if dqkv.numel() == 0:
         return dqkv
-    cfg = _tiles(hd)
-    meta = _common_meta(qkv, causal, mask, cfg)
+    cfg = _tiles(hd, qkv.dtype, qkv.device)
     group = num_heads // num_kv_heads
     qk_scale = float(scale) * _LOG2E_PY
     delta = torch.empty_like(lse)
-    block_m, block_n = cfg["dq"]
-    wrap_triton(_attn_bwd_preprocess)[(triton.cdiv(s, block_m), b * num_heads)](
+    pre_m = _PRE_ELEMS // cfg["block_d"]  # row sums: any row block gives the same delta
+    launch(wrap_triton(_attn_bwd_preprocess), (triton.cdiv(s, pre_m) * b * num_heads,),
         o, do, delta, s, num_heads, hd, o.stride(0), o.stride(1), do.stride(0), do.stride(1),
-        BLOCK_M=block_m, BLOCK_D=cfg["block_d"], num_warps=cfg["num_warps"])
+        BLOCK_M=pre_m, BLOCK_D=cfg["block_d"], num_warps=4, num_stages=1)
     args = (qkv, mask, do, lse, delta, dqkv, s, num_heads, group, hd, qkv.stride(0), qkv.stride(1),
             do.stride(0), do.stride(1), dqkv.stride(0), dqkv.stride(1), qk_scale, float(scale))
-    kv_m, kv_n = cfg["dkdv"]
-    wrap_triton(_attn_bwd_dkdv_kernel)[(triton.cdiv(s, kv_n), b * num_kv_heads)](
-        *args, BLOCK_M=kv_m, BLOCK_N=kv_n, **meta)
-    wrap_triton(_attn_bwd_dq_kernel)[(triton.cdiv(s, block_m), b * num_heads)](
-        *args, BLOCK_M=block_m, BLOCK_N=block_n, **meta)
+    meta = _meta_for("dkdv", qkv, causal, mask, cfg)
+    launch(wrap_triton(_attn_bwd_dkdv_kernel), (triton.cdiv(s, meta["BLOCK_N"]) * b * num_kv_heads,),
+        *args, **meta)
+    meta = _meta_for("dq", qkv, causal, mask, cfg)
+    launch(wrap_triton(_attn_bwd_dq_kernel), (triton.cdiv(s, meta["BLOCK_M"]) * b * num_heads,),
+        *args, **meta)
     return dqkv
 
 

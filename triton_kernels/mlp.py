@@ -29,7 +29,7 @@ from torch.library import wrap_triton  # a bare name: triton_op's kernel discove
 
 from ckpt_ops import _meta  # the fake implementations, shared with the extension's ops
 
-from ._common import DTYPES, _cast_out, _emulate_rtne, _interpreted, _register  # noqa: F401  (_interpreted: tests)
+from ._common import DTYPES, _cast_out, _emulate_rtne, _interpreted, _register, launch  # noqa: F401  (_interpreted: tests)
 
 # constants of ckpt_ops.reference.act_and_grad / philox4x32_10 (constexpr: Triton only reads constexpr globals)
 _SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
@@ -229,7 +229,7 @@ def act_fwd(h, g, activation):
     a = _new(h)
     if h.numel() > 0:
         grid, meta = _launch(h.numel())
-        wrap_triton(_act_fwd_kernel)[grid](
+        launch(wrap_triton(_act_fwd_kernel), grid,
             h, g, a, h.numel(), ACT=activation, GATED=g is not None, RTNE_BF16=_emulate_rtne(h), **meta)
     return a
 
@@ -245,7 +245,7 @@ def act_bwd(da, h, g, activation, need_a):
     dg = _new(h) if g is not None else h.new_empty(0)
     if h.numel() > 0:
         grid, meta = _launch(h.numel())
-        wrap_triton(_act_bwd_kernel)[grid](
+        launch(wrap_triton(_act_bwd_kernel), grid,
             da, h, g, a if need_a else None, dh, dg if g is not None else None, h.numel(),
             ACT=activation, GATED=g is not None, NEED_A=bool(need_a), RTNE_BF16=_emulate_rtne(h), **meta)
     return a, dh, dg
@@ -273,7 +273,7 @@ def _dropout(y, residual, seed, p, index_base=0):
     out = _new(y)
     if y.numel() > 0:
         grid, meta = _launch(y.numel())
-        wrap_triton(_dropout_fwd_kernel)[grid](
+        launch(wrap_triton(_dropout_fwd_kernel), grid,
             y, residual, seed.reshape(1), out, y.numel(), index_base, _dropout_threshold(p), _dropout_scale(p),
             HAS_RESIDUAL=residual is not None, APPLY=p > 0.0, RTNE_BF16=_emulate_rtne(y), **meta)
     return out

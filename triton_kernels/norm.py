@@ -11,8 +11,6 @@ are not requested come back as empty tensors (``numel() == 0``) of the dtype the
 
 Registration (``triton_op`` on CUDA, ``custom_op`` under the interpreter) and the output cast: ``._common``.
 """
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -21,12 +19,13 @@ from torch.library import wrap_triton  # a bare name: triton_op's kernel discove
 from ckpt_ops import _meta  # the fake implementations, shared with the extension's ops
 
 from ._common import DTYPES as _DTYPES
-from ._common import _cast_out, _emulate_rtne, _interpreted, _register  # noqa: F401  (_interpreted: tests)
+from ._common import _cast_out, _emulate_rtne, _interpreted, _register, device_limits, launch  # noqa: F401  (_interpreted: tests)
 
 # Widest row kept in registers in one block. The backward holds about five fp32 vectors of BLOCK_N elements
 # per program (x, dy, w, dweight and dbias accumulators) and everything is computed in fp32 whatever the
 # input dtype, so the cap is in elements, not bytes: 8192 elements with 16 warps is 16 fp32 values per
-# thread per vector (~80 registers), well under the 255-register limit; 16384 would start to spill.
+# thread per vector (~80 registers + addressing: budgeted at 136, ``_bwd_regs``; measured 118-126), under
+# the 255-register limit but one 512-thread program per SM; 16384 would start to spill.
 # Wider rows take the column-block loop (re-reads x from L2). Tests lower it to exercise that loop.
 _MAX_BLOCK_N = 8192
 
@@ -248,18 +247,29 @@ def _num_warps(block_n):
     return max(1, min(block_n // 256, 16))
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index):
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+def _bwd_regs(block_n):
+    """Registers per thread the backward is budgeted for: about five fp32 vectors of BLOCK_N / threads
+    elements each (x, dy, w and the dweight / dbias accumulators) plus ~56 for addresses, row state and the
+    reductions, rounded up to the allocation granule of 8. ``._aot`` checks every compiled backward stays
+    within it (docs/gpu_resources.md)."""
+    per_thread = max(1, block_n // (32 * _num_warps(block_n)))
+    return min(256, -(-(56 + 5 * per_thread) // 8) * 8)
 
 
-def _bwd_programs(m, device):
-    """Backward grid size G. CUDA: two programs per SM fills the GPU while keeping the (G, N) partial buffers
-    and their final sum small. CPU (interpreter): 4, so tests see several programs with several rows each."""
-    if device.type == "cuda":
-        target = 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    else:
-        target = 4
+def _bwd_programs_per_sm(block_n, limits):
+    """Programs resident per SM, 1 or 2: two when the register file and the thread limit hold two (more
+    programs only grow the (G, N) partial buffers and their final sum), else one. E.g. 16 warps at
+    BLOCK_N 8192 budget 136 registers: 512 threads x 136 > 65536 / 2, so one program per SM."""
+    threads = 32 * _num_warps(block_n)
+    fit = min(limits.regs_per_sm // (threads * _bwd_regs(block_n)), limits.max_threads_per_sm // threads)
+    return max(1, min(2, fit))
+
+
+def _bwd_programs(m, block_n, limits):
+    """Backward grid size G. GPU: SMs x ``_bwd_programs_per_sm`` fills the GPU while keeping the (G, N)
+    partial buffers and their final sum small. CPU (interpreter): 4, so tests see several programs with
+    several rows each."""
+    target = 4 if limits is None else limits.sm_count * _bwd_programs_per_sm(block_n, limits)
     return max(1, min(m, target))
 
 
@@ -302,7 +312,7 @@ def _norm_fwd(x, weight, bias, eps, is_rms):
     rstd = torch.empty(m, dtype=torch.float32, device=x.device)
     if m > 0:
         block_n = _block_n(n)
-        wrap_triton(_norm_fwd_kernel)[(m,)](
+        launch(wrap_triton(_norm_fwd_kernel), (m,),
             x, y, weight, bias, mean, rstd, n, eps,
             IS_RMS=is_rms, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
             ONE_BLOCK=n <= block_n, BLOCK_N=block_n, RTNE_BF16=_emulate_rtne(x), num_warps=_num_warps(block_n),
@@ -331,14 +341,16 @@ def _norm_bwd(dy, x, weight, mean, rstd, need_dx, need_dw, need_db, is_rms):
         return dx, dweight, dbias
     block_n = _block_n(n)
     one_block = n <= block_n
-    rows_per_program = triton.cdiv(m, _bwd_programs(m, dev))
+    if not one_block:  # the column loop: half the cap (its accumulators + a chunk spilled at 8192, sm_86/89)
+        block_n //= 2
+    rows_per_program = triton.cdiv(m, _bwd_programs(m, block_n, device_limits(dev)))
     grid = triton.cdiv(m, rows_per_program)  # <= G, and no program without rows
     # One block: each program stores its whole partial row once, so no zero-fill is needed. Column loop:
     # partials are accumulated by read-modify-write and must start at zero.
     alloc = torch.empty if one_block else torch.zeros
     dw_part = alloc((grid, n), dtype=torch.float32, device=dev) if need_dw else None
     db_part = alloc((grid, n), dtype=torch.float32, device=dev) if need_db else None
-    wrap_triton(_norm_bwd_kernel)[(grid,)](
+    launch(wrap_triton(_norm_bwd_kernel), (grid,),
         dy, x, weight, mean, rstd, dx if need_dx else None, dw_part, db_part,
         m, n, rows_per_program,
         IS_RMS=is_rms, HAS_WEIGHT=weight is not None,

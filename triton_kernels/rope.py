@@ -33,7 +33,7 @@ from torch.library import wrap_triton  # a bare name: triton_op's kernel discove
 
 from ckpt_ops import _meta
 
-from ._common import DTYPES, _cast_out, _emulate_rtne, _interpreted, _register  # noqa: F401  (_interpreted: tests)
+from ._common import DTYPES, _cast_out, _emulate_rtne, _interpreted, _register, launch  # noqa: F401  (_interpreted: tests)
 
 # Memory-bound: a program owns BLOCK_S rows of one sequence, loads their cos/sin once and walks the H + KV
 # rotated heads, ~1024 elements (BLOCK_S x hd/2 pairs) per head step, 4 warps. Tables are read once per row.
@@ -115,7 +115,7 @@ def rope_(qkv, cos, sin, num_heads, num_kv_heads, inverse):
     block_half = triton.next_power_of_2(half)
     block_s = max(1, min(_TILE_ELEMS // block_half, triton.next_power_of_2(s)))
     stride_cb = cos.stride(0) if cos.shape[0] > 1 else 0
-    wrap_triton(_rope_kernel)[(triton.cdiv(s, block_s), b)](
+    launch(wrap_triton(_rope_kernel), (triton.cdiv(s, block_s), b),
         qkv, cos, sin, s, half, num_heads + num_kv_heads,
         qkv.stride(0), qkv.stride(1), stride_cb, cos.stride(1),
         INVERSE=bool(inverse), BLOCK_S=block_s, BLOCK_HALF=block_half, RTNE_BF16=_emulate_rtne(qkv),
