@@ -104,12 +104,12 @@ def _plan(cfg: AttnConfig, need) -> _Plan:
     return _Plan(up, o, qkv, n, cfg.norm is not None and dn, dn)
 
 
-def _tables(cfg: AttnConfig, cos, sin, seq_len: int, head_dim: int, device):
+def _tables(cfg: AttnConfig, cos, sin, seq_len: int, head_dim: int, device, dtype=torch.float32):
     """RoPE tables: the caller's (positions of a converted model) or, for the standalone module,
     positions 0..S-1 rebuilt from rope_theta (deterministic, so forward and backward agree)."""
     if cos is not None:
         return cos, sin
-    return _ref.rope_tables(seq_len, head_dim, cfg.rope_theta, device)
+    return _ref.rope_tables(seq_len, head_dim, cfg.rope_theta, device, dtype)
 
 
 # The QKV projection is either packed (wq = the whole ((H+2KV)*hd, D) weight, wk = wv = None;
@@ -153,7 +153,7 @@ def segment_forward(cfg: AttnConfig, x: Tensor, p: dict, key_mask, cos, sin, see
     qkv = _qkv_linear(mm(cfg, n), p).view(b, s, -1)
     if cfg.rope:
         hd = qkv.shape[-1] // (cfg.num_heads + 2 * cfg.num_kv_heads)
-        c, sn = _tables(cfg, cos, sin, s, hd, x.device)
+        c, sn = _tables(cfg, cos, sin, s, hd, x.device, _ref.acc_dtype(qkv.dtype))
         k("rope_")(qkv, c, sn, cfg.num_heads, cfg.num_kv_heads, False)
     o, lse = k("attention_fwd")(qkv, key_mask, cfg.num_heads, cfg.num_kv_heads, cfg.causal, cfg.scale)
     out = output_projection(cfg, x, o, p["wo"], p["bo"], seed)
@@ -222,7 +222,7 @@ def segment_replay(cfg: AttnConfig, plan: _Plan, t: dict, shape) -> dict:
         qkv = _qkv_linear(mm(cfg, t["n"]), t).view(b, s, -1)
         if cfg.rope:  # in place on our own replayed buffer, never on a kept tensor
             c, sn = _tables(cfg, t["cos"], t["sin"], s, qkv.shape[-1] // (cfg.num_heads + 2 * cfg.num_kv_heads),
-                            qkv.device)
+                            qkv.device, _ref.acc_dtype(qkv.dtype))
             k("rope_")(qkv, c, sn, cfg.num_heads, cfg.num_kv_heads, False)
         t["qkv"] = qkv
     if t["o"] is None:
@@ -255,7 +255,7 @@ def segment_backward(cfg: AttnConfig, plan: _Plan, need, dout: Tensor, t: dict, 
                               cfg.causal, cfg.scale)
     if cfg.rope:  # RoPE's transpose, in place on the fresh gradient
         c, sn = _tables(cfg, t["cos"], t["sin"], s, dqkv.shape[-1] // (cfg.num_heads + 2 * cfg.num_kv_heads),
-                        dqkv.device)
+                        dqkv.device, _ref.acc_dtype(dqkv.dtype))
         k("rope_")(dqkv, c, sn, cfg.num_heads, cfg.num_kv_heads, True)
     n = mm(cfg, t["n"]) if t["n"] is not None else None
     dn = _qkv_backward(cfg, dqkv.view(b * s, -1), n, t, need, grads, plan.dn)

@@ -250,11 +250,12 @@ def dropout_bwd(dout: Tensor, seed: Tensor, p: float) -> Tensor:
 # fused QKV projection, rows [q heads | k heads | v heads]; o is (B, S, H * hd) contiguous (feeds
 # the output projection without a copy); lse is (B, H, S) fp32 (fp64 for fp64 qkv). Query head h reads key/value head
 # h // (H // KV) (grouped-query attention, K/V never repeated in memory by the kernels).
-def rope_tables(seq_len: int, head_dim: int, theta: float, device: torch.device) -> Tuple[Tensor, Tensor]:
-    """(cos, sin) of shape (S, head_dim // 2), fp32, positions 0..S-1, frequencies
-    theta ** (-2i / head_dim): the "rotate half" convention of Llama-family models."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
-    ang = torch.arange(seq_len, dtype=torch.int64, device=device).float()[:, None] * inv_freq[None, :]
+def rope_tables(seq_len: int, head_dim: int, theta: float, device: torch.device,
+                dtype: torch.dtype = torch.float32) -> Tuple[Tensor, Tensor]:
+    """(cos, sin) of shape (S, head_dim // 2) in `dtype` (fp32; fp64 for fp64 models), positions
+    0..S-1, frequencies theta ** (-2i / head_dim): the "rotate half" convention of Llama-family models."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).to(dtype) / head_dim))
+    ang = torch.arange(seq_len, dtype=torch.int64, device=device).to(dtype)[:, None] * inv_freq[None, :]
     return ang.cos(), ang.sin()
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import ckpt_ops
+import eager_ref
 from conftest import DEVICE, available_backends
 
 BACKENDS = available_backends("attention")
@@ -107,3 +108,31 @@ def test_sentinel_costs_no_saved_bytes(kind, level):
     _only_bias_trains(m)
     x = torch.randn(2, 3, D, device=DEVICE, dtype=torch.float64)
     assert ckpt_ops.saved_bytes(m, x) == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# fp64 at fp64 accuracy (LSE, RoPE tables and intermediates in fp64 for fp64 inputs)
+# ------------------------------------------------------------------------------------------------
+FP64_CASES = ([("attention", lv) for lv in ckpt_ops.attention.LEVELS]
+              + [(st, lv) for st in ("gpt2", "llama") for lv in ckpt_ops.block.LEVELS])
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0] != "triton"])
+@pytest.mark.parametrize("kind,level", FP64_CASES, ids=[f"{k}-{lv}" for k, lv in FP64_CASES])
+def test_fp64_attention_and_blocks_at_fp64_accuracy(backend, kind, level):
+    kw = {"rope": True, "num_kv_heads": 1} if kind == "attention" else {}
+    m = make(kind, level, backend, **kw)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    x = torch.randn(2, 5, D, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 0, 1]], device=DEVICE)
+    out = m(x, mask)
+    dy = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [x, *m.parameters()], dy)
+    ref = eager_ref.run(m, x, mask)
+    rgrads = torch.autograd.grad(ref, [x, *m.parameters()], dy)
+    names = ["x"] + [n for n, _ in m.named_parameters()]
+    for name, a, r in zip(["out"] + names, [out, *grads], [ref, *rgrads]):
+        err = float((a - r).detach().norm() / r.detach().norm().clamp_min(1e-300))
+        assert err < 1e-10, f"{name}: relative error {err:.3g} (fp64 must be fp64-accurate)"
