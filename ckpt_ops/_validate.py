@@ -18,13 +18,16 @@ def tensor(x: object, name: str) -> torch.Tensor:
     return x
 
 
-def float_tensor(x: object, name: str) -> torch.Tensor:
+def float_tensor(x: object, name: str, min_dim: int = 0) -> torch.Tensor:
+    """A floating-point tensor with at least `min_dim` dimensions. Empty tensors are allowed (a
+    (0, S, D) batch or S = 0 gives an empty result, as torch's layers do)."""
     x = tensor(x, name)
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64); "
                         f"got {x.dtype}")
-    if x.numel() == 0:
-        raise ValueError(f"{name} must not be empty; got shape {tuple(x.shape)}")
+    if x.dim() < min_dim:
+        raise ValueError(f"{name} must have at least {min_dim} dimension(s) (..., features); "
+                         f"got a {x.dim()}-d tensor of shape {tuple(x.shape)}")
     return x
 
 

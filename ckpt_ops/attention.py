@@ -150,7 +150,7 @@ def segment_forward(cfg: AttnConfig, x: Tensor, p: dict, key_mask, cos, sin, see
     b, s, d = x.shape
     x2d = x.view(b * s, d)
     n, mean, rstd = _norm_fwd(cfg, x2d, p["nw"], p["nb"])
-    qkv = _qkv_linear(mm(cfg, n), p).view(b, s, -1)
+    qkv = _rows(_qkv_linear(mm(cfg, n), p), b, s)
     if cfg.rope:
         hd = qkv.shape[-1] // (cfg.num_heads + 2 * cfg.num_kv_heads)
         c, sn = _tables(cfg, cos, sin, s, hd, x.device, _ref.acc_dtype(qkv.dtype))
@@ -158,6 +158,11 @@ def segment_forward(cfg: AttnConfig, x: Tensor, p: dict, key_mask, cos, sin, see
     o, lse = k("attention_fwd")(qkv, key_mask, cfg.num_heads, cfg.num_kv_heads, cfg.causal, cfg.scale)
     out = output_projection(cfg, x, o, p["wo"], p["bo"], seed)
     return out, {"n": n, "mean": mean, "rstd": rstd, "qkv": qkv, "o": o, "lse": lse}
+
+
+def _rows(t: Tensor, b: int, s: int) -> Tensor:
+    """(B*S, W) -> (B, S, W) view; explicit W so that B = 0 or S = 0 works."""
+    return t.view(b, s, t.shape[-1])
 
 
 def qkv_params(qkv_weight, qkv_bias) -> tuple:
@@ -172,7 +177,7 @@ def output_projection(cfg: AttnConfig, x: Tensor, o: Tensor, wo, bo, seed) -> Te
     """[x +] dropout(o @ wo^T + bo) as (B*S, D); the same kernels whether in the forward or when a
     block's backward rebuilds its MLP input, so both are bit-identical."""
     b, s, d = x.shape
-    y = residual_dtype(cfg, F.linear(o.view(b * s, -1), wo, bo), x)
+    y = residual_dtype(cfg, F.linear(o.view(b * s, o.shape[-1]), wo, bo), x)
     if seed is None:  # not kept when p == 0: the kernels still take one
         seed = torch.zeros(1, dtype=torch.int64, device=x.device)
     if cfg.p > 0.0 or cfg.residual:
@@ -219,7 +224,7 @@ def segment_replay(cfg: AttnConfig, plan: _Plan, t: dict, shape) -> dict:
     if t["n"] is None and (plan.n or (plan.norm_bwd and t["rstd"] is None)):
         t["n"], t["mean"], t["rstd"] = _norm_fwd(cfg, x2d, t["nw"], t["nb"])
     if t["qkv"] is None and plan.qkv:
-        qkv = _qkv_linear(mm(cfg, t["n"]), t).view(b, s, -1)
+        qkv = _rows(_qkv_linear(mm(cfg, t["n"]), t), b, s)
         if cfg.rope:  # in place on our own replayed buffer, never on a kept tensor
             c, sn = _tables(cfg, t["cos"], t["sin"], s, qkv.shape[-1] // (cfg.num_heads + 2 * cfg.num_kv_heads),
                             qkv.device, _ref.acc_dtype(qkv.dtype))
@@ -247,10 +252,10 @@ def segment_backward(cfg: AttnConfig, plan: _Plan, need, dout: Tensor, t: dict, 
     t = segment_replay(cfg, plan, t, shape)
     dyc = mm(cfg, dy)  # autocast: the output projection's backward GEMMs in the GEMM dtype
     if need[_IDX["wo"]]:
-        grads[_IDX["wo"]] = dyc.t() @ t["o"].view(b * s, -1)
+        grads[_IDX["wo"]] = dyc.t() @ t["o"].view(b * s, t["o"].shape[-1])
     if not plan.up:
         return grads
-    do = (dyc @ t["wo"]).view(b, s, -1)
+    do = _rows(dyc @ t["wo"], b, s)
     dqkv = k("attention_bwd")(do, t["qkv"], t["o"], t["lse"], t["key_mask"], cfg.num_heads, cfg.num_kv_heads,
                               cfg.causal, cfg.scale)
     if cfg.rope:  # RoPE's transpose, in place on the fresh gradient
@@ -258,7 +263,7 @@ def segment_backward(cfg: AttnConfig, plan: _Plan, need, dout: Tensor, t: dict, 
                         dqkv.device, _ref.acc_dtype(dqkv.dtype))
         k("rope_")(dqkv, c, sn, cfg.num_heads, cfg.num_kv_heads, True)
     n = mm(cfg, t["n"]) if t["n"] is not None else None
-    dn = _qkv_backward(cfg, dqkv.view(b * s, -1), n, t, need, grads, plan.dn)
+    dn = _qkv_backward(cfg, dqkv.view(b * s, dqkv.shape[-1]), n, t, need, grads, plan.dn)
     if not plan.dn:
         return grads
     x2d = t["x"].view(b * s, d) if t["x"] is not None else None

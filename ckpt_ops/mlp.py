@@ -95,8 +95,14 @@ def residual_dtype(cfg, y: Tensor, x: Tensor) -> Tensor:
     return y
 
 
+def _contig(t: Optional[Tensor]) -> Optional[Tensor]:
+    """The norm kernels take contiguous parameters; a strided weight (rare) is copied."""
+    return t.contiguous() if t is not None else None
+
+
 def _norm_fwd(cfg: MLPConfig, x, nw, nb):
     """(n, mean, rstd) with the backend's fused norm kernel; n = x without a norm."""
+    nw, nb = _contig(nw), _contig(nb)
     if cfg.norm == "layernorm":
         return _backend.kernel("layer_norm", cfg.backend, "fwd")(x, nw, nb, cfg.norm_eps)
     if cfg.norm == "rmsnorm":
@@ -233,6 +239,7 @@ def norm_backward(cfg, dn: Tensor, x: Tensor, nw, mean, rstd, need3, grads: list
     parameter gradients into grads[1], grads[2] when needed."""
     if cfg.norm is not None and dn.dtype != x.dtype:  # autocast: GEMM-dtype dn into the fp32 norm
         dn = dn.to(x.dtype)
+    nw = _contig(nw)
     if cfg.norm == "layernorm":
         dx, dw, db = _backend.kernel("layer_norm", cfg.backend, "bwd")(dn, x, nw, mean, rstd, *need3)
     elif cfg.norm == "rmsnorm":
@@ -349,7 +356,7 @@ def mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: T
 def prepare(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, activation, gate_weight, gate_bias, norm,
             norm_weight, norm_bias, norm_eps, dropout, training, residual, recompute, backend) -> MLPConfig:
     """Validate the arguments of :func:`mlp` (raising before any kernel runs); return the config."""
-    x = _validate.float_tensor(x, "x")
+    x = _validate.float_tensor(x, "x", min_dim=1)
     if not isinstance(activation, str) or activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}; got {activation!r}")
     if recompute not in LEVELS:

@@ -124,7 +124,7 @@ def _prepare(input, normalized_shape, params, names):
     n = 1
     for s in shape:
         n *= s
-    params = [p.reshape(n) if p is not None else None for p in params]
+    params = [p.reshape(n).contiguous() if p is not None else None for p in params]  # strided weights too
     return x, x.reshape(-1, n).contiguous(), params
 
 

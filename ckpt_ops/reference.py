@@ -327,7 +327,7 @@ def attention_fwd(qkv: Tensor, key_mask: Optional[Tensor], num_heads: int, num_k
     p = torch.exp(scores - torch.where(empty, torch.zeros_like(lse), lse)[..., None])
     o = (p @ v).transpose(1, 2).reshape(b, s, num_heads * hd)
     lse = torch.where(empty, torch.full_like(lse, float("inf")), lse)
-    return o.to(qkv.dtype), lse.to(acc)
+    return o.to(qkv.dtype).contiguous(), lse.to(acc)  # contiguous also for head_dim 1
 
 
 def attention_bwd(do: Tensor, qkv: Tensor, o: Tensor, lse: Tensor, key_mask: Optional[Tensor], num_heads: int,
@@ -357,5 +357,5 @@ def attention_bwd(do: Tensor, qkv: Tensor, o: Tensor, lse: Tensor, key_mask: Opt
     dk = (ds.transpose(-1, -2) @ q) * scale
     dk = dk.view(b, num_kv_heads, rep, s, hd).sum(2)
     dv = dv.view(b, num_kv_heads, rep, s, hd).sum(2)
-    dqkv = torch.cat([t.transpose(1, 2).reshape(b, s, -1) for t in (dq, dk, dv)], dim=-1)
+    dqkv = torch.cat([t.transpose(1, 2).reshape(b, s, t.shape[1] * t.shape[3]) for t in (dq, dk, dv)], dim=-1)
     return dqkv.to(qkv.dtype)

@@ -136,3 +136,72 @@ def test_fp64_attention_and_blocks_at_fp64_accuracy(backend, kind, level):
     for name, a, r in zip(["out"] + names, [out, *grads], [ref, *rgrads]):
         err = float((a - r).detach().norm() / r.detach().norm().clamp_min(1e-300))
         assert err < 1e-10, f"{name}: relative error {err:.3g} (fp64 must be fp64-accurate)"
+
+
+# ------------------------------------------------------------------------------------------------
+# Drop-in edge cases
+# ------------------------------------------------------------------------------------------------
+EMPTY_KINDS = ["layernorm", "rmsnorm", "mlp", "attention", "gpt2", "llama"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(0, 3, D), (2, 0, D)], ids=["batch0", "seq0"])
+@pytest.mark.parametrize("kind", EMPTY_KINDS)
+def test_empty_inputs_give_empty_results_and_zero_grads(backend, shape, kind):
+    m = make(kind, "full", backend, dtype=torch.float32)
+    x = torch.randn(*shape, device=DEVICE, requires_grad=True)
+    out = m(x)
+    ref = eager_ref.run(m, x)
+    assert out.shape == ref.shape == x.shape
+    grads = torch.autograd.grad(out.sum(), [x, *m.parameters()], allow_unused=True)
+    rgrads = torch.autograd.grad(ref.sum(), [x, *m.parameters()], allow_unused=True)
+    for g, r in zip(grads, rgrads):
+        r = torch.zeros_like(r) if r is not None else None
+        assert g is not None and r is not None and g.shape == r.shape and torch.equal(g, r)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["layernorm", "rmsnorm", "mlp", "attention"])
+def test_strided_norm_weight(backend, kind):
+    m = make(kind, "full", backend)
+    norm = m if kind in ("layernorm", "rmsnorm") else m.norm
+    norm.weight = torch.nn.Parameter(torch.randn(D, 3, dtype=torch.float64, device=DEVICE)[:, 1])
+    assert not norm.weight.is_contiguous()
+    x = torch.randn(2, 3, D, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    grads = torch.autograd.grad(m(x).square().sum(), [x, *m.parameters()])
+    rgrads = torch.autograd.grad(eager_ref.run(m, x).square().sum(), [x, *m.parameters()])
+    for g, r in zip(grads, rgrads):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_head_dim_one(backend, causal):
+    torch.manual_seed(1)
+    m = ckpt_ops.nn.Attention(4, 4, causal=causal, num_kv_heads=2).to(DEVICE, torch.float64)
+    m.backend = backend
+    x = torch.randn(2, 3, 4, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    grads = torch.autograd.grad(m(x).square().sum(), [x, *m.parameters()])
+    rgrads = torch.autograd.grad(eager_ref.run(m, x).square().sum(), [x, *m.parameters()])
+    tol = 1e-10 if backend != "triton" else 1e-5
+    for g, r in zip(grads, rgrads):
+        torch.testing.assert_close(g, r.to(g.dtype), rtol=tol, atol=tol)
+
+
+def test_zero_dim_input_to_mlp_is_a_clear_error():
+    m = ckpt_ops.nn.MLP(1, 4)
+    with pytest.raises(ValueError, match=r"x must have at least 1 dimension"):
+        m(torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("make_module", [lambda: ckpt_ops.nn.MLP(8, 16), lambda: ckpt_ops.nn.Attention(8, 2),
+                                         lambda: ckpt_ops.nn.TransformerBlock(8, 2)], ids=["mlp", "attn", "block"])
+def test_invalid_recompute_assigned_later_raises_at_assignment(make_module):
+    m = make_module()
+    m.recompute = "none"
+    assert m.recompute == "none"
+    with pytest.raises(ValueError, match="recompute must be one of"):
+        m.recompute = "bogus"
+    assert m.recompute == "none"
+    with pytest.raises(ValueError, match="recompute must be one of"):
+        type(m)(8, 2, recompute="bogus") if not isinstance(m, ckpt_ops.nn.MLP) else ckpt_ops.nn.MLP(8, 2, recompute="x")
