@@ -73,3 +73,12 @@ def eps(value: object, name: str = "eps") -> float:
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be a finite number >= 0; got {value}")
     return value
+
+
+def backend_dtype(backend: str, x: torch.Tensor, name: str) -> None:
+    """The chosen backend can compute in x's dtype (checked right after backend selection, before
+    any kernel runs): the Triton kernels compute in fp32 and take no float64."""
+    if backend == "triton" and x.dtype == torch.float64:
+        raise TypeError(f"{name} is float64, which the triton backend does not support (its kernels compute in "
+                        f"fp32); use backend='cuda', 'cpu' or 'reference' for fp64 accuracy, or cast {name} to "
+                        f"float32")

@@ -433,6 +433,7 @@ def prepare(x, qkv_weight, qkv_bias, out_weight, out_bias, *, num_heads, num_kv_
             else _validate.eps(norm_eps, "norm_eps")
     p = float(dropout) if training else 0.0
     be = _backend.resolve("attention", x.device, backend)
+    _validate.backend_dtype(be, x, "x")
     cfg = AttnConfig(h, kv, bool(causal), float(scale) if scale is not None else hd ** -0.5, norm, eps, bool(rope),
                      float(rope_theta), p, bool(residual), recompute, be,
                      (h * hd, kv * hd, kv * hd) if split else None, _amp.gemm_dtype(x))

@@ -392,4 +392,5 @@ def prepare(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, activation, gate_w
             eps = _validate.eps(norm_eps, "norm_eps")
     p = float(dropout) if training else 0.0
     be = _backend.resolve("mlp", x.device, backend)
+    _validate.backend_dtype(be, x, "x")
     return MLPConfig(norm, eps, code, gated, p, bool(residual), recompute, be, _amp.gemm_dtype(x))

@@ -149,6 +149,7 @@ def layer_norm(input: Tensor, normalized_shape: Union[int, Sequence[int]], weigh
     eps = _validate.eps(eps)
     x, x2d, (w, b) = _prepare(input, normalized_shape, [weight, bias], ["weight", "bias"])
     be = _backend.resolve("layer_norm", x.device, backend)
+    _validate.backend_dtype(be, x, "input")
     with _amp.off(x.device.type):  # the kernels see exactly the dtypes chosen above
         if _needs_graph(x2d, w, b):
             y = LayerNormFunction.apply(x2d, w, b, eps, be)
@@ -174,6 +175,7 @@ def rms_norm(input: Tensor, normalized_shape: Union[int, Sequence[int]], weight:
     x, x2d, (w,) = _prepare(input, normalized_shape, [weight], ["weight"])
     eps = default_rms_eps(x.dtype) if eps is None else _validate.eps(eps)
     be = _backend.resolve("rms_norm", x.device, backend)
+    _validate.backend_dtype(be, x, "input")
     with _amp.off(x.device.type):
         if _needs_graph(x2d, w):
             y = RMSNormFunction.apply(x2d, w, eps, be)

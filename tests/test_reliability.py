@@ -205,3 +205,16 @@ def test_invalid_recompute_assigned_later_raises_at_assignment(make_module):
     assert m.recompute == "none"
     with pytest.raises(ValueError, match="recompute must be one of"):
         type(m)(8, 2, recompute="bogus") if not isinstance(m, ckpt_ops.nn.MLP) else ckpt_ops.nn.MLP(8, 2, recompute="x")
+
+
+@pytest.mark.parametrize("kind", EMPTY_KINDS)
+def test_triton_rejects_fp64_before_any_kernel(kind, monkeypatch):
+    from ckpt_ops import _backend
+    if _backend._unavailable_reason("attention", "triton", DEVICE.type) is not None:
+        pytest.skip("triton backend unavailable")
+    m = make(kind, "full", "triton")
+    x = torch.randn(2, 3, D, dtype=torch.float64, device=DEVICE)
+    _backend.resolve("attention", DEVICE, "triton")  # kernels loaded; now no kernel may run
+    monkeypatch.setattr(_backend, "kernel", lambda *a, **k: pytest.fail("a kernel ran before validation"))
+    with pytest.raises(TypeError, match=r"(x|input) is float64, which the triton backend does not support"):
+        m(x)
