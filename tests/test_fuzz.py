@@ -15,14 +15,16 @@ compares the output and the gradient of x and of every parameter:
   arithmetic (the weight gradient of a width-1 LayerNorm: xhat = x - mean = 0) has fp64 rounding
   noise as its "truth";
 * fp32: error against the fp64 truth at most 2x eager fp32's own error + 2e-6 (DESIGN §4), so
-  ill-conditioned tiny norms are judged fairly.
+  ill-conditioned tiny norms are judged fairly; where eager fp32 itself has under two correct
+  digits (error > 1e-2: e.g. dx of a width-1 RMSNorm, 1 - x^2/(x^2 + eps) in fp32) both results
+  are rounding noise and a factor 2 between two noise draws is chance: the bound there is 4x.
 
 Dropout: the keep mask is regenerated from the Philox seed the module drew (the same
 torch.manual_seed replayed, then ``ckpt_ops.reference.dropout_keep_mask``). That helper is shared
 code of a backend under test, used here ONLY to recover the mask; the eager side applies the mask
 itself, so a wrong mask use, scaling or gradient in any backend still shows.
 
-``CKPT_OPS_FUZZ=N`` runs N configurations per backend (default 200; 16 under the Triton
+``CKPT_OPS_FUZZ=N`` runs N configurations per backend (default 200; 40 under the Triton
 interpreter). A failure prints every failing configuration, one line each.
 """
 import copy
@@ -39,7 +41,7 @@ from ckpt_ops import reference as _philox  # the dropout mask only (see the modu
 from conftest import DEVICE, available_backends, rel_err
 
 N = int(os.environ.get("CKPT_OPS_FUZZ", "200"))
-N_TRITON = int(os.environ.get("CKPT_OPS_FUZZ", "16"))
+N_TRITON = int(os.environ.get("CKPT_OPS_FUZZ", "40"))
 KINDS = ["layernorm", "rmsnorm", "mlp", "attention", "gpt2", "llama"]
 ACTS = ["gelu", "gelu_tanh", "relu", "silu", "swiglu", "geglu"]
 
@@ -172,7 +174,7 @@ def check(c: dict, backend: str):
             if err > max(1e-10, 4 * e32 * 2.0**-29) and not noise:
                 bad.append(f"{name}: fp64 rel err {err:.3g} > max(1e-10, 4 x eager fp32 {e32:.3g} x 2**-29)")
         else:
-            if err > 2 * e32 + 2e-6:
+            if err > (2 * e32 + 2e-6 if e32 <= 1e-2 else 4 * e32):
                 bad.append(f"{name}: fp32 rel err {err:.3g} > 2 x eager fp32 {e32:.3g} + 2e-6")
     return bad
 
