@@ -55,6 +55,8 @@ def _autocast_mix(p: torch.Tensor, like: torch.Tensor) -> bool:
 def normalized_shape(shape: Union[int, Sequence[int], torch.Size], x: torch.Tensor) -> Tuple[int, ...]:
     if isinstance(shape, numbers.Integral) and not isinstance(shape, bool):
         shape = (int(shape),)
+    if isinstance(shape, (str, bytes)) or isinstance(shape, bool):  # "8" would iterate to (8,)
+        raise TypeError(f"normalized_shape must be an int or a sequence of ints; got {shape!r}")
     try:
         shape = tuple(int(s) for s in shape)  # type: ignore[union-attr]
     except TypeError:
