@@ -11,6 +11,7 @@ Examples:
   python -m bench --op attention --quick          # attention sublayer, S 512 and 2048
   python -m bench --op mlp --modes forward backward step --no-compile
   python -m bench --op all --quick
+  python -m bench --soak                          # 1,000 steps per level: memory trend, bitwise repro
   python -m bench --device cpu --triton-smoke     # Triton interpreter at tiny sizes: the CUDA
                                                   # reporting path (roofline), correctness only
 """
@@ -80,6 +81,9 @@ def parse(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    if "--soak" in (sys.argv[1:] if argv is None else argv):  # long-run check: bench/soak.py
+        from bench import soak
+        return soak.main(argv)
     args = parse(argv)
     import torch
 
