@@ -41,7 +41,8 @@ def _alloc_bytes(device: torch.device) -> int:
     return total
 
 
-def run_level(level: str, steps: int, device, backend, seed: int = 0, sample_every: int = 100):
+def run_level(level: str, steps: int, device, backend, seed: int = 0, alloc: bool = True):
+    sample_every = max(1, min(100, steps // 10))
     torch.manual_seed(seed)
     blk = ckpt_ops.nn.TransformerBlock(32, 4, style="gpt2", recompute=level, dropout=0.1).to(device)
     blk.backend = backend
@@ -55,10 +56,10 @@ def run_level(level: str, steps: int, device, backend, seed: int = 0, sample_eve
         loss = blk(x, mask).square().mean()
         loss.backward()
         opt.step()
-        losses.append(loss.detach())
+        losses.append(loss.item())  # a Python float: exact for fp32, and no tensor kept alive
         if step % sample_every == 0:
-            samples.append((step, _rss_mib(), _alloc_bytes(device)))
-    return torch.stack(losses), [p.detach().clone() for p in blk.parameters()], samples
+            samples.append((step, _rss_mib(), _alloc_bytes(device) if alloc else 0))
+    return losses, [p.detach().clone() for p in blk.parameters()], samples
 
 
 def main(argv=None) -> int:
@@ -67,6 +68,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--device", default=None)
     p.add_argument("--backend", default=None, help="ckpt_ops backend (default: auto)")
+    p.add_argument("--levels", nargs="+", choices=ckpt_ops.block.LEVELS, default=list(ckpt_ops.block.LEVELS))
+    p.add_argument("--no-alloc", action="store_true", help="skip the allocator samples (a gc scan on CPU)")
     args = p.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     print(f"# soak: {args.steps} steps per level, gpt2 block d32 h4 B2 S16, dropout 0.1, {device}, "
@@ -74,12 +77,12 @@ def main(argv=None) -> int:
     print(f"{'level':<10} {'RSS MiB first->last':>20} {'RSS MiB/1k steps':>17} {'alloc B first->last':>22} "
           f"{'bitwise':>8} {'s/run':>6}")
     ok = True
-    for level in ckpt_ops.block.LEVELS:
+    for level in args.levels:
         t0 = time.time()
-        l1, p1, s1 = run_level(level, args.steps, device, args.backend)
+        l1, p1, s1 = run_level(level, args.steps, device, args.backend, alloc=not args.no_alloc)
         dt = time.time() - t0
-        l2, p2, _ = run_level(level, args.steps, device, args.backend)
-        same = torch.equal(l1, l2) and all(torch.equal(a, b) for a, b in zip(p1, p2))
+        l2, p2, _ = run_level(level, args.steps, device, args.backend, alloc=False)
+        same = l1 == l2 and all(torch.equal(a, b) for a, b in zip(p1, p2))
         first, last = s1[1] if len(s1) > 1 else s1[0], s1[-1]  # first sample after one of warm-up
         slope = (last[1] - first[1]) / max(last[0] - first[0], 1) * 1000
         ok &= same and last[2] <= first[2]

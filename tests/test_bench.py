@@ -163,3 +163,10 @@ def test_paired_ratios_cancel_a_slow_spell():
     skewed_base, skewed_ours = [1.0, 1.5, 1.5], [0.9, 0.9 * 1.5, 0.9]
     assert sorted(paired_ratios(skewed_ours, skewed_base))[1] == pytest.approx(0.9)
     assert sorted(skewed_ours)[1] / sorted(skewed_base)[1] != pytest.approx(0.9)
+
+
+def test_soak_runs_and_is_reproducible(capsys):
+    from bench import soak
+    assert soak.main(["--soak", "--steps", "3", "--backend", "reference", "--no-alloc", "--levels", "full", "none"]) == 0
+    out = capsys.readouterr().out
+    assert "soak: OK" in out and out.count("True") == 2
