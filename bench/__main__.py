@@ -13,6 +13,7 @@ Examples:
   python -m bench --op all --quick
   python -m bench --op planner --batch 1          # budget sweep: plans vs compile budgets and every-n-layers
   python -m bench --op segments --batch 1         # outer segments of k blocks on 4..32-block stacks
+  python -m bench --soak                          # 1,000 steps per level: memory trend, bitwise repro
   python -m bench --device cpu --triton-smoke     # Triton interpreter at tiny sizes: the CUDA
                                                   # reporting path (roofline), correctness only
 """
@@ -89,6 +90,9 @@ def parse(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    if "--soak" in (sys.argv[1:] if argv is None else argv):  # long-run check: bench/soak.py
+        from bench import soak
+        return soak.main(argv)
     args = parse(argv)
     import torch
 

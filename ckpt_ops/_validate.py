@@ -18,13 +18,16 @@ def tensor(x: object, name: str) -> torch.Tensor:
     return x
 
 
-def float_tensor(x: object, name: str) -> torch.Tensor:
+def float_tensor(x: object, name: str, min_dim: int = 0) -> torch.Tensor:
+    """A floating-point tensor with at least `min_dim` dimensions. Empty tensors are allowed (a
+    (0, S, D) batch or S = 0 gives an empty result, as torch's layers do)."""
     x = tensor(x, name)
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64); "
                         f"got {x.dtype}")
-    if x.numel() == 0:
-        raise ValueError(f"{name} must not be empty; got shape {tuple(x.shape)}")
+    if x.dim() < min_dim:
+        raise ValueError(f"{name} must have at least {min_dim} dimension(s) (..., features); "
+                         f"got a {x.dim()}-d tensor of shape {tuple(x.shape)}")
     return x
 
 
@@ -52,6 +55,8 @@ def _autocast_mix(p: torch.Tensor, like: torch.Tensor) -> bool:
 def normalized_shape(shape: Union[int, Sequence[int], torch.Size], x: torch.Tensor) -> Tuple[int, ...]:
     if isinstance(shape, numbers.Integral) and not isinstance(shape, bool):
         shape = (int(shape),)
+    if isinstance(shape, (str, bytes)) or isinstance(shape, bool):  # "8" would iterate to (8,)
+        raise TypeError(f"normalized_shape must be an int or a sequence of ints; got {shape!r}")
     try:
         shape = tuple(int(s) for s in shape)  # type: ignore[union-attr]
     except TypeError:
@@ -70,3 +75,12 @@ def eps(value: object, name: str = "eps") -> float:
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be a finite number >= 0; got {value}")
     return value
+
+
+def backend_dtype(backend: str, x: torch.Tensor, name: str) -> None:
+    """The chosen backend can compute in x's dtype (checked right after backend selection, before
+    any kernel runs): the Triton kernels compute in fp32 and take no float64."""
+    if backend == "triton" and x.dtype == torch.float64:
+        raise TypeError(f"{name} is float64, which the triton backend does not support (its kernels compute in "
+                        f"fp32); use backend='cuda', 'cpu' or 'reference' for fp64 accuracy, or cast {name} to "
+                        f"float32")

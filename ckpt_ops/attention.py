@@ -42,7 +42,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from ckpt_ops import _amp, _backend, _validate
+from ckpt_ops import _amp, _autograd, _backend, _validate
 from ckpt_ops import reference as _ref
 from ckpt_ops.mlp import _norm_fwd, load, mm, norm_backward, residual_dropout, save
 from ckpt_ops.norm import default_rms_eps
@@ -104,12 +104,12 @@ def _plan(cfg: AttnConfig, need) -> _Plan:
     return _Plan(up, o, qkv, n, cfg.norm is not None and dn, dn)
 
 
-def _tables(cfg: AttnConfig, cos, sin, seq_len: int, head_dim: int, device):
+def _tables(cfg: AttnConfig, cos, sin, seq_len: int, head_dim: int, device, dtype=torch.float32):
     """RoPE tables: the caller's (positions of a converted model) or, for the standalone module,
     positions 0..S-1 rebuilt from rope_theta (deterministic, so forward and backward agree)."""
     if cos is not None:
         return cos, sin
-    return _ref.rope_tables(seq_len, head_dim, cfg.rope_theta, device)
+    return _ref.rope_tables(seq_len, head_dim, cfg.rope_theta, device, dtype)
 
 
 # The QKV projection is either packed (wq = the whole ((H+2KV)*hd, D) weight, wk = wv = None;
@@ -150,14 +150,19 @@ def segment_forward(cfg: AttnConfig, x: Tensor, p: dict, key_mask, cos, sin, see
     b, s, d = x.shape
     x2d = x.view(b * s, d)
     n, mean, rstd = _norm_fwd(cfg, x2d, p["nw"], p["nb"])
-    qkv = _qkv_linear(mm(cfg, n), p).view(b, s, -1)
+    qkv = _rows(_qkv_linear(mm(cfg, n), p), b, s)
     if cfg.rope:
         hd = qkv.shape[-1] // (cfg.num_heads + 2 * cfg.num_kv_heads)
-        c, sn = _tables(cfg, cos, sin, s, hd, x.device)
+        c, sn = _tables(cfg, cos, sin, s, hd, x.device, _ref.acc_dtype(qkv.dtype))
         k("rope_")(qkv, c, sn, cfg.num_heads, cfg.num_kv_heads, False)
     o, lse = k("attention_fwd")(qkv, key_mask, cfg.num_heads, cfg.num_kv_heads, cfg.causal, cfg.scale)
     out = output_projection(cfg, x, o, p["wo"], p["bo"], seed)
     return out, {"n": n, "mean": mean, "rstd": rstd, "qkv": qkv, "o": o, "lse": lse}
+
+
+def _rows(t: Tensor, b: int, s: int) -> Tensor:
+    """(B*S, W) -> (B, S, W) view; explicit W so that B = 0 or S = 0 works."""
+    return t.view(b, s, t.shape[-1])
 
 
 def qkv_params(qkv_weight, qkv_bias) -> tuple:
@@ -174,7 +179,7 @@ def output_projection(cfg: AttnConfig, x: Tensor, o: Tensor, wo, bo, seed) -> Te
     b, s, d = x.shape
     if seed is None:  # not kept when p == 0: the kernels still take one
         seed = torch.zeros(1, dtype=torch.int64, device=x.device)
-    return residual_dropout(cfg, F.linear(o.view(b * s, -1), wo, bo), x.view(b * s, d), seed)
+    return residual_dropout(cfg, F.linear(o.view(b * s, o.shape[-1]), wo, bo), x.view(b * s, d), seed)
 
 
 def segment_keep(cfg: AttnConfig, plan: _Plan, x, p: dict, st: dict, key_mask, cos, sin, seed) -> dict:
@@ -215,10 +220,10 @@ def segment_replay(cfg: AttnConfig, plan: _Plan, t: dict, shape) -> dict:
     if t["n"] is None and (plan.n or (plan.norm_bwd and t["rstd"] is None)):
         t["n"], t["mean"], t["rstd"] = _norm_fwd(cfg, x2d, t["nw"], t["nb"])
     if t["qkv"] is None and plan.qkv:
-        qkv = _qkv_linear(mm(cfg, t["n"]), t).view(b, s, -1)
+        qkv = _rows(_qkv_linear(mm(cfg, t["n"]), t), b, s)
         if cfg.rope:  # in place on our own replayed buffer, never on a kept tensor
             c, sn = _tables(cfg, t["cos"], t["sin"], s, qkv.shape[-1] // (cfg.num_heads + 2 * cfg.num_kv_heads),
-                            qkv.device)
+                            qkv.device, _ref.acc_dtype(qkv.dtype))
             k("rope_")(qkv, c, sn, cfg.num_heads, cfg.num_kv_heads, False)
         t["qkv"] = qkv
     if t["o"] is None:
@@ -243,18 +248,18 @@ def segment_backward(cfg: AttnConfig, plan: _Plan, need, dout: Tensor, t: dict, 
     t = segment_replay(cfg, plan, t, shape)
     dyc = mm(cfg, dy)  # autocast: the output projection's backward GEMMs in the GEMM dtype
     if need[_IDX["wo"]]:
-        grads[_IDX["wo"]] = dyc.t() @ t["o"].view(b * s, -1)
+        grads[_IDX["wo"]] = dyc.t() @ t["o"].view(b * s, t["o"].shape[-1])
     if not plan.up:
         return grads
-    do = (dyc @ t["wo"]).view(b, s, -1)
+    do = _rows(dyc @ t["wo"], b, s)
     dqkv = k("attention_bwd")(do, t["qkv"], t["o"], t["lse"], t["key_mask"], cfg.num_heads, cfg.num_kv_heads,
                               cfg.causal, cfg.scale)
     if cfg.rope:  # RoPE's transpose, in place on the fresh gradient
         c, sn = _tables(cfg, t["cos"], t["sin"], s, dqkv.shape[-1] // (cfg.num_heads + 2 * cfg.num_kv_heads),
-                        dqkv.device)
+                        dqkv.device, _ref.acc_dtype(dqkv.dtype))
         k("rope_")(dqkv, c, sn, cfg.num_heads, cfg.num_kv_heads, True)
     n = mm(cfg, t["n"]) if t["n"] is not None else None
-    dn = _qkv_backward(cfg, dqkv.view(b * s, -1), n, t, need, grads, plan.dn)
+    dn = _qkv_backward(cfg, dqkv.view(b * s, dqkv.shape[-1]), n, t, need, grads, plan.dn)
     if not plan.dn:
         return grads
     x2d = t["x"].view(b * s, d) if t["x"] is not None else None
@@ -280,6 +285,7 @@ class AttentionFunction(torch.autograd.Function):
         return out.view(x.shape)
 
     @staticmethod
+    @_autograd.once_differentiable("Attention")
     def backward(ctx, dout):
         b, s, d = ctx.shape
         with _amp.off(dout.device.type):  # backward() called inside an autocast region
@@ -423,6 +429,7 @@ def prepare(x, qkv_weight, qkv_bias, out_weight, out_bias, *, num_heads, num_kv_
             else _validate.eps(norm_eps, "norm_eps")
     p = float(dropout) if training else 0.0
     be = _backend.resolve("attention", x.device, backend)
+    _validate.backend_dtype(be, x, "x")
     cfg = AttnConfig(h, kv, bool(causal), float(scale) if scale is not None else hd ** -0.5, norm, eps, bool(rope),
                      float(rope_theta), p, bool(residual), recompute, be,
                      (h * hd, kv * hd, kv * hd) if split else None, _amp.gemm_dtype(x))

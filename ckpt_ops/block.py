@@ -27,7 +27,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from ckpt_ops import _amp
+from ckpt_ops import _amp, _autograd
 from ckpt_ops import attention as _attn
 from ckpt_ops import mlp as _mlp
 from ckpt_ops.mlp import load, save
@@ -91,6 +91,7 @@ class BlockFunction(torch.autograd.Function):
         return out.view(b, s, d)
 
     @staticmethod
+    @_autograd.once_differentiable("TransformerBlock")
     def backward(ctx, dout):
         with _amp.off(dout.device.type):  # backward() called inside an autocast region
             return BlockFunction._backward(ctx, dout)

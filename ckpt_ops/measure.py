@@ -34,6 +34,8 @@ def saved_bytes(fn: Callable, *args: Any, **kwargs: Any) -> int:
     a parameter of ``fn`` -- a module or a bound method of one -- or of a module/parameter passed
     as an argument). Device-independent; 0 under ``torch.no_grad()``.
     """
+    if not callable(fn):
+        raise TypeError(f"fn must be callable (a module or function); got {type(fn).__name__}")
     exclude = _param_storages(fn, args, kwargs)
     storages: Dict[Tuple[str, int], int] = {}
     keep = []  # hold the packed tensors so no storage is freed and its address reused meanwhile

@@ -47,7 +47,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from ckpt_ops import _amp, _backend, _validate
+from ckpt_ops import _amp, _autograd, _backend, _validate
 from ckpt_ops import reference as _ref
 from ckpt_ops._consts import ACTIVATIONS
 from ckpt_ops.norm import default_rms_eps
@@ -104,8 +104,14 @@ def residual_dropout(cfg, y: Tensor, x: Tensor, seed: Tensor) -> Tensor:
     return _backend.kernel("mlp", cfg.backend, "dropout_fwd")(y, x if cfg.residual else None, seed, cfg.p)
 
 
+def _contig(t: Optional[Tensor]) -> Optional[Tensor]:
+    """The norm kernels take contiguous parameters; a strided weight (rare) is copied."""
+    return t.contiguous() if t is not None else None
+
+
 def _norm_fwd(cfg: MLPConfig, x, nw, nb):
     """(n, mean, rstd) with the backend's fused norm kernel; n = x without a norm."""
+    nw, nb = _contig(nw), _contig(nb)
     if cfg.norm == "layernorm":
         return _backend.kernel("layer_norm", cfg.backend, "fwd")(x, nw, nb, cfg.norm_eps)
     if cfg.norm == "rmsnorm":
@@ -243,6 +249,7 @@ def norm_backward(cfg, dn: Tensor, x: Tensor, nw, mean, rstd, need3, grads: list
     parameter gradients into grads[1], grads[2] when needed."""
     if cfg.norm is not None and dn.dtype != x.dtype:  # autocast: GEMM-dtype dn into the fp32 norm
         dn = dn.to(x.dtype)
+    nw = _contig(nw)
     if cfg.norm == "layernorm":
         dx, dw, db = _backend.kernel("layer_norm", cfg.backend, "bwd")(dn, x, nw, mean, rstd, *need3)
     elif cfg.norm == "rmsnorm":
@@ -258,11 +265,13 @@ def norm_backward(cfg, dn: Tensor, x: Tensor, nw, mean, rstd, need3, grads: list
 def save(ctx, kept: dict) -> None:
     """ctx.save_for_backward of a dict of tensors/None (names kept on ctx, tensors saved)."""
     ctx.saved_names = tuple(kept)
-    ctx.save_for_backward(*kept.values())
+    like = next((v for v in kept.values() if v is not None), None)
+    ctx.save_for_backward(*kept.values(), _autograd.sentinel(like))
 
 
 def load(ctx) -> dict:
-    return dict(zip(ctx.saved_names, ctx.saved_tensors))
+    """The dict `save` kept; raises on a second backward (the sentinel is always saved)."""
+    return dict(zip(ctx.saved_names, _autograd.saved(ctx)))
 
 
 class MLPFunction(torch.autograd.Function):
@@ -281,6 +290,7 @@ class MLPFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @_autograd.once_differentiable("MLP")
     def backward(ctx, dout):
         with _amp.off(dout.device.type):  # backward() called inside an autocast region
             grads = segment_backward(ctx.cfg, ctx.plan, ctx.needs_input_grad, dout, load(ctx))
@@ -356,7 +366,7 @@ def mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: T
 def prepare(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, activation, gate_weight, gate_bias, norm,
             norm_weight, norm_bias, norm_eps, dropout, training, residual, recompute, backend) -> MLPConfig:
     """Validate the arguments of :func:`mlp` (raising before any kernel runs); return the config."""
-    x = _validate.float_tensor(x, "x")
+    x = _validate.float_tensor(x, "x", min_dim=1)
     if not isinstance(activation, str) or activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}; got {activation!r}")
     if recompute not in LEVELS:
@@ -392,4 +402,5 @@ def prepare(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, activation, gate_w
             eps = _validate.eps(norm_eps, "norm_eps")
     p = float(dropout) if training else 0.0
     be = _backend.resolve("mlp", x.device, backend)
+    _validate.backend_dtype(be, x, "x")
     return MLPConfig(norm, eps, code, gated, p, bool(residual), recompute, be, _amp.gemm_dtype(x))

@@ -25,6 +25,20 @@ def _check_level(recompute, levels):
     return recompute
 
 
+class _Recompute:
+    """The ``recompute`` attribute: validated whenever it is set (at construction or later), so an
+    invalid level raises ValueError at the assignment, not a KeyError in the next forward."""
+
+    def __init__(self, levels):
+        self.levels = levels
+
+    def __get__(self, obj, owner=None):
+        return self if obj is None else obj.__dict__["_recompute"]
+
+    def __set__(self, obj, value):
+        obj.__dict__["_recompute"] = _check_level(value, self.levels)
+
+
 def _positive_int(v, name):
     if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
         raise ValueError(f"{name} must be a positive int; got {v!r}")
@@ -82,6 +96,8 @@ class MLP(torch.nn.Module):
     Dropout is active in ``train()`` mode only.
     """
 
+    recompute = _Recompute(_mlp.LEVELS)
+
     def __init__(self, d_model: int, d_hidden: int, activation: str = "gelu_tanh", bias: bool = True,
                  dropout: float = 0.0, norm: Optional[str] = None, residual: bool = False,
                  recompute: str = "full", device=None, dtype=None):
@@ -94,7 +110,7 @@ class MLP(torch.nn.Module):
         self.d_model, self.d_hidden, self.activation = d_model, d_hidden, activation
         self.dropout = _dropout_p(dropout)
         self.residual = bool(residual)
-        self.recompute = _check_level(recompute, _mlp.LEVELS)
+        self.recompute = recompute
         self.backend: Optional[str] = None
         self.norm = _make_norm(norm, d_model, factory)
         self.fc1 = torch.nn.Linear(d_model, d_hidden, bias=bias, **factory)
@@ -140,6 +156,8 @@ class Attention(torch.nn.Module):
     RoPE positions are 0..S-1 ("rotate half", base ``rope_theta``).
     """
 
+    recompute = _Recompute(_attn.LEVELS)
+
     def __init__(self, d_model: int, num_heads: int, num_kv_heads: Optional[int] = None, causal: bool = True,
                  bias: bool = True, dropout: float = 0.0, norm: Optional[str] = None, rope: bool = False,
                  rope_theta: float = 10000.0, residual: bool = False, recompute: str = "full", device=None,
@@ -161,7 +179,7 @@ class Attention(torch.nn.Module):
         self.causal, self.rope, self.rope_theta = bool(causal), bool(rope), float(rope_theta)
         self.dropout = _dropout_p(dropout)
         self.residual = bool(residual)
-        self.recompute = _check_level(recompute, _attn.LEVELS)
+        self.recompute = recompute
         self.backend: Optional[str] = None
         self.norm = _make_norm(norm, d_model, factory)
         self.qkv = torch.nn.Linear(d_model, (num_heads + 2 * kv) * head_dim, bias=bias, **factory)
@@ -205,6 +223,8 @@ class TransformerBlock(torch.nn.Module):
     forward(x (B, S, d_model), attention_mask=None (B, S), rope_cos=None, rope_sin=None).
     """
 
+    recompute = _Recompute(_block.LEVELS)
+
     def __init__(self, d_model: int, num_heads: int, d_hidden: Optional[int] = None, style: str = "gpt2",
                  recompute: str = "full", num_kv_heads: Optional[int] = None, dropout: float = 0.0,
                  causal: bool = True, rope_theta: float = 10000.0, device=None, dtype=None):
@@ -216,7 +236,7 @@ class TransformerBlock(torch.nn.Module):
             d_hidden = 4 * d_model if style == "gpt2" else 64 * -(-int(8 * d_model / 3) // 64)
         _positive_int(d_hidden, "d_hidden")
         self.style = style
-        self.recompute = _check_level(recompute, _block.LEVELS)
+        self.recompute = recompute
         self.backend: Optional[str] = None
         llama = style == "llama"
         factory = {"device": device, "dtype": dtype}

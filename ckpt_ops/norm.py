@@ -18,7 +18,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from ckpt_ops import _amp, _backend, _validate
+from ckpt_ops import _amp, _autograd, _backend, _validate
 from ckpt_ops import reference as _ref
 
 Tensor = torch.Tensor
@@ -53,19 +53,21 @@ class LayerNormFunction(torch.autograd.Function):
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         ctx.backend = backend
         ctx.need = (need_dx, need_dw and weight is not None, need_db and bias is not None)
-        if need_dx or ctx.need[1]:
-            ctx.save_for_backward(x, weight, mean, rstd)
+        keep = need_dx or ctx.need[1]
+        ctx.save_for_backward(*((x, weight, mean, rstd) if keep else ()), _autograd.sentinel(x))
         return y
 
     @staticmethod
+    @_autograd.once_differentiable("LayerNorm")
     def backward(ctx, dy):
         need_dx, need_dw, need_db = ctx.need
+        saved = _autograd.saved(ctx)  # raises on a second backward, as eager does
         if not (need_dx or need_dw or need_db):
             return None, None, None, None, None
         dy = dy.contiguous()
         with _amp.off(dy.device.type):  # backward() called inside an autocast region
             if need_dx or need_dw:
-                x, weight, mean, rstd = ctx.saved_tensors
+                x, weight, mean, rstd = saved
                 dx, dw, db = _backend.kernel("layer_norm", ctx.backend, "bwd")(
                     dy, x, weight, mean, rstd, need_dx, need_dw, need_db)
             else:  # only the bias trains: db = sum of dy over rows, nothing was saved
@@ -88,16 +90,18 @@ class RMSNormFunction(torch.autograd.Function):
         need_dx, need_dw = ctx.needs_input_grad[:2]
         ctx.backend = backend
         ctx.need = (need_dx, need_dw and weight is not None)
-        if need_dx or ctx.need[1]:
-            ctx.save_for_backward(x, weight, rstd)
+        keep = need_dx or ctx.need[1]
+        ctx.save_for_backward(*((x, weight, rstd) if keep else ()), _autograd.sentinel(x))
         return y
 
     @staticmethod
+    @_autograd.once_differentiable("RMSNorm")
     def backward(ctx, dy):
         need_dx, need_dw = ctx.need
+        saved = _autograd.saved(ctx)  # raises on a second backward, as eager does
         if not (need_dx or need_dw):
             return None, None, None, None
-        x, weight, rstd = ctx.saved_tensors
+        x, weight, rstd = saved
         with _amp.off(dy.device.type):
             dx, dw = _backend.kernel("rms_norm", ctx.backend, "bwd")(dy.contiguous(), x, weight, rstd, need_dx,
                                                                      need_dw)
@@ -120,7 +124,7 @@ def _prepare(input, normalized_shape, params, names):
     n = 1
     for s in shape:
         n *= s
-    params = [p.reshape(n) if p is not None else None for p in params]
+    params = [p.reshape(n).contiguous() if p is not None else None for p in params]  # strided weights too
     return x, x.reshape(-1, n).contiguous(), params
 
 
@@ -145,6 +149,7 @@ def layer_norm(input: Tensor, normalized_shape: Union[int, Sequence[int]], weigh
     eps = _validate.eps(eps)
     x, x2d, (w, b) = _prepare(input, normalized_shape, [weight, bias], ["weight", "bias"])
     be = _backend.resolve("layer_norm", x.device, backend)
+    _validate.backend_dtype(be, x, "input")
     with _amp.off(x.device.type):  # the kernels see exactly the dtypes chosen above
         if _needs_graph(x2d, w, b):
             y = LayerNormFunction.apply(x2d, w, b, eps, be)
@@ -170,6 +175,7 @@ def rms_norm(input: Tensor, normalized_shape: Union[int, Sequence[int]], weight:
     x, x2d, (w,) = _prepare(input, normalized_shape, [weight], ["weight"])
     eps = default_rms_eps(x.dtype) if eps is None else _validate.eps(eps)
     be = _backend.resolve("rms_norm", x.device, backend)
+    _validate.backend_dtype(be, x, "input")
     with _amp.off(x.device.type):
         if _needs_graph(x2d, w):
             y = RMSNormFunction.apply(x2d, w, eps, be)

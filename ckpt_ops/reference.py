@@ -250,11 +250,12 @@ def dropout_bwd(dout: Tensor, seed: Tensor, p: float) -> Tensor:
 # fused QKV projection, rows [q heads | k heads | v heads]; o is (B, S, H * hd) contiguous (feeds
 # the output projection without a copy); lse is (B, H, S) fp32 (fp64 for fp64 qkv). Query head h reads key/value head
 # h // (H // KV) (grouped-query attention, K/V never repeated in memory by the kernels).
-def rope_tables(seq_len: int, head_dim: int, theta: float, device: torch.device) -> Tuple[Tensor, Tensor]:
-    """(cos, sin) of shape (S, head_dim // 2), fp32, positions 0..S-1, frequencies
-    theta ** (-2i / head_dim): the "rotate half" convention of Llama-family models."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
-    ang = torch.arange(seq_len, dtype=torch.int64, device=device).float()[:, None] * inv_freq[None, :]
+def rope_tables(seq_len: int, head_dim: int, theta: float, device: torch.device,
+                dtype: torch.dtype = torch.float32) -> Tuple[Tensor, Tensor]:
+    """(cos, sin) of shape (S, head_dim // 2) in `dtype` (fp32; fp64 for fp64 models), positions
+    0..S-1, frequencies theta ** (-2i / head_dim): the "rotate half" convention of Llama-family models."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).to(dtype) / head_dim))
+    ang = torch.arange(seq_len, dtype=torch.int64, device=device).to(dtype)[:, None] * inv_freq[None, :]
     return ang.cos(), ang.sin()
 
 
@@ -326,7 +327,7 @@ def attention_fwd(qkv: Tensor, key_mask: Optional[Tensor], num_heads: int, num_k
     p = torch.exp(scores - torch.where(empty, torch.zeros_like(lse), lse)[..., None])
     o = (p @ v).transpose(1, 2).reshape(b, s, num_heads * hd)
     lse = torch.where(empty, torch.full_like(lse, float("inf")), lse)
-    return o.to(qkv.dtype), lse.to(acc)
+    return o.to(qkv.dtype).contiguous(), lse.to(acc)  # contiguous also for head_dim 1
 
 
 def attention_bwd(do: Tensor, qkv: Tensor, o: Tensor, lse: Tensor, key_mask: Optional[Tensor], num_heads: int,
@@ -356,5 +357,5 @@ def attention_bwd(do: Tensor, qkv: Tensor, o: Tensor, lse: Tensor, key_mask: Opt
     dk = (ds.transpose(-1, -2) @ q) * scale
     dk = dk.view(b, num_kv_heads, rep, s, hd).sum(2)
     dv = dv.view(b, num_kv_heads, rep, s, hd).sum(2)
-    dqkv = torch.cat([t.transpose(1, 2).reshape(b, s, -1) for t in (dq, dk, dv)], dim=-1)
+    dqkv = torch.cat([t.transpose(1, 2).reshape(b, s, t.shape[1] * t.shape[3]) for t in (dq, dk, dv)], dim=-1)
     return dqkv.to(qkv.dtype)

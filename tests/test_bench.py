@@ -191,3 +191,10 @@ def test_issue13_target_lines_paired_and_noise_aware():
     assert "1.010" in sel and "met, inside the noise" in sel  # p80 1.03 > 1.02
     assert "target <= 1.00: MISSED" in line("none [cpu]: time / eager")
     assert "0.967" in line("full [cpu]: (time / eager) / FLOP floor 1.200")
+
+
+def test_soak_runs_and_is_reproducible(capsys):
+    from bench import soak
+    assert soak.main(["--soak", "--steps", "3", "--backend", "reference", "--no-alloc", "--levels", "full", "none"]) == 0
+    out = capsys.readouterr().out
+    assert "soak: OK" in out and out.count("True") == 2

@@ -34,8 +34,8 @@
 //    found from the mask (per batch they form the prefix [0, n_empty)) and
 //    set: o = 0 exactly, lse = +inf. The backward is then NaN-free: every key
 //    of such a row has score -inf, and exp(-inf - lse) = 0 for lse = +inf.
-//  * lse is returned (B, H, S) fp32 contiguous (ATen's is (B, S, H)-strided,
-//    and fp64 for fp64 inputs); the backward widens it back for fp64.
+//  * lse is returned (B, H, S) contiguous in the accumulation dtype: fp32, fp64
+//    for fp64 inputs (ATen's is (B, S, H)-strided), so fp64 keeps fp64 accuracy.
 //  * dq/dk/dv are packed into one (B, S, (H + 2KV) * hd) tensor (one copy).
 // No S x S matrix is materialised beyond ATen's own per-tile buffers. Inputs
 // are never written.
@@ -110,18 +110,18 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& qkv, const c1
   TORCH_CHECK(qkv.device().is_cpu(), "ckpt_ops: attention_fwd (C++) takes CPU tensors; got ", qkv.device());
   if (sh.B == 0 || sh.S == 0) {
     return {at::empty({sh.B, sh.S, sh.H * sh.hd}, qkv.options()),
-            at::empty({sh.B, sh.H, sh.S}, qkv.options().dtype(at::kFloat))};
+            at::empty({sh.B, sh.H, sh.S}, qkv.options().dtype(acc_dtype(qkv.scalar_type())))};
   }
   const Heads x = split_heads(qkv, sh);
   auto [o4, lse4] = at::_scaled_dot_product_flash_attention_for_cpu(x.q, x.k, x.v, /*dropout_p=*/0.0, causal,
                                                                     additive_mask(key_mask, sh, qkv), scale);
   at::Tensor o = rows_view(o4, sh).contiguous();
-  at::Tensor lse = lse4.to(at::kFloat).contiguous();
+  at::Tensor lse = lse4.to(acc_dtype(qkv.scalar_type())).contiguous();  // fp64 stays fp64
   const std::vector<int64_t> n_empty = empty_prefix(key_mask, sh, causal);
   for (int64_t b = 0; b < sh.B; ++b) {
     if (n_empty[b] == 0) continue;
     o.select(0, b).narrow(0, 0, n_empty[b]).zero_();
-    lse.select(0, b).narrow(1, 0, n_empty[b]).fill_(std::numeric_limits<float>::infinity());
+    lse.select(0, b).narrow(1, 0, n_empty[b]).fill_(std::numeric_limits<double>::infinity());
   }
   return {o, lse};
 }
@@ -136,13 +136,13 @@ at::Tensor attention_bwd(const at::Tensor& dout, const at::Tensor& qkv, const at
   attn::check_rows_of(o, sh, sh.H * sh.hd, qkv, "o");
   TORCH_CHECK(lse.dim() == 3 && lse.size(0) == sh.B && lse.size(1) == sh.H && lse.size(2) == sh.S,
               "ckpt_ops: lse must have shape (", sh.B, ", ", sh.H, ", ", sh.S, "); got ", lse.sizes());
-  TORCH_CHECK(lse.scalar_type() == at::kFloat, "ckpt_ops: lse must be float32; got ", lse.scalar_type());
+  TORCH_CHECK(lse.scalar_type() == acc_dtype(qkv.scalar_type()), "ckpt_ops: lse must be ",
+              acc_dtype(qkv.scalar_type()), " (float64 for float64 qkv, else float32); got ", lse.scalar_type());
   TORCH_CHECK(lse.device() == qkv.device() && lse.is_contiguous(), "ckpt_ops: lse must be contiguous on ",
               qkv.device());
   if (sh.B == 0 || sh.S == 0) return at::empty_like(qkv);
   const Heads x = split_heads(qkv, sh);
-  // ATen wants the logsumexp in the input's accumulation dtype (fp64 for fp64).
-  const at::Tensor lse_in = lse.to(acc_dtype(qkv.scalar_type()));
+  const at::Tensor& lse_in = lse;  // already the accumulation dtype ATen wants (fp64 for fp64)
   auto [dq, dk, dv] = at::_scaled_dot_product_flash_attention_for_cpu_backward(
       heads_view(dout, sh, sh.H), x.q, x.k, x.v, heads_view(o, sh, sh.H), lse_in, /*dropout_p=*/0.0, causal,
       additive_mask(key_mask, sh, qkv), scale);
