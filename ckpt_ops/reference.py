@@ -52,7 +52,9 @@ def _norm_stats(x: Tensor, eps: float, rms: bool) -> Tuple[Tensor, Tensor, Tenso
     else:
         mean = xa.mean(-1)
         xc = xa - mean[:, None]
-        rstd = torch.rsqrt(xc.square().mean(-1) + eps)
+        var = xc.square().mean(-1)
+        # an overflowed variance gives NaN rows, as eager's layer_norm (not rsqrt(inf) = 0 rows)
+        rstd = torch.rsqrt(var + eps) + (var - var)
         xhat = xc * rstd[:, None]
     return mean, rstd, xhat
 

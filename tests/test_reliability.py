@@ -181,6 +181,41 @@ def test_strided_norm_weight(backend, kind):
         torch.testing.assert_close(g, r, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("backend", available_backends("layer_norm"))
+@pytest.mark.parametrize("n,column_loop", [(64, False), (100, False), (100, True)],
+                         ids=["n64", "n100", "n100-column-loop"])
+def test_layernorm_overflowed_variance_is_nan(backend, n, column_loop, monkeypatch):
+    """fp32 rows at |x| ~ 1e25 / 1e30: the sum of squared deviations overflows, and rsqrt(inf) = 0
+    would return the finite bias: a silently wrong row. ckpt_ops returns NaN for such rows on every
+    backend. Eager's layer_norm is NaN there too for some widths (n 64 here) and returns the bias for
+    others (n 100: its Welford chunking follows the vector width), so the check is: ckpt_ops is NaN
+    on every overflowed row (a superset of eager's NaN rows), ordinary rows of the same call match
+    eager, and RMSNorm keeps eager's 1/sqrt(inf) = 0 rows. column-loop: Triton's kernel for rows
+    wider than one block (its cap lowered so the interpreter reaches it)."""
+    if column_loop:
+        if backend != "triton":
+            pytest.skip("the column loop is the Triton kernel's")
+        from ckpt_ops.triton_kernels import norm as tnorm
+        monkeypatch.setattr(tnorm, "_MAX_BLOCK_N", 32)
+    torch.manual_seed(0)
+    x = torch.randn(4, n, device=DEVICE)
+    x[1] *= 1e25
+    x[3] *= 1e30
+    ln = ckpt_ops.nn.LayerNorm(n, device=DEVICE)
+    ln.backend = backend
+    rms = ckpt_ops.nn.RMSNorm(n, device=DEVICE)
+    rms.backend = backend
+    with torch.no_grad():
+        ln.bias.uniform_()
+        out, ref = ln(x), torch.nn.functional.layer_norm(x, (n,), ln.weight, ln.bias)
+        rout, rref = rms(x), torch.nn.functional.rms_norm(x, (n,), rms.weight, rms.eps)
+    assert out[[1, 3]].isnan().all(), "an overflowed variance must not give a finite row"
+    assert not (ref.isnan() & ~out.isnan()).any()  # every NaN of eager's is one of ours
+    torch.testing.assert_close(out[[0, 2]], ref[[0, 2]], rtol=1e-4, atol=1e-5)
+    assert not rout.isnan().any() and not rref.isnan().any()
+    torch.testing.assert_close(rout, rref, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("causal", [False, True])
 def test_head_dim_one(backend, causal):
@@ -219,7 +254,7 @@ def test_triton_rejects_fp64_before_any_kernel(kind, monkeypatch):
     from ckpt_ops import _backend
     if _backend._unavailable_reason("attention", "triton", DEVICE.type) is not None:
         pytest.skip("triton backend unavailable")
-    m = make(kind, "full", "triton")
+    m = make(kind, "full", "triton", dtype=torch.float64)  # a consistent fp64 module: only the backend rule fails
     x = torch.randn(2, 3, D, dtype=torch.float64, device=DEVICE)
     _backend.resolve("attention", DEVICE, "triton")  # kernels loaded; now no kernel may run
     monkeypatch.setattr(_backend, "kernel", lambda *a, **k: pytest.fail("a kernel ran before validation"))

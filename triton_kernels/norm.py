@@ -67,7 +67,8 @@ def _norm_fwd_kernel(
         else:
             mean = tl.sum(x, axis=0) / N
             xc = tl.where(mask, x - mean, 0.0)
-            rstd = 1.0 / tl.sqrt_rn(tl.sum(xc * xc, axis=0) / N + eps)
+            sq = tl.sum(xc * xc, axis=0)
+            rstd = 1.0 / tl.sqrt_rn(sq / N + eps) + (sq - sq)  # an overflowed variance: NaN, as eager
         y = (x - mean) * rstd
         if HAS_WEIGHT:
             y = y * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
@@ -94,7 +95,8 @@ def _norm_fwd_kernel(
                 x = tl.load(X + off + cols, mask=mask, other=0.0).to(tl.float32)
                 xc = tl.where(mask, x - mean, 0.0)
                 acc += xc * xc
-            rstd = 1.0 / tl.sqrt_rn(tl.sum(acc, axis=0) / N + eps)
+            sq = tl.sum(acc, axis=0)
+            rstd = 1.0 / tl.sqrt_rn(sq / N + eps) + (sq - sq)  # an overflowed variance: NaN, as eager
         for off in range(0, N, BLOCK_N):
             mask = off + cols < N
             x = tl.load(X + off + cols, mask=mask, other=0.0).to(tl.float32)

@@ -47,7 +47,7 @@ struct NormFwdRows {
         const acc c = norm::centered<kRms>(static_cast<acc>(xr[j]), m);
         q += c * c;
       }
-      const acc r = norm::rstd_from_sq_sum(q, N, eps);
+      const acc r = norm::row_rstd<kRms>(q, N, eps);
       rstd[row] = r;
       #pragma omp simd
       for (int64_t j = 0; j < N; ++j) {

@@ -46,7 +46,7 @@ __global__ void norm_fwd_kernel(const scalar_t* __restrict__ x, const scalar_t* 
     const acc c = norm::centered<kRms>(static_cast<acc>(xr[j]), m);
     q += c * c;
   }
-  const acc r = norm::rstd_from_sq_sum(cuda::block_sum(q, smem), N, eps);
+  const acc r = norm::row_rstd<kRms>(cuda::block_sum(q, smem), N, eps);
   if (threadIdx.x == 0) {
     if (!kRms) mean[row] = m;
     rstd[row] = r;

@@ -32,6 +32,17 @@ CKPT_HD_INLINE acc rstd_from_sq_sum(acc sq_sum, int64_t n, acc eps) {
   return inv_sqrt(sq_sum / static_cast<acc>(n) + eps);
 }
 
+// The row's rstd as every kernel stores it. LayerNorm: a sum of squared deviations that
+// overflowed to +inf (|x| >~ 1e19 in fp32) would give rstd = 0 and a silently all-zero (bias)
+// row; eager PyTorch's layer_norm returns NaN there (from ~1e20 on, by its vector width), so the
+// rstd is made NaN: sq_sum - sq_sum is 0 for a finite sum and NaN for an infinite one, and adding
+// 0 leaves r exact. RMSNorm keeps 1/sqrt(inf) = 0, which is what eager's rms_norm returns.
+template <bool kRms, typename acc>
+CKPT_HD_INLINE acc row_rstd(acc sq_sum, int64_t n, acc eps) {
+  const acc r = rstd_from_sq_sum(sq_sum, n, eps);
+  return kRms ? r : r + (sq_sum - sq_sum);
+}
+
 // The value whose square the second pass sums: x - mean (LN) or x (RMS).
 template <bool kRms, typename acc>
 CKPT_HD_INLINE acc centered(acc x, acc mean) {
