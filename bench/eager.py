@@ -51,7 +51,7 @@ def attention_forward(m: ckpt_ops.nn.Attention, x: torch.Tensor,
     q, k, v = m.qkv(n).split([h * hd, kv * hd, kv * hd], dim=-1)
     q, k, v = (t.view(b, s, -1, hd).transpose(1, 2) for t in (q, k, v))
     if m.rope:
-        cos, sin = reference.rope_tables(s, hd, m.rope_theta, x.device)
+        cos, sin = reference.rope_tables(s, hd, m.rope_theta, x.device, reference.acc_dtype(x.dtype))
         q, k = _rope(q, cos, sin), _rope(k, cos, sin)
     mask = None
     if attention_mask is not None:
