@@ -37,6 +37,13 @@ def rope_tables(s, hd, theta, dtype, device):
     return ang.cos(), ang.sin()
 
 
+def rotate_half(t, cos, sin):
+    """RoPE, "rotate half" convention: (t1, t2) -> (t1 cos - t2 sin, t2 cos + t1 sin)."""
+    half = t.shape[-1] // 2
+    t1, t2 = t[..., :half], t[..., half:]
+    return torch.cat([t1 * cos - t2 * sin, t2 * cos + t1 * sin], -1)
+
+
 def attention(m, x, mask=None, keep=None):
     b, s, d = x.shape
     h, kv, hd = m.num_heads, m.num_kv_heads, m.head_dim
@@ -47,11 +54,7 @@ def attention(m, x, mask=None, keep=None):
     if m.rope:
         cos, sin = rope_tables(s, hd, m.rope_theta, x.dtype, x.device)
         cos, sin = cos[None, :, None], sin[None, :, None]
-
-        def rot(t):
-            t1, t2 = t[..., :hd // 2], t[..., hd // 2:]
-            return torch.cat([t1 * cos - t2 * sin, t2 * cos + t1 * sin], -1)
-        q, k = rot(q), rot(k)
+        q, k = rotate_half(q, cos, sin), rotate_half(k, cos, sin)
     q = q.transpose(1, 2)
     k = k.transpose(1, 2).repeat_interleave(h // kv, 1)
     v = v.transpose(1, 2).repeat_interleave(h // kv, 1)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 import ckpt_ops
 from ckpt_ops import reference as R
 from conftest import assert_close, assert_low_precision_ok, rel_err
+from eager_ref import rotate_half
 
 CPU = torch.device("cpu")
 LEVELS = ["full", "keep_attn", "keep_mlp", "selective", "none"]
@@ -62,11 +63,7 @@ def eager_block(blk, x, mask=None):
     if a.rope:
         cos, sin = R.rope_tables(s, hd, a.rope_theta, x.device)
         cos, sin = cos.to(x.dtype)[None, :, None], sin.to(x.dtype)[None, :, None]
-
-        def rot(t):
-            t1, t2 = t[..., :hd // 2], t[..., hd // 2:]
-            return torch.cat([t1 * cos - t2 * sin, t2 * cos + t1 * sin], -1)
-        q, k = rot(q), rot(k)
+        q, k = rotate_half(q, cos, sin), rotate_half(k, cos, sin)
     q = q.transpose(1, 2)
     k = k.transpose(1, 2).repeat_interleave(h // kv, 1)
     v = v.transpose(1, 2).repeat_interleave(h // kv, 1)
