@@ -6,7 +6,9 @@
    0.3 0.5 0.7 0.9; costs from one timing probe on the stack), against ``torch.compile`` with
    ``activation_memory_budget`` at the same budgets and Hugging Face-style every-n-layers
    checkpointing (torch.utils.checkpoint around layers i % n == 0, n = 1, 2, 4) of the eager
-   stack, all measured interleaved in one run. A peer point is dominated when a planner point
+   stack, all measured interleaved in one run; plus one plan at each peer's own kept bytes (a peer
+   keeping less than every fraction budget still meets the fastest plan that fits it; plans equal
+   to an earlier one are measured once). A peer point is dominated when a planner point
    keeps no more bytes (allocator, ``bench.common.kept_bytes``) and takes at most 1.02x its time.
 2. Segment sweep (``--op segments``): stacks of L "full" blocks (--segment-layers, default 4 8 16 32) in outer
    segments of k blocks (``ckpt_ops.checkpoint_sequential``), weights frozen so that the peak is
@@ -22,7 +24,7 @@ import torch
 
 import ckpt_ops
 from bench import eager, providers
-from bench.common import Case, Result, build_cases, measure, ratio_noise, run_cases
+from bench.common import Case, Result, build_cases, kept_bytes, measure, ratio_noise, run_cases
 from ckpt_ops import planner
 
 BUDGETS = (0.06, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9)
@@ -60,24 +62,48 @@ def setup(config: Dict[str, object], device, dtype, budgets, with_compile=True, 
     if reason is not None:
         print(f"  skipped the compile budgets: {reason}")
     costs = planner.measure_costs(blocks, x.detach(), reps=plan_reps)
-    plans = []
-    for budget in budgets:
+    plans, seen = [], set()
+
+    def add_plan(label, budget_bytes):
         try:
-            p = ckpt_ops.plan(blocks, x, budget=int(budget * eager_bytes), costs=costs)
+            p = ckpt_ops.plan(blocks, x, budget=int(budget_bytes), costs=costs)
         except ValueError as e:
-            print(f"  plan {budget}: {e}")
-            continue
-        plans.append((budget, p, eager_bytes))
+            print(f"  plan {label}: {e}")
+            return
+        key = (tuple(p.levels), tuple(p.segments))
+        if key in seen:  # the same plan as an earlier budget's: measured once
+            return
+        seen.add(key)
+        plans.append((label, p, eager_bytes))
 
         def fwd(t, p=p):
             p.apply(blocks)
             return providers.sequential(list(blocks))(t)
-        forwards.append((f"ckpt_ops plan {budget}", fwd))
+        forwards.append((f"ckpt_ops plan {label}", fwd))
+
+    for budget in budgets:
+        add_plan(f"{budget}", budget * eager_bytes)
+    # The frontier answered at every peer's own point: a plan at each peer's kept bytes
+    # (allocator-measured after one warm step, as the verdicts compare them), so that a peer
+    # which keeps less than the fraction budgets is compared with the fastest plan that fits it.
+    for name, f in forwards[1:]:
+        if name.startswith("ckpt_ops"):
+            continue
+        short = name.replace("compile budget ", "compile").replace("every ", "every").replace(" layers", "")
+        add_plan(f"@{short}", peer_kept_bytes(f, x, dy, device))
     cases = build_cases(forwards, x, dy, list(blocks.parameters()))
     for c in cases:
         if c.provider.startswith("every"):
             c.group = "peer"
     return cases, plans
+
+
+def peer_kept_bytes(forward, x, dy, device) -> int:
+    """The bytes `forward(x)` keeps for backward (``bench.common.kept_bytes``), after one warm step
+    (compiles a compiled peer, so compile-time allocations are not counted)."""
+    forward(x).backward(dy)
+    x.grad = None
+    return kept_bytes(lambda: forward(x), [x], device)
 
 
 def verdicts(results: List[Result]) -> List[str]:

@@ -37,3 +37,22 @@ def test_cli_planner_and_segments(tmp_path, capsys):
     assert main(["--op", "segments", "--segment-layers", "4", "8", "--out", str(tmp_path)] + TINY) == 0
     out = capsys.readouterr().out
     assert "L=8   k=2" in out and "fitted exponent" in out
+
+
+def test_a_plan_at_every_peer_point():
+    """A peer keeping less than every fraction budget (here only budget 1.0) still meets a plan
+    that fits its own kept bytes: one planned at them, unless an earlier plan already fits."""
+    import torch
+
+    config = {"stack": "llama", "batch": 1, "seq": 16, "d_model": 32, "heads": 2, "layers": 4}
+    cases, plans = bench_planner.setup(config, torch.device("cpu"), torch.float32, (1.0,), with_compile=False,
+                                       plan_reps=1)
+    by = {c.provider: c for c in cases}
+    x, dy = by["eager"].inputs[0], torch.randn(1, 16, 32)
+    for n in bench_planner.EVERY_N:
+        peer = by[f"every {n} layers"]
+        kept = bench_planner.peer_kept_bytes(lambda t, c=peer: c.forward(), x, dy, torch.device("cpu"))
+        fits = [label for label, p, _e in plans if p.predicted_bytes <= kept]
+        assert fits, (n, kept, [(label, p.predicted_bytes) for label, p, _e in plans])
+    assert all(f"ckpt_ops plan {label}" in by for label, _p, _e in plans)
+    assert len({(tuple(p.levels), tuple(p.segments)) for _l, p, _e in plans}) == len(plans)  # each plan once
