@@ -46,7 +46,9 @@ def parse(argv=None) -> argparse.Namespace:
     sz.add_argument("--heads", type=int, default=12)
     sz.add_argument("--layers", type=int, default=2, help="blocks in the stack (block, model)")
     sz.add_argument("--tokens", type=int, default=2048, help="rows of the norm / MLP benchmarks (4 x 512)")
-    sz.add_argument("--vocab", type=int, default=8192, help="GPT-2 vocabulary of --op model")
+    sz.add_argument("--vocab", type=int, default=8192, help="vocabulary of --op model")
+    sz.add_argument("--family", default="gpt2", choices=("gpt2", "llama", "mistral", "qwen2", "phi3", "gemma"),
+                    help="model: the Hugging Face family (Llama-like ones without dropout)")
     sz.add_argument("--dropout", type=float, default=0.1, help="residual dropout (attention, block, model)")
     sz.add_argument("--dropouts", type=float, nargs="+", default=[0.0, 0.1], help="dropout probabilities (MLP)")
     sz.add_argument("--long", action="store_true", help="block: also S 2048 at batch 1")

@@ -1,5 +1,6 @@
-"""End to end: a Hugging Face GPT-2 (random init from a GPT2Config, no download; language-model
-loss over random tokens) trained one step per provider: eager, torch.utils.checkpoint and
+"""End to end: a Hugging Face causal LM (``--family``: GPT-2 by default, or any fused Llama-like
+family -- llama, mistral, qwen2, phi3, gemma; random init from its config, no download;
+language-model loss over random tokens) trained one step per provider: eager, torch.utils.checkpoint and
 selective AC around every block, torch.compile with memory budgets, and the model after
 ``ckpt_ops.convert`` at each recompute level. Skipped, with the reason printed, when
 ``ckpt_ops.convert`` does not exist yet or transformers is not installed.
@@ -39,21 +40,43 @@ def _wrapped_blocks(blocks: List[torch.nn.Module], wrap: Callable[[Callable], Ca
             del blk.forward
 
 
+FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "phi3", "gemma")
+_PREFIX = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "phi3": "Phi3", "gemma": "Gemma"}
+
+
+def build_model(config: Dict[str, object]) -> torch.nn.Module:
+    """The family's causal LM with random weights. GPT-2: residual/embedding dropout
+    ``config["dropout"]``, attention-probability dropout 0 (it has no fused kernel: a converted block
+    would fall back). Llama-like families: no dropout (as they train), hidden 4/3 x 2 x d (SwiGLU /
+    GeGLU sized like Llama's 8/3 d, rounded to 64), GQA with a third of the heads as KV heads where
+    that divides, head_dim d / heads."""
+    import transformers
+
+    family = str(config.get("family", "gpt2"))
+    s, d, h, n, v = (int(config[k]) for k in ("seq", "d_model", "heads", "layers", "vocab"))
+    if family == "gpt2":
+        cfg = transformers.GPT2Config(vocab_size=v, n_positions=s, n_embd=d, n_layer=n, n_head=h,
+                                      resid_pdrop=float(config["dropout"]), embd_pdrop=float(config["dropout"]),
+                                      attn_pdrop=0.0, attn_implementation="sdpa")
+        return transformers.GPT2LMHeadModel(cfg)
+    if family not in _PREFIX:
+        raise ValueError(f"family must be one of {FAMILIES}; got {family!r}")
+    kv = h // 3 if h % 3 == 0 else h
+    cfg = getattr(transformers, f"{_PREFIX[family]}Config")(
+        vocab_size=v, hidden_size=d, intermediate_size=max(64, (8 * d // 3 + 63) // 64 * 64), num_hidden_layers=n,
+        num_attention_heads=h, num_key_value_heads=kv, head_dim=d // h, max_position_embeddings=max(s, 128),
+        attention_dropout=0.0, attn_implementation="sdpa", pad_token_id=0)
+    return getattr(transformers, f"{_PREFIX[family]}ForCausalLM")(cfg)
+
+
 def setup(config: Dict[str, object], device: torch.device, dtype: torch.dtype, backends: List[str],
           with_compile: bool = True) -> List[Case]:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     b, s = int(config["batch"]), int(config["seq"])
     torch.manual_seed(0)
-    # attn_pdrop stays 0: attention-probability dropout has no fused kernel, so a converted block
-    # would run its original forward (ckpt_ops.convert falls back) and measure nothing new.
-    cfg = GPT2Config(vocab_size=int(config["vocab"]), n_positions=s, n_embd=int(config["d_model"]),
-                     n_layer=int(config["layers"]), n_head=int(config["heads"]), resid_pdrop=float(config["dropout"]),
-                     embd_pdrop=float(config["dropout"]), attn_pdrop=0.0, attn_implementation="sdpa")
-    model = GPT2LMHeadModel(cfg).to(device, dtype).train()
-    ids = torch.randint(0, cfg.vocab_size, (b, s), device=device)
+    model = build_model(config).to(device, dtype).train()
+    ids = torch.randint(0, model.config.vocab_size, (b, s), device=device)
     loss = lambda mdl=model: mdl(input_ids=ids, labels=ids).loss  # noqa: E731
-    blocks = list(model.transformer.h)
+    blocks = list(model.transformer.h if hasattr(model, "transformer") else model.model.layers)
     params = list(model.parameters())
     one = torch.ones((), device=device, dtype=dtype)
 
@@ -65,7 +88,7 @@ def setup(config: Dict[str, object], device: torch.device, dtype: torch.dtype, b
 
     # HF's own gradient checkpointing (transformers 5.24: use_reentrant=False by default).
     gc_model = copy.deepcopy(model)
-    gc_model.gradient_checkpointing_enable()
+    gc_model.activation_checkpointing_enable()  # transformers 5.24: use_reentrant=False
     gc_params = list(gc_model.parameters())
     cases = [make_case("eager", loss, one, [], params),
              make_case("HF gradient_checkpointing", lambda: loss(gc_model), one, [], gc_params),
@@ -98,8 +121,9 @@ def run(args, device, dtype) -> list:
     results = []
     backends = providers.ckpt_backends("attention", device, args.backends)
     for s in args.seqs or [512]:
-        config = {"batch": args.batch, "seq": s, "d_model": args.d_model, "heads": args.heads,
-                  "layers": args.layers, "vocab": args.vocab, "dropout": args.dropout}
-        results += run_cases(f"gpt2 x{args.layers} S={s}", config,
+        family = getattr(args, "family", "gpt2") or "gpt2"
+        config = {"family": family, "batch": args.batch, "seq": s, "d_model": args.d_model, "heads": args.heads,
+                  "layers": args.layers, "vocab": args.vocab, "dropout": args.dropout if family == "gpt2" else 0.0}
+        results += run_cases(f"{family} x{args.layers} S={s}", config,
                              setup(config, device, dtype, backends, not args.no_compile), args, device)
     return results

@@ -30,13 +30,13 @@ def _save_matmuls(ctx, op, *args, **kwargs):
 
 def checkpointed(fn: Callable) -> Callable:
     """torch.utils.checkpoint(use_reentrant=False) around `fn`."""
-    return lambda *a: tuc.checkpoint(fn, *a, use_reentrant=False)
+    return lambda *a, **kw: tuc.checkpoint(fn, *a, use_reentrant=False, **kw)
 
 
 def selective(fn: Callable) -> Callable:
     """PyTorch selective activation checkpointing: save matmul outputs, recompute the rest."""
     ctx = functools.partial(tuc.create_selective_checkpoint_contexts, _save_matmuls)
-    return lambda *a: tuc.checkpoint(fn, *a, use_reentrant=False, context_fn=ctx)
+    return lambda *a, **kw: tuc.checkpoint(fn, *a, use_reentrant=False, context_fn=ctx, **kw)
 
 
 def compiled_with_budget(fn: Callable, budget: float) -> Callable:

@@ -198,3 +198,27 @@ def test_soak_runs_and_is_reproducible(capsys):
     assert soak.main(["--soak", "--steps", "3", "--backend", "reference", "--no-alloc", "--levels", "full", "none"]) == 0
     out = capsys.readouterr().out
     assert "soak: OK" in out and out.count("True") == 2
+
+
+def test_model_family_option_builds_that_family(tmp_path, capsys):
+    """--op model --family: the named HF family is built, converted (every decoder layer fused) and
+    measured against its unconverted and HF-checkpointed selves."""
+    pytest.importorskip("transformers")
+    from bench import bench_model
+    from bench.__main__ import parse
+
+    assert parse(["--family", "qwen2"]).family == "qwen2"
+    for fam in bench_model.FAMILIES:
+        assert parse(["--family", fam]).family == fam  # the CLI offers every family the builder knows
+    model = bench_model.build_model({"family": "mistral", "seq": 16, "d_model": 48, "heads": 3, "layers": 2,
+                                     "vocab": 64, "dropout": 0.0})
+    assert type(model).__name__ == "MistralForCausalLM" and model.config.num_key_value_heads == 1
+    conv = ckpt_ops.convert(model, inplace=False)
+    layers = [line for line in ckpt_ops.conversion_report(conv)["layers"]]
+    assert len(layers) == 2 and all("fused" in str(line) for line in layers), layers
+    with pytest.raises(ValueError, match="family"):
+        bench_model.build_model({"family": "bert", "seq": 16, "d_model": 48, "heads": 3, "layers": 1, "vocab": 64})
+    assert main(["--op", "model", "--family", "llama", "--out", str(tmp_path)] + TINY[:-4] +
+                ["--heads", "3", "--d-model", "48", "--vocab", "64", "--layers", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "llama x1 S=16" in out and "ckpt_ops full [cpu]" in out and "HF gradient_checkpointing" in out
