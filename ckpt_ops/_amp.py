@@ -90,9 +90,9 @@ FP32_KEYS = ("x", "nw", "nb")
 def cast_inputs(cdt: Optional[torch.dtype], p: dict) -> dict:
     """`p` (segment tensors by name) as the fused kernels take them under autocast (see FP32_KEYS);
     unchanged when cdt is None. Called inside the Functions' forward, so the casts are not graph
-    nodes and their outputs are never what autograd keeps."""
+    nodes and their outputs are never what autograd keeps. Always a new dict."""
     if cdt is None:
-        return p
+        return dict(p)
     return {k: (fp32(v) if k in FP32_KEYS else to(v, cdt)) for k, v in p.items()}
 
 
@@ -122,7 +122,7 @@ _GEMM_KEYS = ("wq", "wk", "wv", "bq", "bk", "bv", "wo", "bo", "w1", "b1", "wg", 
 
 def grads_to(grads, dtypes) -> list:
     """Each gradient in its input's dtype (None stays None)."""
-    return [g if g is None or dt is None or g.dtype == dt else g.to(dt) for g, dt in zip(grads, dtypes)]
+    return [g if g is None or dt is None or g.dtype == dt else g.to(dt) for g, dt in zip(grads, dtypes, strict=True)]
 
 
 def dtypes(*tensors) -> tuple:
