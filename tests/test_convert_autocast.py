@@ -250,3 +250,17 @@ def test_cuda_norm_adapter_policy(monkeypatch):
     assert isinstance(hf, torch.autocast) and not hf._enabled
     x32 = types.SimpleNamespace(device=torch.device("cuda"), dtype=torch.float32)
     assert isinstance(policy(rms, x32), torch.autocast)  # fp32 in, fp32 out: as without autocast
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_no_grad_forward_under_autocast_equals_the_training_forward(family):
+    """Under torch.no_grad() the fused layers cast outside any Function (nothing is saved): the
+    same kernels on the same casts, so the logits are the grad-mode forward's bit for bit."""
+    conv = ckpt_ops.convert(make(family))
+    ids, am, _ = batch(b=B, s=S)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a = conv(input_ids=ids, attention_mask=am, use_cache=False).logits
+        with torch.no_grad():
+            b = conv(input_ids=ids, attention_mask=am, use_cache=False).logits
+    assert torch.equal(a, b)
+    assert not ckpt_ops.conversion_report(conv)["fallbacks"]
