@@ -6,12 +6,14 @@ Adding a Llama-like family (pre-norm RMSNorm, q/k/v/o + gated MLP, rotate-half R
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
 import torch
 
+from ckpt_ops import _amp
 from ckpt_ops import attention as _attn
 from ckpt_ops import block as _block
 from ckpt_ops import mlp as _mlp
@@ -102,8 +104,8 @@ def _check_cache(module: torch.nn.Module, cache: Any, layer_idx: Optional[int]) 
 
 
 def _check_dtypes(x: torch.Tensor, module: torch.nn.Module) -> None:
-    if torch.is_autocast_enabled(x.device.type):
-        raise Unservable("autocast (run the original forward under its casting policy)")
+    # torch.autocast is served fused (ckpt_ops._amp: GEMMs in the autocast dtype, norms in fp32, the
+    # residual stream in the dtype the model gives it); parameters and input must still agree.
     for p in module.parameters():
         if p.dtype != x.dtype or p.device != x.device:
             raise Unservable(f"parameter dtype/device {p.dtype}/{p.device} differs from the input's "
@@ -404,13 +406,34 @@ class NormAdapter(Adapter):
             raise Unservable("unexpected call arguments")
         x = args[0]
         _check_dtypes(x, module)
-        if isinstance(module, torch.nn.LayerNorm):
-            return _norm.layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps,
-                                    backend=state.backend)
-        if isinstance(module, torch.nn.RMSNorm):
-            return _norm.rms_norm(x, module.normalized_shape, module.weight, module.eps, backend=state.backend)
-        weight = _norm_weight(module, self.offset[type(module)])
-        return _norm.rms_norm(x, (x.shape[-1],), weight, _eps(module), backend=state.backend)
+        with self._autocast_policy(module, x):
+            if isinstance(module, torch.nn.LayerNorm):
+                return _norm.layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps,
+                                        backend=state.backend)
+            if isinstance(module, torch.nn.RMSNorm):
+                return _norm.rms_norm(x, module.normalized_shape, module.weight, module.eps, backend=state.backend)
+            weight = _norm_weight(module, self.offset[type(module)])
+            return _norm.rms_norm(x, (x.shape[-1],), weight, _eps(module), backend=state.backend)
+
+    @staticmethod
+    def _autocast_policy(module, x):
+        """What the module computes in under torch.autocast, as a context for the fused call:
+        torch's norms follow autocast's op lists (ckpt_ops._amp.norm_dtype: fp32 on CUDA for
+        layer_norm, the input's dtype on CPU); Hugging Face's RMSNorm classes upcast by hand and cast
+        back, so autocast plays no part (it is switched off around the fused call). Unservable where
+        torch's dtype is not known."""
+        dev = x.device.type
+        if not torch.is_autocast_enabled(dev):
+            return contextlib.nullcontext()
+        if type(module) in (torch.nn.LayerNorm, torch.nn.RMSNorm):
+            op = "layer_norm" if type(module) is torch.nn.LayerNorm else "rms_norm"
+            dt = _amp.norm_dtype(dev, x.dtype, op)
+            if dt is None:
+                raise Unservable(f"torch.nn.{type(module).__name__} on a {x.dtype} input under {dev} autocast "
+                                 "(torch's output dtype there is not known to ckpt_ops)")
+            if dt != x.dtype:  # upcast: the fused norm's autocast path (ckpt_ops.norm)
+                return contextlib.nullcontext()
+        return _amp.off(dev)
 
 
 ADAPTERS: list = []

@@ -277,11 +277,17 @@ class AttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, nw, nb, wq, wk, wv, bq, bk, bv, wo, bo, key_mask, cos, sin, seed, cfg: AttnConfig):
-        p = dict(zip(PARAMS, (nw, nb, wq, wk, wv, bq, bk, bv, wo, bo)))
-        out, st = segment_forward(cfg, x, p, key_mask, cos, sin, seed)
+        p_in = {"x": x, **dict(zip(PARAMS, (nw, nb, wq, wk, wv, bq, bk, bv, wo, bo)))}
+        p = _amp.cast_inputs(cfg.amp, p_in)  # autocast: cast here, save the originals (ckpt_ops._amp)
+        xc = p.pop("x")
+        out, st = segment_forward(cfg, xc, p, key_mask, cos, sin, seed)
         plan = _plan(cfg, ctx.needs_input_grad)
         ctx.cfg, ctx.plan, ctx.shape = cfg, plan, tuple(x.shape)
-        save(ctx, segment_keep(cfg, plan, x, p, st, key_mask, cos, sin, seed))
+        ctx.dtypes = _amp.dtypes(*p_in.values())
+        keep = segment_keep(cfg, plan, xc, p, st, key_mask, cos, sin, seed)
+        if cfg.amp is not None:
+            keep = _amp.originals(keep, {"x": xc, **p}, p_in)
+        save(ctx, keep)
         return out.view(x.shape)
 
     @staticmethod
@@ -289,10 +295,11 @@ class AttentionFunction(torch.autograd.Function):
     def backward(ctx, dout):
         b, s, d = ctx.shape
         with _amp.off(dout.device.type):  # backward() called inside an autocast region
-            grads = segment_backward(ctx.cfg, ctx.plan, ctx.needs_input_grad, dout.reshape(b * s, d), load(ctx),
-                                     ctx.shape)
+            grads = segment_backward(ctx.cfg, ctx.plan, ctx.needs_input_grad, dout.reshape(b * s, d),
+                                     _amp.recast(ctx.cfg.amp, load(ctx)), ctx.shape)
         if grads[0] is not None:
             grads[0] = grads[0].view(b, s, d)
+        grads = _amp.grads_to(grads, ctx.dtypes)
         return (*grads, None, None, None, None, None)
 
 
@@ -348,13 +355,10 @@ def attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor], out_wei
         seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=x.device)
     else:
         seed = torch.zeros(1, dtype=torch.int64, device=x.device)
-    out_dtype = None
-    if cfg.amp is not None:  # torch.autocast: see ckpt_ops._amp
-        out_dtype = _amp.out_dtype(x.dtype, cfg.amp, cfg.residual)
-        x, norm_weight, norm_bias = _amp.fp32(x), _amp.fp32(norm_weight), _amp.fp32(norm_bias)
+    # torch.autocast: x and the parameters go into the Function in their own dtypes; it casts them
+    # itself, so that it saves them and not weight-sized cast copies (see ckpt_ops._amp).
+    out_dtype = None if cfg.amp is None else _amp.out_dtype(x.dtype, cfg.amp, cfg.residual)
     params = [norm_weight, norm_bias, *qkv_params(qkv_weight, qkv_bias), out_weight, out_bias]
-    if cfg.amp is not None:
-        params[2:] = [_amp.to(t, cfg.amp) for t in params[2:]]
     xc = x.contiguous()
     args = (xc, *params, mask, cos, sin, seed)
     with _amp.off(x.device.type):
@@ -362,7 +366,8 @@ def attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor], out_wei
             out = AttentionFunction.apply(*args, cfg)
         else:
             with torch.no_grad():
-                out = segment_forward(cfg, xc, dict(zip(PARAMS, params)), mask, cos, sin, seed)[0].view(b, s, d)
+                p = _amp.cast_inputs(cfg.amp, {"x": xc, **dict(zip(PARAMS, params))})
+                out = segment_forward(cfg, p.pop("x"), p, mask, cos, sin, seed)[0].view(b, s, d)
     return out if out_dtype is None else out.to(out_dtype)
 
 

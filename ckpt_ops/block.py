@@ -71,6 +71,11 @@ class BlockFunction(torch.autograd.Function):
         mp = dict(zip(_mlp.PARAMS, args[N_ATTN:N_ATTN + N_MLP]))
         key_mask, cos, sin, seed_a, seed_m, cfg = args[N_ATTN + N_MLP:]
         b, s, d = x.shape
+        # autocast: x and the parameters arrive in their own dtypes and are cast here; the
+        # originals are what gets saved (ckpt_ops._amp). No-op outside autocast.
+        x_in, ap_in, mp_in = x, ap, mp
+        x = _amp.cast_inputs(cfg.attn.amp, {"x": x})["x"]
+        ap, mp = _amp.cast_inputs(cfg.attn.amp, ap), _amp.cast_inputs(cfg.mlp.amp, mp)
         h1, ast = _attn.segment_forward(cfg.attn, x, ap, key_mask, cos, sin, seed_a)
         out, mst = _mlp.segment_forward(cfg.mlp, h1, mp, seed_m)
 
@@ -85,6 +90,10 @@ class BlockFunction(torch.autograd.Function):
         if rebuild_h1:  # h1 = x + dropout(out_proj(O)): keep what that takes instead of h1
             mkeep["x"] = None
             akeep.update(x=x, wo=ap["wo"], bo=ap["bo"], seed=seed_a if cfg.attn.p > 0.0 else None)
+        if cfg.attn.amp is not None:  # keep the inputs themselves, never their cast copies
+            akeep = _amp.originals(akeep, {"x": x, **ap}, {"x": x_in, **ap_in})
+            mkeep = _amp.originals(mkeep, mp, mp_in)
+        ctx.dtypes = _amp.dtypes(x_in, *args[:N_ATTN + N_MLP])
         ctx.cfg, ctx.plans, ctx.shape, ctx.rebuild_h1 = cfg, (aplan, mplan), (b, s, d), rebuild_h1
         ctx.needs = (aneed, mneed)
         save(ctx, {**{"a_" + k: v for k, v in akeep.items()}, **{"m_" + k: v for k, v in mkeep.items()}})
@@ -102,7 +111,7 @@ class BlockFunction(torch.autograd.Function):
         aplan, mplan = ctx.plans
         aneed, mneed = ctx.needs
         b, s, d = ctx.shape
-        saved = load(ctx)
+        saved = _amp.recast(cfg.attn.amp, load(ctx))  # autocast: cast the kept inputs again
         ta = {k[2:]: v for k, v in saved.items() if k.startswith("a_")}
         tm = {k[2:]: v for k, v in saved.items() if k.startswith("m_")}
         if ctx.rebuild_h1:
@@ -114,7 +123,8 @@ class BlockFunction(torch.autograd.Function):
         else:
             agrads = [None] * (1 + N_ATTN)
         dx = agrads[0].view(b, s, d) if agrads[0] is not None else None
-        return (dx, *agrads[1:], *mgrads[1:], None, None, None, None, None, None)
+        grads = _amp.grads_to([dx, *agrads[1:], *mgrads[1:]], ctx.dtypes)  # each in its input's dtype
+        return (*grads, None, None, None, None, None, None)
 
 
 def transformer_block(x: Tensor, attn_params: dict, mlp_params: dict, attn_cfg: _attn.AttnConfig,
@@ -132,14 +142,9 @@ def transformer_block(x: Tensor, attn_params: dict, mlp_params: dict, attn_cfg: 
              else torch.zeros(1, dtype=torch.int64, device=x.device) for c in (cfg.attn, cfg.mlp)]
     if attn_cfg.amp != mlp_cfg.amp:
         raise ValueError("attn_cfg and mlp_cfg were prepared under different autocast states")
-    out_dtype = None
-    if cfg.attn.amp is not None:  # torch.autocast: see ckpt_ops._amp
-        out_dtype = _amp.out_dtype(x.dtype, cfg.attn.amp, True)
-        x = _amp.fp32(x)
-        attn_params = {k: (_amp.fp32(v) if k in ("nw", "nb") else _amp.to(v, cfg.attn.amp))
-                       for k, v in attn_params.items()}
-        mlp_params = {k: (_amp.fp32(v) if k in ("nw", "nb") else _amp.to(v, cfg.mlp.amp))
-                      for k, v in mlp_params.items()}
+    # torch.autocast: x and the parameters go into BlockFunction in their own dtypes; it casts them
+    # itself, so that it saves them and not weight-sized cast copies (see ckpt_ops._amp).
+    out_dtype = None if cfg.attn.amp is None else _amp.out_dtype(x.dtype, cfg.attn.amp, True)
     x = x.contiguous()
     args = ([attn_params[k] for k in _attn.PARAMS] + [mlp_params[k] for k in _mlp.PARAMS])
     with _amp.off(x.device.type):
@@ -147,6 +152,8 @@ def transformer_block(x: Tensor, attn_params: dict, mlp_params: dict, attn_cfg: 
             out = BlockFunction.apply(x, *args, key_mask, cos, sin, *seeds, cfg)
         else:
             with torch.no_grad():
-                h1, _ = _attn.segment_forward(cfg.attn, x, attn_params, key_mask, cos, sin, seeds[0])
-                out = _mlp.segment_forward(cfg.mlp, h1, mlp_params, seeds[1])[0].view(x.shape)
+                xc = _amp.cast_inputs(cfg.attn.amp, {"x": x})["x"]
+                ap, mp = _amp.cast_inputs(cfg.attn.amp, attn_params), _amp.cast_inputs(cfg.mlp.amp, mlp_params)
+                h1, _ = _attn.segment_forward(cfg.attn, xc, ap, key_mask, cos, sin, seeds[0])
+                out = _mlp.segment_forward(cfg.mlp, h1, mp, seeds[1])[0].view(x.shape)
     return out if out_dtype is None else out.to(out_dtype)

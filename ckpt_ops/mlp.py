@@ -282,19 +282,24 @@ class MLPFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, nw, nb, w1, b1, wg, bg, w2, b2, seed, cfg: MLPConfig):
-        p = dict(zip(PARAMS, (nw, nb, w1, b1, wg, bg, w2, b2)))
-        out, st = segment_forward(cfg, x, p, seed)
+        p_in = {"x": x, **dict(zip(PARAMS, (nw, nb, w1, b1, wg, bg, w2, b2)))}
+        p = _amp.cast_inputs(cfg.amp, p_in)  # autocast: cast here, save the originals (ckpt_ops._amp)
+        xc = p.pop("x")
+        out, st = segment_forward(cfg, xc, p, seed)
         plan = _plan(cfg, ctx.needs_input_grad)
-        ctx.cfg, ctx.plan = cfg, plan
-        save(ctx, segment_keep(cfg, plan, ctx.needs_input_grad, x, p, st, seed))
+        ctx.cfg, ctx.plan, ctx.dtypes = cfg, plan, _amp.dtypes(*p_in.values())
+        keep = segment_keep(cfg, plan, ctx.needs_input_grad, xc, p, st, seed)
+        if cfg.amp is not None:
+            keep = _amp.originals(keep, {"x": xc, **p}, p_in)
+        save(ctx, keep)
         return out
 
     @staticmethod
     @_autograd.once_differentiable("MLP")
     def backward(ctx, dout):
         with _amp.off(dout.device.type):  # backward() called inside an autocast region
-            grads = segment_backward(ctx.cfg, ctx.plan, ctx.needs_input_grad, dout, load(ctx))
-        return (*grads, None, None)
+            grads = segment_backward(ctx.cfg, ctx.plan, ctx.needs_input_grad, dout, _amp.recast(ctx.cfg.amp, load(ctx)))
+        return (*_amp.grads_to(grads, ctx.dtypes), None, None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -340,12 +345,9 @@ def mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: T
                   gate_bias=gate_bias, norm=norm, norm_weight=norm_weight, norm_bias=norm_bias, norm_eps=norm_eps,
                   dropout=dropout, training=training, residual=residual, recompute=recompute, backend=backend)
     d_model = x.shape[-1]
-    out_dtype = None
-    if cfg.amp is not None:  # torch.autocast: see ckpt_ops._amp
-        out_dtype = _amp.out_dtype(x.dtype, cfg.amp, cfg.residual)
-        x, norm_weight, norm_bias = _amp.fp32(x), _amp.fp32(norm_weight), _amp.fp32(norm_bias)
-        fc1_weight, fc1_bias, gate_weight, gate_bias, fc2_weight, fc2_bias = (
-            _amp.to(t, cfg.amp) for t in (fc1_weight, fc1_bias, gate_weight, gate_bias, fc2_weight, fc2_bias))
+    # torch.autocast: x and the parameters go into the Function in their own dtypes; it casts them
+    # itself, so that it saves them and not weight-sized cast copies (see ckpt_ops._amp).
+    out_dtype = None if cfg.amp is None else _amp.out_dtype(x.dtype, cfg.amp, cfg.residual)
     x2d = x.reshape(-1, d_model).contiguous()
     # The dropout kernels take a seed tensor always (ignored when p == 0; only saved when p > 0).
     if cfg.p > 0.0:
@@ -358,7 +360,8 @@ def mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: T
             out = MLPFunction.apply(*args, seed, cfg)
         else:
             with torch.no_grad():
-                out = segment_forward(cfg, x2d, dict(zip(PARAMS, args[1:])), seed)[0]
+                p = _amp.cast_inputs(cfg.amp, {"x": x2d, **dict(zip(PARAMS, args[1:]))})
+                out = segment_forward(cfg, p.pop("x"), p, seed)[0]
     out = out.view(x.shape)
     return out if out_dtype is None else out.to(out_dtype)
 

@@ -45,13 +45,20 @@ class LayerNormFunction(torch.autograd.Function):
     Saves: x, mean/rstd (fp32 per row) and the weight (a parameter: not counted) when dx or
     dweight is needed; nothing when only dbias is needed.
     Recomputes: xhat = (x - mean) * rstd inside the backward kernel. Extra GEMMs: none.
+    `amp`: under torch.autocast, x and the parameters come in their own dtypes and are upcast to
+    fp32 here (and again in backward), so the originals are saved, never fp32 copies.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps, backend):
+    def forward(ctx, x, weight, bias, eps, backend, amp=False):
+        ctx.dtypes = _amp.dtypes(x, weight, bias)
+        x_in, w_in = x, weight
+        if amp:
+            x, weight, bias = _amp.fp32(x), _amp.fp32(weight), _amp.fp32(bias)
         y, mean, rstd = _backend.kernel("layer_norm", backend, "fwd")(x, weight, bias, eps)
+        x, weight = x_in, w_in
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
-        ctx.backend = backend
+        ctx.backend, ctx.amp = backend, amp
         ctx.need = (need_dx, need_dw and weight is not None, need_db and bias is not None)
         keep = need_dx or ctx.need[1]
         ctx.save_for_backward(*((x, weight, mean, rstd) if keep else ()), _autograd.sentinel(x))
@@ -63,17 +70,21 @@ class LayerNormFunction(torch.autograd.Function):
         need_dx, need_dw, need_db = ctx.need
         saved = _autograd.saved(ctx)  # raises on a second backward, as eager does
         if not (need_dx or need_dw or need_db):
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         dy = dy.contiguous()
         with _amp.off(dy.device.type):  # backward() called inside an autocast region
             if need_dx or need_dw:
                 x, weight, mean, rstd = saved
+                if ctx.amp:
+                    x, weight = _amp.fp32(x), _amp.fp32(weight)
                 dx, dw, db = _backend.kernel("layer_norm", ctx.backend, "bwd")(
                     dy, x, weight, mean, rstd, need_dx, need_dw, need_db)
             else:  # only the bias trains: db = sum of dy over rows, nothing was saved
                 dx = dw = None
                 db = dy.sum(0, dtype=_ref.acc_dtype(dy.dtype)).to(dy.dtype)
-        return (dx if need_dx else None, dw if need_dw else None, db if need_db else None, None, None)
+        grads = _amp.grads_to((dx if need_dx else None, dw if need_dw else None, db if need_db else None),
+                              ctx.dtypes)
+        return (*grads, None, None, None)
 
 
 class RMSNormFunction(torch.autograd.Function):
@@ -81,14 +92,19 @@ class RMSNormFunction(torch.autograd.Function):
 
     Saves: x, rstd (fp32 per row) and the weight (a parameter: not counted) when dx or dweight
     is needed. Recomputes: xhat = x * rstd inside the backward kernel.
-    Extra GEMMs: none.
+    Extra GEMMs: none. `amp`: as LayerNormFunction's.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, eps, backend):
+    def forward(ctx, x, weight, eps, backend, amp=False):
+        ctx.dtypes = _amp.dtypes(x, weight)
+        x_in, w_in = x, weight
+        if amp:
+            x, weight = _amp.fp32(x), _amp.fp32(weight)
         y, rstd = _backend.kernel("rms_norm", backend, "fwd")(x, weight, eps)
+        x, weight = x_in, w_in
         need_dx, need_dw = ctx.needs_input_grad[:2]
-        ctx.backend = backend
+        ctx.backend, ctx.amp = backend, amp
         ctx.need = (need_dx, need_dw and weight is not None)
         keep = need_dx or ctx.need[1]
         ctx.save_for_backward(*((x, weight, rstd) if keep else ()), _autograd.sentinel(x))
@@ -100,32 +116,38 @@ class RMSNormFunction(torch.autograd.Function):
         need_dx, need_dw = ctx.need
         saved = _autograd.saved(ctx)  # raises on a second backward, as eager does
         if not (need_dx or need_dw):
-            return None, None, None, None
+            return None, None, None, None, None
         x, weight, rstd = saved
+        if ctx.amp:
+            x, weight = _amp.fp32(x), _amp.fp32(weight)
         with _amp.off(dy.device.type):
             dx, dw = _backend.kernel("rms_norm", ctx.backend, "bwd")(dy.contiguous(), x, weight, rstd, need_dx,
                                                                      need_dw)
-        return (dx if need_dx else None, dw if need_dw else None, None, None)
+        return (*_amp.grads_to((dx if need_dx else None, dw if need_dw else None), ctx.dtypes), None, None, None)
 
 
 # ------------------------------------------------------------------------------------------------
 # Functional API
 # ------------------------------------------------------------------------------------------------
-def _prepare(input, normalized_shape, params, names):
+def _prepare(input, normalized_shape, params, names, op):
+    """(x, x2d, params, amp, out_dtype). Under torch.autocast with a fp16/bf16 input or parameter
+    (amp True) the norm computes in fp32 -- the Functions upcast inside, so they save the inputs
+    themselves -- and returns in the dtype torch's own `op` returns under autocast on that device
+    (ckpt_ops._amp.norm_dtype: fp32 on CUDA's fp32 list, the input's dtype on CPU; fp32 where it
+    is not known). fp64 is left alone."""
     x = _validate.float_tensor(input, "input")
     shape = _validate.normalized_shape(normalized_shape, x)
     for p, name in zip(params, names):
         _validate.param_like(p, name, shape, x)
-    if _amp.gemm_dtype(x) is not None:
-        # torch's autocast policy for layer_norm / rms_norm (fp32 list): fp16/bf16 inputs and
-        # parameters are upcast, the normalisation runs and returns in fp32; fp64 is left alone.
-        x = _amp.fp32(x)
-        params = [_amp.fp32(p) for p in params]
+    amp, out_dtype = False, None
+    if _amp.gemm_dtype(x) is not None and any(t is not None and t.dtype in _amp.LOW for t in (x, *params)):
+        amp = True
+        out_dtype = _amp.norm_dtype(x.device.type, x.dtype, op) or torch.float32
     n = 1
     for s in shape:
         n *= s
     params = [p.reshape(n).contiguous() if p is not None else None for p in params]  # strided weights too
-    return x, x.reshape(-1, n).contiguous(), params
+    return x, x.reshape(-1, n).contiguous(), params, amp, out_dtype
 
 
 def _needs_graph(*tensors) -> bool:
@@ -147,15 +169,21 @@ def layer_norm(input: Tensor, normalized_shape: Union[int, Sequence[int]], weigh
     Saves x plus mean/rstd per row for backward (see the module docstring).
     """
     eps = _validate.eps(eps)
-    x, x2d, (w, b) = _prepare(input, normalized_shape, [weight, bias], ["weight", "bias"])
+    x, x2d, (w, b), amp, out_dtype = _prepare(input, normalized_shape, [weight, bias], ["weight", "bias"],
+                                              "layer_norm")
     be = _backend.resolve("layer_norm", x.device, backend)
     _validate.backend_dtype(be, x, "input")
     with _amp.off(x.device.type):  # the kernels see exactly the dtypes chosen above
         if _needs_graph(x2d, w, b):
-            y = LayerNormFunction.apply(x2d, w, b, eps, be)
+            y = LayerNormFunction.apply(x2d, w, b, eps, be, amp)
         else:
-            y = _backend.kernel("layer_norm", be, "fwd")(x2d, w, b, eps)[0]
-    return y.view(x.shape)
+            y = _backend.kernel("layer_norm", be, "fwd")(*_fp32_if(amp, x2d, w, b), eps)[0]
+    y = y.view(x.shape)
+    return y if out_dtype is None else y.to(out_dtype)
+
+
+def _fp32_if(amp: bool, *tensors):
+    return [_amp.fp32(t) for t in tensors] if amp else list(tensors)
 
 
 def default_rms_eps(dtype: torch.dtype) -> float:
@@ -172,13 +200,14 @@ def rms_norm(input: Tensor, normalized_shape: Union[int, Sequence[int]], weight:
     its documentation says ``finfo(input.dtype).eps``, its kernels use the opmath type). Other
     arguments as in :func:`layer_norm`. Saves x plus rstd per row for backward.
     """
-    x, x2d, (w,) = _prepare(input, normalized_shape, [weight], ["weight"])
+    x, x2d, (w,), amp, out_dtype = _prepare(input, normalized_shape, [weight], ["weight"], "rms_norm")
     eps = default_rms_eps(x.dtype) if eps is None else _validate.eps(eps)
     be = _backend.resolve("rms_norm", x.device, backend)
     _validate.backend_dtype(be, x, "input")
     with _amp.off(x.device.type):
         if _needs_graph(x2d, w):
-            y = RMSNormFunction.apply(x2d, w, eps, be)
+            y = RMSNormFunction.apply(x2d, w, eps, be, amp)
         else:
-            y = _backend.kernel("rms_norm", be, "fwd")(x2d, w, eps)[0]
-    return y.view(x.shape)
+            y = _backend.kernel("rms_norm", be, "fwd")(*_fp32_if(amp, x2d, w), eps)[0]
+    y = y.view(x.shape)
+    return y if out_dtype is None else y.to(out_dtype)
