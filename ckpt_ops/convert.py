@@ -6,7 +6,7 @@ One generic mechanism: an *adapter* per supported module type (ckpt_ops._convert
 can be served exactly. A converted module keeps its class, parameters and children; only its
 ``forward`` is overridden *on the instance* (other models of the same class are untouched). A call
 the fused path cannot serve exactly -- a KV cache being filled for generation, attention weights
-requested, cross-attention, attention-probability dropout in training, masks that are not causal +
+requested, cross-attention, masks that are not causal +
 padding, a sliding window shorter than the sequence, mixed dtypes, autocast, or a submodule that is
 not what the adapter reads (a PEFT LoRA wrapper, a hook, a parametrization: ckpt_ops._convert_guard)
 -- runs the module's original forward, and the reason is counted in the report. Inside such a
@@ -17,7 +17,9 @@ Fused, as ONE checkpointed segment per layer (``ckpt_ops.block``): Hugging Face 
 ``GPT2Block`` (Conv1D weights used transposed, as views) and the Llama-like decoder layers of Llama,
 Mistral, Qwen2, Phi3 and Gemma (the model's own rotary tables; Phi3's packed projections as row
 views; Gemma's (1 + w) RMSNorm in fp32). ``torch.nn.LayerNorm``, ``torch.nn.RMSNorm`` and those
-families' RMSNorms are swapped anywhere else. Every decoder layer seen (by class or by structure) that is not fused is reported with why.
+families' RMSNorms are swapped anywhere else. Attention-probability dropout (GPT-2's ``attn_pdrop``,
+the Llama-like ``attention_dropout``) is fused in training: dropout inside the attention kernels
+with Philox bits (docs/convert.md "Attention dropout": equal in distribution to torch's, not in bits). Every decoder layer seen (by class or by structure) that is not fused is reported with why.
 
 As Hugging Face's own gradient checkpointing does, a training call (module in train mode, grad
 enabled) does not fill an empty KV cache the model created by default (``use_cache=True``); the
