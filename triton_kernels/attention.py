@@ -262,14 +262,16 @@ def _attn_bwd_dkdv_kernel(
                 valid = valid & (offs_m[None, :] >= offs_n[:, None])
             s_t = _dot(k, tl.trans(q), None) * qk_scale
             p_t = tl.where(valid, tl.math.exp2(s_t - lse[None, :] * _LOG2E), 0.0)
-            dp_t = _dot(v, tl.trans(do), None)
+            # (the no-dropout path keeps the original instruction order: same registers, docs/gpu_resources.md)
             if DROPOUT:  # transposed tile: rows are keys, columns queries
                 keep_t = _keep(seed, (row0 + offs_m.to(tl.int64))[None, :], offs_n[:, None], S, threshold)
                 dv = _dot(_operand(tl.where(keep_t, p_t * dscale, 0.0), QKV.dtype.element_ty, DOT_FP32,
                                    RTNE_BF16), do, dv)
-                dp_t = tl.where(keep_t, dp_t * dscale, 0.0)
             else:
                 dv = _dot(_operand(p_t, QKV.dtype.element_ty, DOT_FP32, RTNE_BF16), do, dv)
+            dp_t = _dot(v, tl.trans(do), None)
+            if DROPOUT:
+                dp_t = tl.where(keep_t, dp_t * dscale, 0.0)
             ds_t = p_t * (dp_t - delta[None, :])
             dk = _dot(_operand(ds_t, QKV.dtype.element_ty, DOT_FP32, RTNE_BF16), q, dk)
     dk = dk * scale
