@@ -292,6 +292,10 @@ class AttentionFunction(torch.autograd.Function):
     """The attention segment (see the module docstring for what each level saves/recomputes).
 
     forward(x (B, S, D) contiguous, *PARAMS, key_mask (B, S) or None, cos, sin (or None), seed, cfg)
+
+    ``seed`` (1-element int64) keys both dropouts: the residual one (cfg.p) and the attention-probability one
+    (cfg.attn_p, key seed + 2**62); it is what the segment keeps for them (8 bytes): no mask is saved at any
+    level, the attention kernels regenerate the probabilities' bits in the recomputed forward and in backward.
     """
 
     @staticmethod
