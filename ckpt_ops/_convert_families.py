@@ -242,8 +242,9 @@ class GPT2BlockAdapter(_BlockAdapter):
             raise Unservable("cross-attention")
         _check_cache(module, call.get("cache", call.get("past_key_values")), module.attn.layer_idx)
         attn, mlp = module.attn, module.mlp
-        if module.training and attn.attn_dropout.p > 0:
-            raise Unservable("attention-probability dropout in training (attn_pdrop > 0)")
+        # attn_pdrop: fused (dropout on the probabilities inside the attention kernels, Philox bits);
+        # HF applies it when the attention module trains (GPT2Attention: `p if self.training else 0`).
+        p_probs = attn.attn_dropout.p if attn.training else 0.0
         cfg = attn.config
         attn_p = {"nw": module.ln_1.weight, "nb": module.ln_1.bias, "wq": attn.c_attn.weight.t(), "wk": None,
                   "wv": None, "bq": attn.c_attn.bias, "bk": None, "bv": None, "wo": attn.c_proj.weight.t(),
@@ -252,7 +253,7 @@ class GPT2BlockAdapter(_BlockAdapter):
                  "wg": None, "bg": None, "w2": mlp.c_proj.weight.t(), "b2": mlp.c_proj.bias}
         attn_kw = dict(num_heads=attn.num_heads, num_kv_heads=attn.num_heads, scale=attn.scaling, norm="layernorm",
                        norm_weight=attn_p["nw"], norm_bias=attn_p["nb"], norm_eps=module.ln_1.eps, rope=False,
-                       rope_theta=10000.0, dropout=attn.resid_dropout.p, residual=True)
+                       rope_theta=10000.0, dropout=attn.resid_dropout.p, residual=True, attn_dropout=p_probs)
         mlp_kw = dict(activation=_ACTS_GPT2[cfg.activation_function], norm="layernorm", norm_weight=mlp_p["nw"],
                       norm_bias=mlp_p["nb"], norm_eps=module.ln_2.eps, dropout=mlp.dropout.p)
         return self._run(module, state, x, call.get("attention_mask"), attn_p, mlp_p, attn_kw, mlp_kw)
@@ -334,8 +335,9 @@ class LlamaLikeAdapter(_BlockAdapter):
         x = call["hidden_states"]
         attn, mlp = module.self_attn, module.mlp
         _check_cache(module, call.get("cache", call.get("past_key_values")), attn.layer_idx)
-        if module.training and attn.attention_dropout > 0:
-            raise Unservable("attention-probability dropout in training (attention_dropout > 0)")
+        # attention_dropout: fused in the attention kernels; HF applies it when the attention module
+        # trains (`dropout=0.0 if not self.training else self.attention_dropout`).
+        p_probs = float(attn.attention_dropout) if attn.training else 0.0
         if fam.sliding_window and x.dim() == 3:
             w = getattr(attn, "sliding_window", getattr(attn.config, "sliding_window", None))
             if w is not None and w < x.shape[1]:
@@ -367,7 +369,7 @@ class LlamaLikeAdapter(_BlockAdapter):
                  "w2": mlp.down_proj.weight, "b2": mlp.down_proj.bias}
         attn_kw = dict(num_heads=cfg.num_attention_heads, num_kv_heads=cfg.num_key_value_heads, scale=attn.scaling,
                        norm="rmsnorm", norm_weight=nw1, norm_bias=None, norm_eps=_eps(n1),
-                       rope=True, rope_theta=10000.0, dropout=p_attn, residual=True)
+                       rope=True, rope_theta=10000.0, dropout=p_attn, residual=True, attn_dropout=p_probs)
         mlp_kw = dict(activation=_ACTS_GATED[cfg.hidden_act], norm="rmsnorm", norm_weight=nw2, norm_bias=None,
                       norm_eps=_eps(n2), dropout=p_mlp)
         return self._run(module, state, x, call.get("attention_mask"), attn_p, mlp_p, attn_kw, mlp_kw, cos, sin)

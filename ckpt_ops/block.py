@@ -89,7 +89,8 @@ class BlockFunction(torch.autograd.Function):
         rebuild_h1 = cfg.level in ("full", "keep_attn") and mkeep["x"] is not None
         if rebuild_h1:  # h1 = x + dropout(out_proj(O)): keep what that takes instead of h1
             mkeep["x"] = None
-            akeep.update(x=x, wo=ap["wo"], bo=ap["bo"], seed=seed_a if cfg.attn.p > 0.0 else None)
+            akeep.update(x=x, wo=ap["wo"], bo=ap["bo"],
+                         seed=seed_a if (cfg.attn.p > 0.0 or cfg.attn.attn_p > 0.0) else None)
         if cfg.attn.amp is not None:  # keep the inputs themselves, never their cast copies
             akeep = _amp.originals(akeep, {"x": x, **ap}, {"x": x_in, **ap_in})
             mkeep = _amp.originals(mkeep, mp, mp_in)
@@ -138,8 +139,8 @@ def transformer_block(x: Tensor, attn_params: dict, mlp_params: dict, attn_cfg: 
     if level not in LEVELS:
         raise ValueError(f"recompute must be one of {LEVELS}; got {level!r}")
     cfg = BlockConfig(attn_cfg._replace(level=_ATTN_LEVEL[level]), mlp_cfg._replace(level=_MLP_LEVEL[level]), level)
-    seeds = [torch.randint(0, 2**62, (1,), dtype=torch.int64, device=x.device) if c.p > 0.0
-             else torch.zeros(1, dtype=torch.int64, device=x.device) for c in (cfg.attn, cfg.mlp)]
+    seeds = [torch.randint(0, 2**62, (1,), dtype=torch.int64, device=x.device)
+             if c.p > 0.0 or getattr(c, "attn_p", 0.0) > 0.0 else torch.zeros(1, dtype=torch.int64, device=x.device) for c in (cfg.attn, cfg.mlp)]
     if attn_cfg.amp != mlp_cfg.amp:
         raise ValueError("attn_cfg and mlp_cfg were prepared under different autocast states")
     # torch.autocast: x and the parameters go into BlockFunction in their own dtypes; it casts them

@@ -6,8 +6,8 @@ One generic mechanism: an *adapter* per supported module type (ckpt_ops._convert
 can be served exactly. A converted module keeps its class, parameters and children; only its
 ``forward`` is overridden *on the instance* (other models of the same class are untouched). A call
 the fused path cannot serve exactly -- a KV cache being filled for generation, attention weights
-requested, cross-attention, attention-probability dropout in training, masks that are not causal +
-padding, a sliding window shorter than the sequence, mixed dtypes, or a submodule that is
+requested, cross-attention, masks that are not causal + padding, a sliding window shorter than the
+sequence, mixed dtypes, or a submodule that is
 not what the adapter reads (a PEFT LoRA wrapper, a hook, a parametrization: ckpt_ops._convert_guard)
 -- runs the module's original forward, and the reason is counted in the report. Inside such a
 fallback every converted module (the norms) runs torch's own forward too, so a fallback is exactly
@@ -18,7 +18,11 @@ Fused, as ONE checkpointed segment per layer (``ckpt_ops.block``): Hugging Face 
 Mistral, Qwen2, Phi3 and Gemma (the model's own rotary tables; Phi3's packed projections as row
 views; Gemma's (1 + w) RMSNorm in fp32), also under torch.autocast (ckpt_ops._amp: GEMMs in the
 autocast dtype, norms in fp32, the residual stream as the model makes it; docs/convert.md, "Autocast").
-``torch.nn.LayerNorm``, ``torch.nn.RMSNorm`` and those families' RMSNorms are swapped anywhere else. Every decoder layer seen (by class or by structure) that is not fused is reported with why.
+Attention-probability dropout (GPT-2's ``attn_pdrop``, the Llama-like ``attention_dropout``) is fused
+in training: dropout inside the attention kernels with Philox bits (docs/convert.md "Attention
+dropout": equal in distribution to torch's, not in bits). ``torch.nn.LayerNorm``, ``torch.nn.RMSNorm``
+and those families' RMSNorms are swapped anywhere else. Every decoder layer seen (by class or by
+structure) that is not fused is reported with why.
 
 As Hugging Face's own gradient checkpointing does, a training call (module in train mode, grad
 enabled) does not fill an empty KV cache the model created by default (``use_cache=True``); the

@@ -45,9 +45,9 @@ def _positive_int(v, name):
     return v
 
 
-def _dropout_p(p):
+def _dropout_p(p, name="dropout"):
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout must be a float in [0, 1); got {p!r}")
+        raise ValueError(f"{name} must be a float in [0, 1); got {p!r}")
     return float(p)
 
 
@@ -152,7 +152,9 @@ class Attention(torch.nn.Module):
 
     Submodules ``norm`` (only with ``norm=``), ``qkv`` (``nn.Linear`` d_model ->
     (H + 2 KV) * head_dim, rows [q | k | v]) and ``out`` (``nn.Linear`` H * head_dim -> d_model).
-    ``dropout`` applies to the output projection (residual dropout), not to the probabilities.
+    ``dropout`` applies to the output projection (residual dropout); ``attn_dropout`` to the
+    attention probabilities, inside the attention kernels (Philox bits at (batch, head, query, key)
+    regenerated in backward, never stored). Both are off in eval mode.
     RoPE positions are 0..S-1 ("rotate half", base ``rope_theta``).
     """
 
@@ -161,7 +163,7 @@ class Attention(torch.nn.Module):
     def __init__(self, d_model: int, num_heads: int, num_kv_heads: Optional[int] = None, causal: bool = True,
                  bias: bool = True, dropout: float = 0.0, norm: Optional[str] = None, rope: bool = False,
                  rope_theta: float = 10000.0, residual: bool = False, recompute: str = "full", device=None,
-                 dtype=None):
+                 dtype=None, attn_dropout: float = 0.0):
         super().__init__()
         _positive_int(d_model, "d_model")
         _positive_int(num_heads, "num_heads")
@@ -178,6 +180,7 @@ class Attention(torch.nn.Module):
         self.d_model, self.num_heads, self.num_kv_heads, self.head_dim = d_model, num_heads, kv, head_dim
         self.causal, self.rope, self.rope_theta = bool(causal), bool(rope), float(rope_theta)
         self.dropout = _dropout_p(dropout)
+        self.attn_dropout = _dropout_p(attn_dropout, "attn_dropout")
         self.residual = bool(residual)
         self.recompute = recompute
         self.backend: Optional[str] = None
@@ -194,7 +197,8 @@ class Attention(torch.nn.Module):
                   norm_bias=getattr(self.norm, "bias", None) if nk == "layernorm" else None,
                   norm_eps=self.norm.eps if nk else None, rope=self.rope, rope_theta=self.rope_theta,
                   rope_cos=rope_cos, rope_sin=rope_sin, dropout=self.dropout, training=self.training,
-                  residual=self.residual, recompute=recompute or self.recompute, backend=self.backend)
+                  residual=self.residual, recompute=recompute or self.recompute, backend=self.backend,
+                  attn_dropout=self.attn_dropout)
         return pos, kw
 
     def forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -203,7 +207,8 @@ class Attention(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
-                f"causal={self.causal}, rope={self.rope}, dropout={self.dropout}, residual={self.residual}, "
+                f"causal={self.causal}, rope={self.rope}, dropout={self.dropout}, attn_dropout={self.attn_dropout}, "
+                f"residual={self.residual}, "
                 f"recompute={self.recompute!r}")
 
 
@@ -227,7 +232,8 @@ class TransformerBlock(torch.nn.Module):
 
     def __init__(self, d_model: int, num_heads: int, d_hidden: Optional[int] = None, style: str = "gpt2",
                  recompute: str = "full", num_kv_heads: Optional[int] = None, dropout: float = 0.0,
-                 causal: bool = True, rope_theta: float = 10000.0, device=None, dtype=None):
+                 causal: bool = True, rope_theta: float = 10000.0, device=None, dtype=None,
+                 attn_dropout: float = 0.0):
         super().__init__()
         if style not in ("gpt2", "llama"):
             raise ValueError(f"style must be 'gpt2' or 'llama'; got {style!r}")
@@ -242,7 +248,8 @@ class TransformerBlock(torch.nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.attn = Attention(d_model, num_heads, num_kv_heads if llama else num_kv_heads, causal=causal,
                               bias=not llama, dropout=dropout, norm="rmsnorm" if llama else "layernorm",
-                              rope=llama, rope_theta=rope_theta, residual=True, **factory)
+                              rope=llama, rope_theta=rope_theta, residual=True, attn_dropout=attn_dropout,
+                              **factory)
         self.mlp = MLP(d_model, d_hidden, activation="swiglu" if llama else "gelu_tanh", bias=not llama,
                        dropout=dropout, norm="rmsnorm" if llama else "layernorm", residual=True, **factory)
 

@@ -308,14 +308,44 @@ def attention_valid(key_mask: Optional[Tensor], b: int, s: int, causal: bool, de
     return ok
 
 
+def attention_dropout_keep(seed: Tensor, b: int, h: int, s: int, p: float, device) -> Tensor:
+    """(B, H, S, S) bool keep mask of attention-probability dropout (keep rate 1 - p): element
+    (b, h, q, k) is kept when ``dropout_bits(seed, ((b * H + h) * S + q) * S + k) >= threshold(p)``,
+    i.e. the Philox4x32-10 stream of the residual dropout (same counter/word mapping) over the
+    flattened (batch, head, query, key) index. The C++ CPU kernel and the Triton kernels draw the
+    same bits at the same positions; nothing is stored: every backend regenerates them in backward."""
+    sd = int(seed.reshape(-1)[0].item())
+    idx = torch.arange(b * h * s * s, dtype=torch.int64, device=device)
+    return (dropout_bits(sd, idx) >= dropout_threshold(p)).view(b, h, s, s)
+
+
+def _check_attn_dropout(dropout_p: float, seed: Optional[Tensor], device) -> bool:
+    """True when the call applies attention-probability dropout (validated: p in [0, 1), and then
+    a 1-element int64 seed on the tensors' device)."""
+    if not (0.0 <= dropout_p < 1.0):
+        raise ValueError(f"dropout_p must be in [0, 1); got {dropout_p!r}")
+    if dropout_p == 0.0:
+        return False
+    if seed is None or seed.numel() != 1 or seed.dtype != torch.int64 or seed.device != device:
+        raise ValueError(f"seed must be a 1-element int64 tensor on {device} when dropout_p > 0; got "
+                         f"{None if seed is None else (tuple(seed.shape), seed.dtype, seed.device)}")
+    return True
+
+
 def attention_fwd(qkv: Tensor, key_mask: Optional[Tensor], num_heads: int, num_kv_heads: int, causal: bool,
-                  scale: float) -> Tuple[Tensor, Tensor]:
+                  scale: float, dropout_p: float = 0.0, seed: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Kernel contract of ``ckpt_ops::attention_fwd``: softmax attention of the packed qkv.
 
     key_mask: (B, S) bool/integer, nonzero = attend (padding mask), or None. Returns o (B, S, H*hd)
     in qkv's dtype and lse (B, H, S) in the accumulation dtype (fp32; fp64 for fp64), the log-sum-exp of each row's scaled scores. A row
     with no key to attend (all padding, or left padding under causal) gets o = 0 and lse = +inf,
-    so its probabilities rebuild to exactly 0 in backward."""
+    so its probabilities rebuild to exactly 0 in backward.
+
+    dropout_p > 0 (with a 1-element int64 ``seed``): dropout on the attention probabilities,
+    O = (P * keep / (1 - p)) V with keep = :func:`attention_dropout_keep` (p applied after the
+    softmax, before P V; the LSE is that of the undropped softmax). The mask is never returned or
+    stored: attention_bwd regenerates it from the same seed."""
+    drop = _check_attn_dropout(dropout_p, seed, qkv.device)
     b, s, _ = qkv.shape
     acc = acc_dtype(qkv.dtype)
     q, k, v, hd = _split_heads(qkv, num_heads, num_kv_heads)
@@ -327,20 +357,29 @@ def attention_fwd(qkv: Tensor, key_mask: Optional[Tensor], num_heads: int, num_k
     lse = torch.logsumexp(scores, dim=-1)                       # -inf on empty rows
     empty = torch.isneginf(lse)
     p = torch.exp(scores - torch.where(empty, torch.zeros_like(lse), lse)[..., None])
+    if drop:
+        keep = attention_dropout_keep(seed, b, num_heads, s, dropout_p, qkv.device)
+        p = torch.where(keep, p * dropout_scale(dropout_p, qkv.dtype), torch.zeros((), dtype=acc, device=p.device))
     o = (p @ v).transpose(1, 2).reshape(b, s, num_heads * hd)
     lse = torch.where(empty, torch.full_like(lse, float("inf")), lse)
     return o.to(qkv.dtype).contiguous(), lse.to(acc)  # contiguous also for head_dim 1
 
 
 def attention_bwd(do: Tensor, qkv: Tensor, o: Tensor, lse: Tensor, key_mask: Optional[Tensor], num_heads: int,
-                  num_kv_heads: int, causal: bool, scale: float) -> Tensor:
+                  num_kv_heads: int, causal: bool, scale: float, dropout_p: float = 0.0,
+                  seed: Optional[Tensor] = None) -> Tensor:
     """Kernel contract of ``ckpt_ops::attention_bwd``: the gradient dqkv (B, S, (H+2KV)*hd) of
     the packed qkv, from do (B, S, H*hd), the forward's o and lse (probabilities are rebuilt as
     exp(scale * q k^T - lse), never stored); dk/dv are summed over the query heads of a group:
 
         P = exp(scale * Q K^T - lse),  dV = P^T dO,  dP = dO V^T,  delta = rowsum(dO * O)
         dS = P * (dP - delta),  dQ = scale * dS K,  dK = scale * dS^T Q
+
+    With dropout (dropout_p > 0, the forward's seed): Z = keep / (1 - p) regenerated from the seed,
+        dV = (P * Z)^T dO,  dP = (dO V^T) * Z,  delta = rowsum(dO * O) = rowsum(P * dP),
+    and dS, dQ, dK as above.
     """
+    drop = _check_attn_dropout(dropout_p, seed, qkv.device)
     b, s, _ = qkv.shape
     acc = acc_dtype(qkv.dtype)
     q, k, v, hd = _split_heads(qkv, num_heads, num_kv_heads)
@@ -351,8 +390,14 @@ def attention_bwd(do: Tensor, qkv: Tensor, o: Tensor, lse: Tensor, key_mask: Opt
     ok = attention_valid(key_mask, b, s, causal, qkv.device)
     scores = (q @ k.transpose(-1, -2)) * scale
     p = torch.exp(scores - lse.to(acc)[..., None]).masked_fill(~ok, 0.0)
-    dv = p.transpose(-1, -2) @ dO
     dp = dO @ v.transpose(-1, -2)
+    if drop:
+        keep = attention_dropout_keep(seed, b, num_heads, s, dropout_p, qkv.device)
+        zero, sc = torch.zeros((), dtype=acc, device=p.device), dropout_scale(dropout_p, qkv.dtype)
+        dv = torch.where(keep, p * sc, zero).transpose(-1, -2) @ dO
+        dp = torch.where(keep, dp * sc, zero)
+    else:
+        dv = p.transpose(-1, -2) @ dO
     delta = (dO * O).sum(-1, keepdim=True)
     ds = p * (dp - delta)
     dq = (ds @ k) * scale

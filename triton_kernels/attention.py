@@ -18,6 +18,14 @@ Backward (P rebuilt tile by tile from lse, never stored; +inf lse gives P = 0):
     P = exp(scale q k^T - lse),  delta = rowsum(dO * O)            (_attn_bwd_preprocess)
     dV = P^T dO,  dP = dO V^T,  dS = P * (dP - delta),  dK = scale dS^T Q     (_attn_bwd_dkdv_kernel)
     dQ = scale dS K                                                           (_attn_bwd_dq_kernel)
+Attention-probability dropout (DROPOUT, a constexpr: the kernels without it are unchanged): element (b, h, q, k)
+is kept when ``_dropout_bits(seed, ((b H + h) S + q) S + k) >= threshold`` -- the residual dropout's Philox
+mapping (``.mlp``) over the flattened (batch, head, query, key) index, so the bits are the C++ CPU kernel's and
+the reference's (``reference.attention_dropout_keep``). z = 1 / (1 - p); with Z = keep * z:
+    forward: acc' = acc 2^(m - m') + (p Z) v  (l from the undropped p, so o = (P Z) V)
+    backward: dV = (P Z)^T dO,  dS = P * ((dO V^T) Z - delta)      (delta = rowsum(dO * O) as without dropout)
+Each kernel regenerates the bits of its own tiles from the seed (a 1-element int64 tensor read on the device);
+nothing is stored.
 The dk/dv kernel owns one KV head's key block and loops over the H/KV query heads of its group (and the query
 blocks, from the diagonal on under causal), so GQA/MQA sums happen in registers: no atomics, one store.
 
@@ -42,6 +50,7 @@ from ckpt_ops import _meta
 
 from . import rope  # noqa: F401  (registers ckpt_ops::rope_triton_)
 from ._common import _cast_out, _emulate_rtne, _interpreted, _register, device_limits, launch
+from .mlp import _dropout_bits, _dropout_scale, _dropout_threshold
 from .rope import _check_heads
 
 _LOG2E = tl.constexpr(1.4426950408889634)
@@ -119,6 +128,13 @@ def _key_block(base, q, offs_m, offs_n, S, stride_s, k_col, v_col, offs_d, HD, K
 
 
 @triton.jit
+def _keep(seed, rows, cols, S, threshold):
+    """Keep bits of the (rows x cols) tile of one (b, h): ``rows`` the flattened (b H + h) S + q as int64 (a
+    column or a row vector), ``cols`` the key indices broadcast against it."""
+    return _dropout_bits(seed, rows * S + cols.to(tl.int64)) >= tl.cast(threshold, tl.uint32)
+
+
+@triton.jit
 def _attn_fwd_kernel(
     QKV, KMASK, O, LSE,  # qkv (B, S, W); key_mask uint8 (B, S) or None; o (B, S, H*hd); lse fp32 (B, H, S)
     S, H, GROUP, HD,  # GROUP = H / KV query heads per KV head
@@ -126,6 +142,7 @@ def _attn_fwd_kernel(
     qk_scale,  # scale * log2(e)
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr, RTNE_BF16: tl.constexpr,
+    SEED=None, threshold=0, dscale=1.0, DROPOUT: tl.constexpr = False,  # probability dropout (module docstring)
 ):
     """Grid (cdiv(S, BLOCK_M) * B * H,) (``_split_pid``). One query block of one head, online softmax over
     the key blocks (math in the module docstring); stores o and lse for its rows."""
@@ -140,6 +157,10 @@ def _attn_fwd_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q = _load_rows(base, offs_m, S, stride_qkv_s, h * HD, offs_d, HD, DOT_FP32)
+    if DROPOUT:
+        seed = tl.load(SEED).to(tl.int64)
+        dscale = tl.cast(dscale, tl.float32)
+        rows = (pid_bh * S + offs_m.to(tl.int64))[:, None]
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -158,6 +179,8 @@ def _attn_fwd_kernel(
         p = tl.math.exp2(s - m_off[:, None])
         alpha = tl.math.exp2(m_i - m_off)
         l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:  # the sum above is the undropped softmax's; P V sees the dropped, rescaled p
+            p = tl.where(_keep(seed, rows, offs_n[None, :], S, threshold), p * dscale, 0.0)
         acc = _dot(_operand(p, QKV.dtype.element_ty, DOT_FP32, RTNE_BF16), v, acc * alpha[:, None])
         m_i = m_new
     has_key = l_i > 0.0
@@ -194,6 +217,7 @@ def _attn_bwd_dkdv_kernel(
     qk_scale, scale,  # scale * log2(e), scale
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr, RTNE_BF16: tl.constexpr,
+    SEED=None, threshold=0, dscale=1.0, DROPOUT: tl.constexpr = False,
 ):
     """Grid (cdiv(S, BLOCK_N) * B * KV,). One key block of one KV head; for each of the GROUP query heads that
     read it and each query block (causal: from the block holding the diagonal on), transposed tiles:
@@ -216,6 +240,9 @@ def _attn_bwd_dkdv_kernel(
     key_ok = _key_ok(KMASK, b, offs_n, S, HAS_MASK)[:, None]
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    if DROPOUT:
+        seed = tl.load(SEED).to(tl.int64)
+        dscale = tl.cast(dscale, tl.float32)
     if CAUSAL:
         lo = (start_n // BLOCK_M) * BLOCK_M  # earlier query blocks see none of these keys
     else:
@@ -235,8 +262,16 @@ def _attn_bwd_dkdv_kernel(
                 valid = valid & (offs_m[None, :] >= offs_n[:, None])
             s_t = _dot(k, tl.trans(q), None) * qk_scale
             p_t = tl.where(valid, tl.math.exp2(s_t - lse[None, :] * _LOG2E), 0.0)
-            dv = _dot(_operand(p_t, QKV.dtype.element_ty, DOT_FP32, RTNE_BF16), do, dv)
+            # (the no-dropout path keeps the original instruction order: same registers, docs/gpu_resources.md)
+            if DROPOUT:  # transposed tile: rows are keys, columns queries
+                keep_t = _keep(seed, (row0 + offs_m.to(tl.int64))[None, :], offs_n[:, None], S, threshold)
+                dv = _dot(_operand(tl.where(keep_t, p_t * dscale, 0.0), QKV.dtype.element_ty, DOT_FP32,
+                                   RTNE_BF16), do, dv)
+            else:
+                dv = _dot(_operand(p_t, QKV.dtype.element_ty, DOT_FP32, RTNE_BF16), do, dv)
             dp_t = _dot(v, tl.trans(do), None)
+            if DROPOUT:
+                dp_t = tl.where(keep_t, dp_t * dscale, 0.0)
             ds_t = p_t * (dp_t - delta[None, :])
             dk = _dot(_operand(ds_t, QKV.dtype.element_ty, DOT_FP32, RTNE_BF16), q, dk)
     dk = dk * scale
@@ -254,6 +289,7 @@ def _attn_bwd_dq_kernel(
     qk_scale, scale,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr, RTNE_BF16: tl.constexpr,
+    SEED=None, threshold=0, dscale=1.0, DROPOUT: tl.constexpr = False,
 ):
     """Grid (cdiv(S, BLOCK_M) * B * H,). One query block of one head, over the key blocks (causal: up to the
     diagonal block):  P = 2^(c q k^T - lse log2 e),  dP = dO v^T,  dS = P * (dP - delta),  dQ += dS k;
@@ -275,6 +311,10 @@ def _attn_bwd_dq_kernel(
     lse = tl.load(LSE + pid_bh * S + offs_m, mask=m_ok, other=float("inf"))
     delta = tl.load(DELTA + pid_bh * S + offs_m, mask=m_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if DROPOUT:
+        seed = tl.load(SEED).to(tl.int64)
+        dscale = tl.cast(dscale, tl.float32)
+        rows = (pid_bh * S + offs_m.to(tl.int64))[:, None]
     if CAUSAL:
         hi = tl.minimum(S, start_m + BLOCK_M)
     else:
@@ -286,6 +326,8 @@ def _attn_bwd_dq_kernel(
                                     DOT_FP32)
         p = tl.where(valid, tl.math.exp2(s - lse[:, None] * _LOG2E), 0.0)
         dp = _dot(do, tl.trans(v), None)
+        if DROPOUT:
+            dp = tl.where(_keep(seed, rows, offs_n[None, :], S, threshold), dp * dscale, 0.0)
         ds = p * (dp - delta[:, None])
         dq = _dot(_operand(ds, QKV.dtype.element_ty, DOT_FP32, RTNE_BF16), k, dq)
     dq = dq * scale
@@ -382,9 +424,23 @@ def _meta_for(kernel, qkv, causal, key_mask, cfg):
                 BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
 
 
-def attention_fwd(qkv, key_mask, num_heads, num_kv_heads, causal, scale):
-    """Returns o (B, S, H*hd) in qkv's dtype and lse (B, H, S) fp32 (+inf on rows with no key)."""
+def _dropout_meta(dropout_p, seed, device):
+    """Extra launch arguments of probability dropout: {} when dropout_p == 0 (the plain kernels)."""
+    if not (0.0 <= dropout_p < 1.0):
+        raise ValueError(f"dropout_p must be in [0, 1); got {dropout_p!r}")
+    if dropout_p == 0.0:
+        return {}
+    if seed is None or seed.numel() != 1 or seed.dtype != torch.int64 or seed.device != device:
+        raise ValueError(f"seed must be a 1-element int64 tensor on {device} when dropout_p > 0")
+    return dict(SEED=seed.reshape(1), threshold=_dropout_threshold(dropout_p), dscale=_dropout_scale(dropout_p),
+                DROPOUT=True)
+
+
+def attention_fwd(qkv, key_mask, num_heads, num_kv_heads, causal, scale, dropout_p=0.0, seed=None):
+    """Returns o (B, S, H*hd) in qkv's dtype and lse (B, H, S) fp32 (+inf on rows with no key); dropout_p > 0:
+    dropout on the probabilities from the seed (module docstring)."""
     hd = _check_heads(qkv, num_heads, num_kv_heads)
+    drop = _dropout_meta(dropout_p, seed, qkv.device)
     qkv = qkv.contiguous()
     b, s, _ = qkv.shape
     mask = _prep_mask(key_mask, b, s, qkv.device)
@@ -393,16 +449,18 @@ def attention_fwd(qkv, key_mask, num_heads, num_kv_heads, causal, scale):
     if o.numel() == 0:
         return o, lse
     cfg = _tiles(hd, qkv.dtype, qkv.device)
-    meta = _meta_for("fwd", qkv, causal, mask, cfg)
+    meta = dict(_meta_for("fwd", qkv, causal, mask, cfg), **drop)
     launch(wrap_triton(_attn_fwd_kernel), (triton.cdiv(s, meta["BLOCK_M"]) * b * num_heads,),
         qkv, mask, o, lse, s, num_heads, num_heads // num_kv_heads, hd,
         qkv.stride(0), qkv.stride(1), o.stride(0), o.stride(1), float(scale) * _LOG2E_PY, **meta)
     return o, lse
 
 
-def attention_bwd(do, qkv, o, lse, key_mask, num_heads, num_kv_heads, causal, scale):
-    """Returns dqkv (B, S, (H + 2KV) * hd) in qkv's dtype; dk/dv summed over each KV head's query heads."""
+def attention_bwd(do, qkv, o, lse, key_mask, num_heads, num_kv_heads, causal, scale, dropout_p=0.0, seed=None):
+    """Returns dqkv (B, S, (H + 2KV) * hd) in qkv's dtype; dk/dv summed over each KV head's query heads; the
+    forward's dropout bits regenerated from the same seed."""
     hd = _check_heads(qkv, num_heads, num_kv_heads)
+    drop = _dropout_meta(dropout_p, seed, qkv.device)
     qkv = qkv.contiguous()
     b, s, _ = qkv.shape
     o = _check_like("o", o, (b, s, num_heads * hd), qkv.dtype, qkv.device)
@@ -422,10 +480,10 @@ def attention_bwd(do, qkv, o, lse, key_mask, num_heads, num_kv_heads, causal, sc
         BLOCK_M=pre_m, BLOCK_D=cfg["block_d"], num_warps=4, num_stages=1)
     args = (qkv, mask, do, lse, delta, dqkv, s, num_heads, group, hd, qkv.stride(0), qkv.stride(1),
             do.stride(0), do.stride(1), dqkv.stride(0), dqkv.stride(1), qk_scale, float(scale))
-    meta = _meta_for("dkdv", qkv, causal, mask, cfg)
+    meta = dict(_meta_for("dkdv", qkv, causal, mask, cfg), **drop)
     launch(wrap_triton(_attn_bwd_dkdv_kernel), (triton.cdiv(s, meta["BLOCK_N"]) * b * num_kv_heads,),
         *args, **meta)
-    meta = _meta_for("dq", qkv, causal, mask, cfg)
+    meta = dict(_meta_for("dq", qkv, causal, mask, cfg), **drop)
     launch(wrap_triton(_attn_bwd_dq_kernel), (triton.cdiv(s, meta["BLOCK_M"]) * b * num_heads,),
         *args, **meta)
     return dqkv
@@ -436,11 +494,11 @@ def attention_bwd(do, qkv, o, lse, key_mask, num_heads, num_kv_heads, causal, sc
 # ----------------------------------------------------------------------------------------------------------
 attention_fwd_op = _register(
     "attention_fwd_triton",
-    "(Tensor qkv, Tensor? key_mask, int num_heads, int num_kv_heads, bool causal, float scale) "
-    "-> (Tensor o, Tensor lse)",
+    "(Tensor qkv, Tensor? key_mask, int num_heads, int num_kv_heads, bool causal, float scale, "
+    "float dropout_p=0.0, Tensor? seed=None) -> (Tensor o, Tensor lse)",
     attention_fwd, _meta.attention_fwd)
 attention_bwd_op = _register(
     "attention_bwd_triton",
     "(Tensor do, Tensor qkv, Tensor o, Tensor lse, Tensor? key_mask, int num_heads, int num_kv_heads, "
-    "bool causal, float scale) -> Tensor dqkv",
+    "bool causal, float scale, float dropout_p=0.0, Tensor? seed=None) -> Tensor dqkv",
     attention_bwd, _meta.attention_bwd)

@@ -39,20 +39,39 @@
 //  * dq/dk/dv are packed into one (B, S, (H + 2KV) * hd) tensor (one copy).
 // No S x S matrix is materialised beyond ATen's own per-tile buffers. Inputs
 // are never written.
+//
+// Attention-probability dropout (dropout_p > 0): ATen's CPU flash kernels have
+// no dropout, so that case runs a kernel of ours (attention_dropout_fwd/_bwd
+// below; bits and per-element math in ckpt_ops/attention_dropout.h):
+//  * tiles of BM query rows x all the keys they may see (causal: keys < the
+//    tile's last row + 1), never a whole S x S per head; scores and P @ V are
+//    at::mm on the tile in the accumulation dtype (fp32, fp64 for fp64);
+//    exact softmax per row (max, sum, lse = m + log l, P = exp(s - lse)), then
+//    Pd = keep ? P / (1 - p) : 0 from the Philox bits at (b, h, q, k);
+//  * forward: at::parallel_for over (batch, head, query tile);
+//  * backward: at::parallel_for over (batch, KV head): each task owns its KV
+//    head's dK/dV (accumulated in the accumulation dtype over the H/KV query
+//    heads of the group and the query tiles in a fixed order) and writes the dQ
+//    of those heads, so no atomics and no cross-task reduction: results do not
+//    depend on the thread count. P is rebuilt from the lse and the same bits.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/_scaled_dot_product_flash_attention_for_cpu.h>
 #include <ATen/ops/_scaled_dot_product_flash_attention_for_cpu_backward.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/mm.h>
 #include <ATen/ops/ne.h>
+#include <ATen/Parallel.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <limits>
 #include <tuple>
 #include <vector>
 
+#include "ckpt_ops/attention_dropout.h"
 #include "ckpt_ops/attention_host.h"
 
 namespace ckpt_ops {
@@ -102,9 +121,179 @@ std::vector<int64_t> empty_prefix(const c10::optional<at::Tensor>& key_mask, con
   return n;
 }
 
+
+// ---- attention-probability dropout (kernel of ours) -------------------------
+constexpr int64_t kDropBlockM = 64;  // query rows per tile
+
+struct DropArgs {
+  int64_t seed;
+  uint32_t threshold;
+  double p;
+};
+
+DropArgs check_dropout(double dropout_p, const c10::optional<at::Tensor>& seed, const at::Tensor& qkv) {
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "ckpt_ops: dropout_p must be in [0, 1); got ", dropout_p);
+  TORCH_CHECK(seed.has_value() && seed->numel() == 1 && seed->scalar_type() == at::kLong &&
+                  seed->device() == qkv.device(),
+              "ckpt_ops: seed must be a 1-element int64 tensor on ", qkv.device(), " when dropout_p > 0");
+  return {seed->const_data_ptr<int64_t>()[0], philox::dropout_threshold(dropout_p), dropout_p};
+}
+
+// (B, S, heads, hd) view of a (B, S, heads * hd) tensor converted to acc (no copy when it already is).
+at::Tensor acc4(const at::Tensor& t, const attn::QkvShape& sh, int64_t heads) {
+  return t.to(acc_dtype(t.scalar_type())).contiguous().view({sh.B, sh.S, heads, sh.hd});
+}
+
+// Attend flags (B * S) as 0/1 bytes, or all ones.
+std::vector<uint8_t> attend_flags(const c10::optional<at::Tensor>& key_mask, const attn::QkvShape& sh) {
+  std::vector<uint8_t> f(sh.B * sh.S, 1);
+  if (key_mask.has_value()) {
+    const at::Tensor a = at::ne(*key_mask, 0).contiguous();
+    const bool* p = a.const_data_ptr<bool>();
+    for (int64_t i = 0; i < sh.B * sh.S; ++i) f[i] = p[i] ? 1 : 0;
+  }
+  return f;
+}
+
+template <typename T>
+void drop_fwd_impl(const at::Tensor& qa, const std::vector<uint8_t>& attend, at::Tensor& o, at::Tensor& lse,
+                   const attn::QkvShape& sh, bool causal, T scale, const DropArgs& d) {
+  const int64_t nblk = (sh.S + kDropBlockM - 1) / kDropBlockM, group = sh.H / sh.KV;
+  const T z = philox::dropout_scale<T>(d.p);
+  T* lse_p = lse.data_ptr<T>();
+  const at::Tensor o4 = o.view({sh.B, sh.S, sh.H, sh.hd});
+  at::parallel_for(0, sh.B * sh.H * nblk, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint32_t> buf(4 * (sh.S / 4 + 2));
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t blk = t % nblk, bh = t / nblk, b = bh / sh.H, h = bh % sh.H, kvh = h / group;
+      const int64_t q0 = blk * kDropBlockM, m = std::min(kDropBlockM, sh.S - q0);
+      const int64_t kend = causal ? q0 + m : sh.S;
+      const at::Tensor xb = qa.select(0, b);
+      const at::Tensor k = xb.narrow(0, 0, kend).select(1, sh.H + kvh);
+      const at::Tensor v = xb.narrow(0, 0, kend).select(1, sh.H + sh.KV + kvh);
+      at::Tensor sc = at::mm(xb.narrow(0, q0, m).select(1, h), k.t());  // (m, kend) contiguous
+      T* s = sc.data_ptr<T>();
+      const uint8_t* ok = attend.data() + b * sh.S;
+      for (int64_t i = 0; i < m; ++i) {
+        const int64_t q = q0 + i, nk = causal ? q + 1 : kend;
+        T* row = s + i * kend;
+        T mx = -std::numeric_limits<T>::infinity();
+        for (int64_t j = 0; j < nk; ++j) {
+          row[j] = ok[j] ? row[j] * scale : -std::numeric_limits<T>::infinity();
+          mx = std::max(mx, row[j]);
+        }
+        T& l_out = lse_p[bh * sh.S + q];
+        if (mx == -std::numeric_limits<T>::infinity()) {  // no key to attend: o = 0, lse = +inf
+          for (int64_t j = 0; j < kend; ++j) row[j] = T(0);
+          l_out = std::numeric_limits<T>::infinity();
+          continue;
+        }
+        T l = 0;
+        for (int64_t j = 0; j < nk; ++j) l += std::exp(row[j] - mx);
+        const T lse_q = mx + std::log(l);
+        l_out = lse_q;
+        const uint32_t* bits = attn_dropout::row_bits(d.seed, attn_dropout::row_index(b, h, q, sh.H, sh.S), nk,
+                                                      buf.data());
+        for (int64_t j = 0; j < nk; ++j) row[j] = attn_dropout::dropped(std::exp(row[j] - lse_q), bits[j],
+                                                                        d.threshold, z);
+        for (int64_t j = nk; j < kend; ++j) row[j] = T(0);
+      }
+      o4.select(0, b).narrow(0, q0, m).select(1, h).copy_(at::mm(sc, v));
+    }
+  });
+}
+
+template <typename T>
+void drop_bwd_impl(const at::Tensor& qa, const at::Tensor& doa, const at::Tensor& oa, const at::Tensor& lse,
+                   const std::vector<uint8_t>& attend, at::Tensor& dqkv, const attn::QkvShape& sh, bool causal,
+                   T scale, const DropArgs& d) {
+  const int64_t nblk = (sh.S + kDropBlockM - 1) / kDropBlockM, group = sh.H / sh.KV;
+  const T z = philox::dropout_scale<T>(d.p);
+  const T* lse_p = lse.const_data_ptr<T>();
+  const at::Tensor dx = dqkv.view({sh.B, sh.S, sh.H + 2 * sh.KV, sh.hd});
+  at::parallel_for(0, sh.B * sh.KV, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint32_t> buf(4 * (sh.S / 4 + 2));
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / sh.KV, kvh = t % sh.KV;
+      const at::Tensor xb = qa.select(0, b);
+      const at::Tensor kall = xb.select(1, sh.H + kvh), vall = xb.select(1, sh.H + sh.KV + kvh);
+      at::Tensor dk = at::zeros({sh.S, sh.hd}, qa.options()), dv = at::zeros({sh.S, sh.hd}, qa.options());
+      const uint8_t* ok = attend.data() + b * sh.S;
+      for (int64_t g = 0; g < group; ++g) {
+        const int64_t h = kvh * group + g, bh = b * sh.H + h;
+        for (int64_t blk = 0; blk < nblk; ++blk) {
+          const int64_t q0 = blk * kDropBlockM, m = std::min(kDropBlockM, sh.S - q0);
+          const int64_t kend = causal ? q0 + m : sh.S;
+          const at::Tensor q = xb.narrow(0, q0, m).select(1, h), k = kall.narrow(0, 0, kend),
+                           v = vall.narrow(0, 0, kend);
+          const at::Tensor dob = doa.select(0, b).narrow(0, q0, m).select(1, h);
+          const at::Tensor ob = oa.select(0, b).narrow(0, q0, m).select(1, h);
+          at::Tensor pm = at::mm(q, k.t());     // scores -> P (m, kend)
+          at::Tensor dpm = at::mm(dob, v.t());  // dPd -> dS
+          const at::Tensor delta = dob.mul(ob).sum(1).contiguous();
+          at::Tensor pd = at::empty_like(pm);   // Pd (dropped P, for dV)
+          T *P = pm.data_ptr<T>(), *DP = dpm.data_ptr<T>(), *PD = pd.data_ptr<T>();
+          const T* dl = delta.const_data_ptr<T>();
+          for (int64_t i = 0; i < m; ++i) {
+            const int64_t qi = q0 + i, nk = causal ? qi + 1 : kend;
+            const T lse_q = lse_p[bh * sh.S + qi];
+            T *prow = P + i * kend, *dprow = DP + i * kend, *pdrow = PD + i * kend;
+            const uint32_t* bits = attn_dropout::row_bits(d.seed, attn_dropout::row_index(b, h, qi, sh.H, sh.S),
+                                                          nk, buf.data());
+            for (int64_t j = 0; j < nk; ++j) {
+              const T pij = ok[j] ? std::exp(prow[j] * scale - lse_q) : T(0);  // lse = +inf: 0
+              pdrow[j] = attn_dropout::dropped(pij, bits[j], d.threshold, z);
+              dprow[j] = attn_dropout::grad_scores(pij, dprow[j], dl[i], bits[j], d.threshold, z);
+            }
+            for (int64_t j = nk; j < kend; ++j) pdrow[j] = dprow[j] = T(0);
+          }
+          dv.narrow(0, 0, kend).addmm_(pd.t(), dob);
+          dk.narrow(0, 0, kend).addmm_(dpm.t(), q);
+          dx.select(0, b).narrow(0, q0, m).select(1, h).copy_(at::mm(dpm, k).mul_(scale));
+        }
+      }
+      dx.select(0, b).select(1, sh.H + kvh).copy_(dk.mul_(scale));
+      dx.select(0, b).select(1, sh.H + sh.KV + kvh).copy_(dv);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_dropout_fwd(const at::Tensor& qkv, const c10::optional<at::Tensor>& key_mask,
+                                                         const attn::QkvShape& sh, bool causal, double scale,
+                                                         const DropArgs& d) {
+  const auto acc = acc_dtype(qkv.scalar_type());
+  at::Tensor o = at::empty({sh.B, sh.S, sh.H * sh.hd}, qkv.options());
+  at::Tensor lse = at::empty({sh.B, sh.H, sh.S}, qkv.options().dtype(acc));
+  const at::Tensor qa = acc4(qkv, sh, sh.H + 2 * sh.KV);
+  const std::vector<uint8_t> attend = attend_flags(key_mask, sh);
+  if (acc == at::kDouble) {
+    drop_fwd_impl<double>(qa, attend, o, lse, sh, causal, scale, d);
+  } else {
+    drop_fwd_impl<float>(qa, attend, o, lse, sh, causal, static_cast<float>(scale), d);
+  }
+  return {o, lse};
+}
+
+at::Tensor attention_dropout_bwd(const at::Tensor& dout, const at::Tensor& qkv, const at::Tensor& o,
+                                 const at::Tensor& lse, const c10::optional<at::Tensor>& key_mask,
+                                 const attn::QkvShape& sh, bool causal, double scale, const DropArgs& d) {
+  const auto acc = acc_dtype(qkv.scalar_type());
+  // The kernel writes acc values; one rounding to qkv's dtype at the end (a no-op copy for fp32/fp64).
+  at::Tensor dqkv = at::empty({sh.B, sh.S, sh.width()}, qkv.options().dtype(acc));
+  const at::Tensor qa = acc4(qkv, sh, sh.H + 2 * sh.KV), doa = acc4(dout, sh, sh.H), oa = acc4(o, sh, sh.H);
+  const std::vector<uint8_t> attend = attend_flags(key_mask, sh);
+  if (acc == at::kDouble) {
+    drop_bwd_impl<double>(qa, doa, oa, lse, attend, dqkv, sh, causal, scale, d);
+  } else {
+    drop_bwd_impl<float>(qa, doa, oa, lse, attend, dqkv, sh, causal, static_cast<float>(scale), d);
+  }
+  return dqkv.to(qkv.scalar_type());
+}
+
 std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& qkv, const c10::optional<at::Tensor>& key_mask,
                                                  int64_t num_heads, int64_t num_kv_heads, bool causal,
-                                                 double scale) {
+                                                 double scale, double dropout_p,
+                                                 const c10::optional<at::Tensor>& seed) {
   const attn::QkvShape sh = attn::check_qkv(qkv, num_heads, num_kv_heads);
   attn::check_key_mask(key_mask, sh, qkv);
   TORCH_CHECK(qkv.device().is_cpu(), "ckpt_ops: attention_fwd (C++) takes CPU tensors; got ", qkv.device());
@@ -112,6 +301,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& qkv, const c1
     return {at::empty({sh.B, sh.S, sh.H * sh.hd}, qkv.options()),
             at::empty({sh.B, sh.H, sh.S}, qkv.options().dtype(acc_dtype(qkv.scalar_type())))};
   }
+  if (dropout_p != 0.0) return attention_dropout_fwd(qkv, key_mask, sh, causal, scale, check_dropout(dropout_p, seed, qkv));
   const Heads x = split_heads(qkv, sh);
   auto [o4, lse4] = at::_scaled_dot_product_flash_attention_for_cpu(x.q, x.k, x.v, /*dropout_p=*/0.0, causal,
                                                                     additive_mask(key_mask, sh, qkv), scale);
@@ -128,7 +318,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& qkv, const c1
 
 at::Tensor attention_bwd(const at::Tensor& dout, const at::Tensor& qkv, const at::Tensor& o, const at::Tensor& lse,
                          const c10::optional<at::Tensor>& key_mask, int64_t num_heads, int64_t num_kv_heads,
-                         bool causal, double scale) {
+                         bool causal, double scale, double dropout_p, const c10::optional<at::Tensor>& seed) {
   const attn::QkvShape sh = attn::check_qkv(qkv, num_heads, num_kv_heads);
   attn::check_key_mask(key_mask, sh, qkv);
   TORCH_CHECK(qkv.device().is_cpu(), "ckpt_ops: attention_bwd (C++) takes CPU tensors; got ", qkv.device());
@@ -141,6 +331,9 @@ at::Tensor attention_bwd(const at::Tensor& dout, const at::Tensor& qkv, const at
   TORCH_CHECK(lse.device() == qkv.device() && lse.is_contiguous(), "ckpt_ops: lse must be contiguous on ",
               qkv.device());
   if (sh.B == 0 || sh.S == 0) return at::empty_like(qkv);
+  if (dropout_p != 0.0) {
+    return attention_dropout_bwd(dout, qkv, o, lse, key_mask, sh, causal, scale, check_dropout(dropout_p, seed, qkv));
+  }
   const Heads x = split_heads(qkv, sh);
   const at::Tensor& lse_in = lse;  // already the accumulation dtype ATen wants (fp64 for fp64)
   auto [dq, dk, dv] = at::_scaled_dot_product_flash_attention_for_cpu_backward(
