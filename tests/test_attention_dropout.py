@@ -275,14 +275,13 @@ def test_converted_llama_with_attention_dropout_trains_fused():
 
 
 @pytest.mark.skipif(not _backend._unavailable_reason("attention", "cpu", "cpu") is None, reason="no C++ ops")
-def test_compile_fullgraph_with_attention_dropout(monkeypatch):
+def test_compile_fullgraph_with_attention_dropout():
     """torch.compile(fullgraph=True) of a block with attn_dropout: no graph break (the seed offset is a tensor
     op, the ops have fake implementations with the extended signature); with inductor's fallback_random the
     seeds are eager's, so the step equals eager ckpt_ops by the fp32 rule."""
     import torch._inductor.config as icfg
 
-    monkeypatch.setattr(icfg, "fallback_random", True)
-    torch._dynamo.reset()
+    torch._dynamo.reset()  # (icfg.patch, not monkeypatch: undoing a setattr on the config module deletes the key)
     torch.manual_seed(0)
     blk = ckpt_ops.nn.TransformerBlock(32, 4, style="gpt2", attn_dropout=P)
     blk.backend = "cpu"
@@ -291,8 +290,9 @@ def test_compile_fullgraph_with_attention_dropout(monkeypatch):
     res = []
     for m in (cblk, blk):
         torch.manual_seed(3)
-        y = m(x)
-        res.append((y.detach(), torch.autograd.grad(y.square().sum(), [x, *blk.parameters()])))
+        with icfg.patch(fallback_random=True):
+            y = m(x)
+            res.append((y.detach(), torch.autograd.grad(y.square().sum(), [x, *blk.parameters()])))
     assert_fp32_close(res[0][0], res[1][0], "out")
     for a, b in zip(res[0][1], res[1][1]):
         assert_fp32_close(a, b, "grad")
