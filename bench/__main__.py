@@ -50,6 +50,8 @@ def parse(argv=None) -> argparse.Namespace:
     sz.add_argument("--family", default="gpt2", choices=("gpt2", "llama", "mistral", "qwen2", "phi3", "gemma"),
                     help="model: the Hugging Face family (Llama-like ones without dropout)")
     sz.add_argument("--dropout", type=float, default=0.1, help="residual dropout (attention, block, model)")
+    sz.add_argument("--attn-dropout", type=float, default=0.0,
+                    help="attention-probability dropout of --op model (GPT-2 attn_pdrop / attention_dropout)")
     sz.add_argument("--dropouts", type=float, nargs="+", default=[0.0, 0.1], help="dropout probabilities (MLP)")
     sz.add_argument("--long", action="store_true", help="block: also S 2048 at batch 1")
     sz.add_argument("--budgets", type=float, nargs="+", default=None,

@@ -46,8 +46,9 @@ _PREFIX = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "phi3": "Ph
 
 def build_model(config: Dict[str, object]) -> torch.nn.Module:
     """The family's causal LM with random weights. GPT-2: residual/embedding dropout
-    ``config["dropout"]``, attention-probability dropout 0 (it has no fused kernel: a converted block
-    would fall back). Llama-like families: no dropout (as they train), hidden 4/3 x 2 x d (SwiGLU /
+    ``config["dropout"]``, attention-probability dropout ``config["attn_dropout"]`` (default 0, as the
+    README's figures were taken; fused in the attention kernels when > 0). Llama-like families: residual
+    dropout none (as they train), ``attention_dropout`` = ``config["attn_dropout"]``, hidden 4/3 x 2 x d (SwiGLU /
     GeGLU sized like Llama's 8/3 d, rounded to 64), GQA with a third of the heads as KV heads where
     that divides, head_dim d / heads."""
     import transformers
@@ -57,7 +58,7 @@ def build_model(config: Dict[str, object]) -> torch.nn.Module:
     if family == "gpt2":
         cfg = transformers.GPT2Config(vocab_size=v, n_positions=s, n_embd=d, n_layer=n, n_head=h,
                                       resid_pdrop=float(config["dropout"]), embd_pdrop=float(config["dropout"]),
-                                      attn_pdrop=0.0, attn_implementation="sdpa")
+                                      attn_pdrop=float(config.get("attn_dropout", 0.0)), attn_implementation="sdpa")
         return transformers.GPT2LMHeadModel(cfg)
     if family not in _PREFIX:
         raise ValueError(f"family must be one of {FAMILIES}; got {family!r}")
@@ -65,7 +66,7 @@ def build_model(config: Dict[str, object]) -> torch.nn.Module:
     cfg = getattr(transformers, f"{_PREFIX[family]}Config")(
         vocab_size=v, hidden_size=d, intermediate_size=max(64, (8 * d // 3 + 63) // 64 * 64), num_hidden_layers=n,
         num_attention_heads=h, num_key_value_heads=kv, head_dim=d // h, max_position_embeddings=max(s, 128),
-        attention_dropout=0.0, attn_implementation="sdpa", pad_token_id=0)
+        attention_dropout=float(config.get("attn_dropout", 0.0)), attn_implementation="sdpa", pad_token_id=0)
     return getattr(transformers, f"{_PREFIX[family]}ForCausalLM")(cfg)
 
 
@@ -123,7 +124,8 @@ def run(args, device, dtype) -> list:
     for s in args.seqs or [512]:
         family = getattr(args, "family", "gpt2") or "gpt2"
         config = {"family": family, "batch": args.batch, "seq": s, "d_model": args.d_model, "heads": args.heads,
-                  "layers": args.layers, "vocab": args.vocab, "dropout": args.dropout if family == "gpt2" else 0.0}
+                  "layers": args.layers, "vocab": args.vocab, "dropout": args.dropout if family == "gpt2" else 0.0,
+                  "attn_dropout": getattr(args, "attn_dropout", 0.0)}
         results += run_cases(f"{family} x{args.layers} S={s}", config,
                              setup(config, device, dtype, backends, not args.no_compile), args, device)
     return results

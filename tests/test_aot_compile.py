@@ -17,6 +17,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 pytest.importorskip("triton")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -90,6 +91,23 @@ def test_norm_backward_programs_per_sm():
         assert per_sm * threads * norm._bwd_regs(block_n) <= lim.regs_per_sm or per_sm == 1
         assert norm._bwd_programs(10**6, block_n, lim) == lim.sm_count * per_sm
     assert norm._bwd_programs(3, 8192, lim) == 3 and norm._bwd_programs(100, 8192, None) == 4
+
+
+def test_norm_backward_column_block():
+    """The backward keeps a row in registers up to the cap (ONE_BLOCK) and walks wider rows in blocks of a
+    quarter of the cap (the loop's accumulators live across passes: half the cap spilled in fp16 on sm_120);
+    the forward's block is not affected."""
+    cap = norm._MAX_BLOCK_N
+    assert norm._bwd_block_n(768) == 1024 and norm._bwd_block_n(cap) == cap
+    for n in (cap + 1, 12288, 16384, 65536):
+        assert norm._bwd_block_n(n) == cap // 4 < n and norm._block_n(n) == cap
+    meta = torch.device("meta")
+    x = torch.empty(64, 12288, dtype=torch.float16, device=meta)
+    w, stat = torch.empty(12288, dtype=torch.float16, device=meta), torch.empty(64, device=meta)
+    with _common.recording(_common.ARCH_LIMITS[120]) as launches:
+        norm.layer_norm_bwd(x, x, w, stat, stat, True, True, True)
+    (ln,) = launches
+    assert ln.meta["BLOCK_N"] == cap // 4 and not ln.meta["ONE_BLOCK"] and ln.meta["num_warps"] == 8
 
 
 def test_default_arch_list_embeds_sm80_sm90_sm100():

@@ -141,6 +141,36 @@ def test_triton_fp16_same_bits_2x_rule(be):
     assert_low_precision_ok(d.double(), d_p.double(), d_t, "dqkv")
 
 
+@pytest.mark.parametrize("be", [b for b in BACKENDS if b.values[0] == "triton"])
+def test_triton_dropout_at_gpu_tiles(be):
+    """The DROPOUT kernels at the tiles an sm_90 launch takes (``sized_for``: 16-bit hd 64 -> the dropout
+    tiles, executed here by the interpreter), S long enough for several query and key blocks with a ragged
+    tail: the bits are keyed by (b, h, q, k), not by the tiling, so o and dqkv meet the 2x rule against the
+    reference applying the same seed, as at the interpreter's tiles."""
+    import triton_kernels.attention as ta
+    from triton_kernels._common import ARCH_LIMITS, sized_for
+
+    b, s, h, kv, hd = 1, 80, 2, 1, 64
+    qkv = _inputs(b, s, h, kv, hd, torch.float16, seed=5)
+    do = _inputs(b, s, h, 0, hd, torch.float16, seed=6)
+    seed = torch.tensor([7], dtype=torch.int64)
+    km = torch.ones(b, s, dtype=torch.bool)
+    km[:, -5:] = False
+    fwd, bwd = _ops("triton")
+    with sized_for(ARCH_LIMITS[90]):
+        tiles = ta._tiles(hd, torch.float16, qkv.device, dropout=True)
+        assert tiles == ta.attention_tiles(hd, torch.float16, ARCH_LIMITS[90].smem, dropout=True)
+        assert max(tiles["fwd"][:2] + tiles["dkdv"][:2] + tiles["dq"][:2]) < s
+        o, lse = fwd(qkv, km, h, kv, True, 0.125, P, seed)
+        d = bwd(do, qkv, o, lse, km, h, kv, True, 0.125, P, seed)
+    o_t, l_t = R.attention_fwd(qkv.double(), km, h, kv, True, 0.125, P, seed)
+    d_t = R.attention_bwd(do.double(), qkv.double(), o_t, l_t, km, h, kv, True, 0.125, P, seed)
+    o_p, l_p = R.attention_fwd(qkv, km, h, kv, True, 0.125, P, seed)
+    d_p = R.attention_bwd(do, qkv, o_p, l_p, km, h, kv, True, 0.125, P, seed)
+    assert_low_precision_ok(o.double(), o_p.double(), o_t, "o")
+    assert_low_precision_ok(d.double(), d_p.double(), d_t, "dqkv")
+
+
 def _attn(be, dtype, **kw):
     torch.manual_seed(0)
     m = ckpt_ops.nn.Attention(32, 4, 2, norm="layernorm", rope=True, residual=True, attn_dropout=P, **kw)

@@ -13,6 +13,7 @@ over a group whose rows include empty ones), S = 129 (a ragged tail past several
 same code, only the dot operand dtype changes); bf16 three (under the interpreter its dots run in fp32 on
 operands rounded to bf16 exactly as on a GPU -- P and dS included --, see the module docstring).
 """
+import math
 import os
 import sys
 import warnings
@@ -247,25 +248,84 @@ def test_causal_block_skipping(dtype, sizing):
             assert _rel(x, t) <= 2 * _rel(p, t) + 1e-6, f"{name} at tiles {tiles}"
 
 
-def test_attention_tiles():
-    """The GPU tile choice is a pure function of (head_dim, dtype, shared memory limit): the largest entry
-    that fits, the small fallback on parts with less shared memory, an error when nothing fits; tiles are
-    never smaller than tl.dot's 16, and BLOCK_D covers head_dim."""
+@pytest.mark.parametrize("dropout", [False, True], ids=["plain", "dropout"])
+def test_attention_tiles(dropout):
+    """The GPU tile choice is a pure function of (head_dim, dtype, shared memory limit, dropout): the largest
+    entry that fits, the small fallback on parts with less shared memory, an error when nothing fits; tiles
+    are never smaller than tl.dot's 16, and BLOCK_D covers head_dim. The DROPOUT variants take their own
+    entry only where the plain tiles spilled (16-bit hd 64), the plain ones elsewhere."""
     for hd in (16, 64, 80, 128, 256):
         for dtype in (torch.float16, torch.bfloat16, torch.float32):
             width = 4 if dtype == torch.float32 else 2
-            entries = ta._GPU_TILES[(max(64, triton.next_power_of_2(hd)), width)]
+            block_d = max(64, triton.next_power_of_2(hd))
+            entries = ta.tile_entries(block_d, width, dropout)
+            assert (entries is not ta._GPU_TILES[(block_d, width)]) == (dropout and (block_d, width) == (64, 2))
             for arch, lim in ARCH_LIMITS.items():
-                t = ta.attention_tiles(hd, dtype, lim.smem)
+                t = ta.attention_tiles(hd, dtype, lim.smem, dropout)
                 assert t == dict(entries[0][1], block_d=max(16, triton.next_power_of_2(hd))), (hd, dtype, arch)
                 assert t["block_d"] >= hd and all(min(t[k][:2]) >= 16 for k in ("fwd", "dkdv", "dq"))
             need_small = entries[-1][0]
-            assert ta.attention_tiles(hd, dtype, need_small) == dict(entries[-1][1], block_d=t["block_d"])
+            assert ta.attention_tiles(hd, dtype, need_small, dropout) == dict(entries[-1][1], block_d=t["block_d"])
             with pytest.raises(ValueError, match="shared memory"):
-                ta.attention_tiles(hd, dtype, need_small - 1)
+                ta.attention_tiles(hd, dtype, need_small - 1, dropout)
     assert ta.attention_tiles(64, torch.float32, 232448) != ta.attention_tiles(64, torch.bfloat16, 232448)
     with pytest.raises(ValueError, match="head_dim"):
         ta.attention_tiles(512, torch.float16, 232448)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_p_and_ds_rounded_to_operand_dtype(dtype):
+    """P (before P V and P^T dO) and dS (before dS K and dS^T Q) are rounded to the operand dtype, as a compiled
+    kernel feeds them to tensor cores: o, dq, dk and dv equal, element for element, an fp64 emulation that rounds
+    P and dS to ``dtype`` (one key block, so the online softmax is exact), and differ from one that does not
+    (which would be the interpreter computing bf16 dots in fp32 without the rounding)."""
+    b, s, h, kv, hd, scale = 1, 16, 2, 2, 16, 0.25
+    g = torch.Generator().manual_seed(0)
+    qkv = (torch.randn(b, s, (h + 2 * kv) * hd, generator=g, dtype=torch.float64) * 1.5).to(DEVICE, dtype)
+    do = torch.randn(b, s, h * hd, generator=g, dtype=torch.float64).to(DEVICE, dtype)
+    o, lse = OPS.attention_fwd_triton(qkv, None, h, kv, False, scale)
+    dqkv = OPS.attention_bwd_triton(do, qkv, o, lse, None, h, kv, False, scale)
+    rnd = lambda t: t.to(dtype).double()  # noqa: E731
+    x = qkv.double().view(b, s, h + 2 * kv, hd).transpose(1, 2)
+    q, k, v = x[:, :h], x[:, h:h + kv], x[:, h + kv:]
+    sc = q @ k.transpose(-1, -2) * scale * math.log2(math.e)
+    m = sc.amax(-1, keepdim=True)
+    p, l = torch.exp2(sc - m), torch.exp2(sc - m).sum(-1, keepdim=True)
+    p_n = p / l  # normalised P, as the backward recomputes it from lse
+    d_o = do.double().view(b, s, h, hd).transpose(1, 2)
+    ds = p_n * (d_o @ v.transpose(-1, -2) - (o.double().view(b, s, h, hd).transpose(1, 2) * d_o).sum(-1, keepdim=True))
+    got = {"o": o.double().view(b, s, h, hd).transpose(1, 2), "dq": dqkv[..., :h * hd],
+           "dk": dqkv[..., h * hd:(h + kv) * hd], "dv": dqkv[..., (h + kv) * hd:]}
+    heads = lambda t: t.transpose(1, 2).reshape(b, s, -1)  # noqa: E731
+    match = {}
+    for rounded, f in ((True, rnd), (False, lambda t: t)):
+        want = {"o": (f(p) @ v) / l, "dq": heads(scale * (f(ds) @ k)), "dk": heads(scale * (f(ds).transpose(-1, -2) @ q)),
+                "dv": heads(f(p_n).transpose(-1, -2) @ d_o)}
+        match[rounded] = {n: (rnd(want[n]) == got[n].double()).double().mean().item() for n in got}
+    assert all(f >= 0.98 for f in match[True].values()), match
+    assert all(f <= 0.9 for f in match[False].values()), match
+
+
+def test_dropout_launches_take_the_dropout_tiles():
+    """A launch with dropout_p > 0 on a GPU (recorded on meta tensors for sm_90) uses the DROPOUT tiles for all
+    three kernels, without dropout the plain ones: what ``._aot`` compiled and docs/gpu_resources.md lists."""
+    b, s, h, kv, hd = 2, 256, 4, 2, 64
+    meta = torch.device("meta")
+    qkv = torch.empty(b, s, (h + 2 * kv) * hd, dtype=torch.bfloat16, device=meta)
+    o, lse = torch.empty(b, s, h * hd, dtype=torch.bfloat16, device=meta), torch.empty(b, h, s, device=meta)
+    seed = torch.empty(1, dtype=torch.int64, device=meta)
+    lim = ARCH_LIMITS[90]
+    for p, dropout in ((0.0, False), (0.1, True)):
+        with recording(lim) as launches:
+            ta.attention_fwd(qkv, None, h, kv, True, 0.125, p, seed)
+            ta.attention_bwd(o, qkv, o, lse, None, h, kv, True, 0.125, p, seed)
+        want = ta.attention_tiles(hd, torch.bfloat16, lim.smem, dropout)
+        names = {"_attn_fwd_kernel": "fwd", "_attn_bwd_dkdv_kernel": "dkdv", "_attn_bwd_dq_kernel": "dq"}
+        got = {names[ln.kernel.__name__]: (ln.meta["BLOCK_M"], ln.meta["BLOCK_N"], ln.meta["num_warps"],
+                                           ln.meta["num_stages"]) for ln in launches if ln.kernel.__name__ in names}
+        assert got == {k: want[k] for k in names.values()}, (p, got)
+        assert all(bool(ln.meta.get("DROPOUT", False)) == dropout for ln in launches if ln.kernel.__name__ in names)
+    assert ta.attention_tiles(hd, torch.bfloat16, lim.smem, True) != ta.attention_tiles(hd, torch.bfloat16, lim.smem)
 
 
 def test_grid_within_cuda_limits():

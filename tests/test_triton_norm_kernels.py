@@ -172,7 +172,8 @@ def test_width_above_block_cap(kind, dtype):
 @pytest.mark.parametrize("kind", ["ln", "rms"])
 @pytest.mark.parametrize("need", [(True, True, True), (False, True, True), (True, False, False)], ids=str)
 def test_column_loop_small_cap(kind, need, monkeypatch):
-    # 200 columns in blocks of 64: three full blocks and a ragged 8-column tail, 5 rows over 3 programs.
+    # 200 columns: forward blocks of 64 (three and an 8-column tail), backward blocks of 16 (a quarter of the
+    # cap: twelve and an 8-column tail), 5 rows over 3 programs.
     # The plain launchers are called so the patched cap is certainly the one in effect.
     monkeypatch.setattr(tn, "_MAX_BLOCK_N", 64)
     need = need if kind == "ln" else need[:2] + (False,)

@@ -357,28 +357,41 @@ _INTERPRETER_TILES = dict(fwd=(16, 16, 1, 1), dkdv=(16, 32, 1, 1), dq=(32, 16, 1
 # The last entry of each list (16 x 16 tiles) is the fallback for parts with less shared memory.
 _SMALL = dict(fwd=(16, 16, 4, 1), dkdv=(16, 16, 4, 1), dq=(16, 16, 4, 1))
 _GPU_TILES = {
-    (64, 2): [(60 << 10, dict(fwd=(64, 64, 4, 3), dkdv=(16, 32, 4, 1), dq=(64, 32, 4, 3))), (20 << 10, _SMALL)],
+    (64, 2): [(60 << 10, dict(fwd=(64, 64, 4, 3), dkdv=(16, 32, 8, 1), dq=(64, 32, 4, 3))), (20 << 10, _SMALL)],
     (128, 2): [(84 << 10, dict(fwd=(64, 32, 8, 1), dkdv=(32, 64, 8, 2), dq=(64, 32, 8, 2))), (36 << 10, _SMALL)],
     (256, 2): [(84 << 10, dict(fwd=(16, 32, 4, 1), dkdv=(32, 32, 8, 1), dq=(16, 32, 8, 1))), (68 << 10, _SMALL)],
-    (64, 4): [(40 << 10, dict(fwd=(32, 32, 8, 1), dkdv=(32, 32, 4, 1), dq=(16, 32, 4, 1))), (20 << 10, _SMALL)],
+    (64, 4): [(40 << 10, dict(fwd=(32, 32, 8, 1), dkdv=(32, 32, 8, 1), dq=(16, 32, 4, 1))), (20 << 10, _SMALL)],
     (128, 4): [(52 << 10, dict(fwd=(16, 16, 4, 1), dkdv=(16, 16, 2, 1), dq=(16, 32, 4, 1)))],
     (256, 4): [(68 << 10, dict(fwd=(16, 16, 4, 1), dkdv=(16, 16, 4, 1), dq=(16, 16, 8, 1)))],
 }
+# Probability dropout (the DROPOUT variants: Philox bits per score tile) holds more live registers: at hd 64 in
+# 16-bit the forward's 64 x 64 tiles spilled 8-24 B (sm_80, sm_100) and dk/dv's 16 x 32 with 8 warps 20 B on
+# sm_90; these do not spill on any arch (docs/gpu_resources.md). Other (BLOCK_D, width) keys: as without dropout.
+_DROPOUT_TILES = {
+    (64, 2): [(60 << 10, dict(fwd=(32, 64, 4, 3), dkdv=(16, 32, 4, 1), dq=(64, 32, 4, 3))), (20 << 10, _SMALL)],
+}
 
 
-def attention_tiles(head_dim, dtype, smem_limit):
+def tile_entries(block_d, width, dropout=False):
+    """The ``(smem_needed, tiles)`` entries ``attention_tiles`` chooses from (``._aot`` checks against them)."""
+    key = (max(64, block_d), width)
+    return (_DROPOUT_TILES.get(key) if dropout else None) or _GPU_TILES[key]
+
+
+def attention_tiles(head_dim, dtype, smem_limit, dropout=False):
     """Every launch's (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and BLOCK_D, for a GPU whose blocks
     may use ``smem_limit`` bytes of shared memory: the largest ``_GPU_TILES`` entry of (BLOCK_D, operand
     bytes) that fits. A pure function of its arguments (unit-tested; ``._aot`` compiles what it returns).
 
     Depending on nothing else (not S, B or the mask) makes the recomputed forward ("full" level) bitwise the
-    original: same device, same dtype, so the same tiles and the same reduction order.
+    original: same device, dtype and dropout, so the same tiles and the same reduction order. ``dropout``:
+    the DROPOUT kernel variants, which get their own tiles where the plain ones would spill (_DROPOUT_TILES).
     BLOCK_D = next power of two >= hd (>= 16, tl.dot's minimum), masked on d."""
     block_d = max(16, triton.next_power_of_2(int(head_dim)))
     if block_d > 256:
         raise ValueError(f"head_dim must be <= 256 for the Triton attention kernels, got {head_dim}")
     width = 4 if dtype == torch.float32 else 2
-    entries = _GPU_TILES[(max(64, block_d), width)]
+    entries = tile_entries(block_d, width, dropout)
     for need, tiles in entries:
         if need <= smem_limit:
             return dict(tiles, block_d=block_d)
@@ -386,13 +399,13 @@ def attention_tiles(head_dim, dtype, smem_limit):
                      f"memory per block (the smallest needs {entries[-1][0]})")
 
 
-def _tiles(head_dim, dtype, device):
+def _tiles(head_dim, dtype, device, dropout=False):
     """The tiles of a launch on ``device``: ``attention_tiles`` for its shared memory (``device_limits``),
     or the interpreter's small tiles on CPU tensors."""
     limits = device_limits(device)
     if limits is None:
         return dict(_INTERPRETER_TILES, block_d=max(16, triton.next_power_of_2(int(head_dim))))
-    return attention_tiles(head_dim, dtype, limits.smem)
+    return attention_tiles(head_dim, dtype, limits.smem, dropout)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -448,7 +461,7 @@ def attention_fwd(qkv, key_mask, num_heads, num_kv_heads, causal, scale, dropout
     lse = qkv.new_empty(b, num_heads, s, dtype=torch.float32)
     if o.numel() == 0:
         return o, lse
-    cfg = _tiles(hd, qkv.dtype, qkv.device)
+    cfg = _tiles(hd, qkv.dtype, qkv.device, bool(drop))
     meta = dict(_meta_for("fwd", qkv, causal, mask, cfg), **drop)
     launch(wrap_triton(_attn_fwd_kernel), (triton.cdiv(s, meta["BLOCK_M"]) * b * num_heads,),
         qkv, mask, o, lse, s, num_heads, num_heads // num_kv_heads, hd,
@@ -470,7 +483,7 @@ def attention_bwd(do, qkv, o, lse, key_mask, num_heads, num_kv_heads, causal, sc
     dqkv = torch.empty_like(qkv)
     if dqkv.numel() == 0:
         return dqkv
-    cfg = _tiles(hd, qkv.dtype, qkv.device)
+    cfg = _tiles(hd, qkv.dtype, qkv.device, bool(drop))
     group = num_heads // num_kv_heads
     qk_scale = float(scale) * _LOG2E_PY
     delta = torch.empty_like(lse)

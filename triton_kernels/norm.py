@@ -243,6 +243,15 @@ def _block_n(n):
     return min(triton.next_power_of_2(max(int(n), 1)), _MAX_BLOCK_N)
 
 
+def _bwd_block_n(n):
+    """The backward's column block: the whole row up to the cap (ONE_BLOCK, registers only); wider rows take
+    the column loop with a quarter of the cap. The loop keeps two fp32 accumulators of BLOCK_N live across the
+    passes besides the chunk of x, dy and w it works on: at the full cap it spilled on sm_86/89, at half the
+    cap 12 B in fp16 on sm_120 (docs/gpu_resources.md, before); at a quarter (2048, 8 warps) it does not."""
+    block_n = _block_n(n)
+    return block_n if n <= block_n else block_n // 4
+
+
 def _num_warps(block_n):
     """About 256 columns (8 per thread) per warp, 1..16 warps: a 768-wide row gets 4 warps, 8192 gets 16.
     Ignored by the interpreter."""
@@ -341,10 +350,8 @@ def _norm_bwd(dy, x, weight, mean, rstd, need_dx, need_dw, need_db, is_rms):
         dweight = torch.zeros(n, dtype=dw_dtype, device=dev) if need_dw else torch.empty(0, dtype=dw_dtype, device=dev)
         dbias = torch.zeros(n, dtype=x.dtype, device=dev) if need_db else torch.empty(0, dtype=x.dtype, device=dev)
         return dx, dweight, dbias
-    block_n = _block_n(n)
+    block_n = _bwd_block_n(n)
     one_block = n <= block_n
-    if not one_block:  # the column loop: half the cap (its accumulators + a chunk spilled at 8192, sm_86/89)
-        block_n //= 2
     rows_per_program = triton.cdiv(m, _bwd_programs(m, block_n, device_limits(dev)))
     grid = triton.cdiv(m, rows_per_program)  # <= G, and no program without rows
     # One block: each program stores its whole partial row once, so no zero-fill is needed. Column loop:
