@@ -1,0 +1,204 @@
+"""LoRA inside the fused checkpointed block: PEFT ``peft.tuners.lora.Linear`` wrappers on the
+projections a block reads (q/k/v/o, gate/up/down, GPT-2's c_attn/c_proj/c_fc) run fused.
+
+Per projection with weight W (target ``"wq" | "wk" | "wv" | "wo" | "w1" | "wg" | "w2"``, the
+segment's parameter names) and active adapters i (PEFT's order), the block computes what PEFT's
+``Linear.forward`` computes::
+
+    y = x W^T + b                       (the base layer: Linear, or Conv1D used transposed)
+    y = y + (drop_i(x) A_i^T) B_i^T * scale_i      for each active adapter i, in order
+
+``scale_i`` is PEFT's ``scaling[adapter]`` (``lora_alpha / r``, or ``/ sqrt(r)`` with
+``use_rslora``). ``drop_i`` is ``lora_dropout`` (0 in eval): keep bits from Philox under the block's
+LoRA seed + i + 1 (one 8-byte tensor kept for backward, the same dropout kernel as the residual
+dropout), regenerated in backward and at every recompute, never stored; equal to torch's
+``nn.Dropout`` in distribution, not in bits.
+
+What is kept, at every level: nothing per adapter beyond the block's own keep set and the seed.
+The rank-r intermediate ``u = drop(x) A^T`` (M x r) is replayed in backward rather than kept:
+the input x of the projection is at hand there anyway (kept or replayed for the base weight's own
+backward path), and replaying u is one skinny GEMM (2 M d r FLOPs, r/d of the base GEMM). Backward
+per adapter-projection: du = dy B * scale (1 GEMM), dx += drop(du A) (1, when the input needs a
+gradient), u again (1) for dB = dy^T u * scale (1), dA = du^T drop(x) (1). A frozen base weight
+(PEFT's default) gets no gradient GEMM. See docs/lora.md for GEMM counts and saved bytes against
+eager + PEFT and PEFT + torch.utils.checkpoint.
+
+PEFT states: ``merged`` (``merge()``: the base weight already holds the adapters, PEFT then runs
+the base layer alone) and disabled adapters (``disable_adapter()``) serve the base projection
+alone; a merged layer with adapters disabled (PEFT unmerges inside forward), LoRA variants (DoRA,
+aLoRA, ...), ``lora_bias``, adapters whose dtype differs from the input, dropout modules other than
+``nn.Dropout``/``nn.Identity`` are Unservable: the original forward runs and the report says why.
+"""
+from __future__ import annotations
+
+import sys
+from typing import List, NamedTuple, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ckpt_ops import _backend
+from ckpt_ops._convert_guard import Unservable, read_reason
+
+Tensor = torch.Tensor
+
+
+class LoraSpec(NamedTuple):
+    """The Python constants of one adapter on one projection (part of the block config)."""
+    target: str   # the segment parameter the projection's weight is: "wq", "wo", "w1", ...
+    scale: float
+    p: float      # lora_dropout probability (0 when the dropout module is in eval)
+    name: str     # "<projection>/<adapter>", for reports and tests
+
+
+class LoraCall(NamedTuple):
+    """One call's LoRA tensors: tensors = (A_0, B_0, A_1, B_1, ...) in spec order; need = their
+    requires_grad; grads: the gradient list backward fills (None in forward)."""
+    specs: Tuple[LoraSpec, ...]
+    tensors: tuple
+    seed: Optional[Tensor]
+    need: tuple
+    backend: str
+    grads: Optional[list] = None
+
+
+def _mine(lc: Optional[LoraCall], target: str):
+    if lc is None:
+        return ()
+    return [i for i, s in enumerate(lc.specs) if s.target == target]
+
+
+def has(lc: Optional[LoraCall], target: str) -> bool:
+    return bool(_mine(lc, target))
+
+
+def trains(lc: Optional[LoraCall], target: str) -> bool:
+    """Some adapter on `target` needs a gradient (so its projection input is needed in backward)."""
+    return any(lc.need[2 * i] or lc.need[2 * i + 1] for i in _mine(lc, target))
+
+
+def widen(need: tuple, lc: Optional[LoraCall], index: dict) -> tuple:
+    """`need` (needs_input_grad of a segment) with the slot of every projection whose adapters
+    train set: the plan then keeps/replays that projection's input and runs the backward down to
+    it, as it would for the base weight (whose own gradient still follows the real `need`)."""
+    if lc is None:
+        return tuple(need)
+    out = list(need)
+    for t, i in index.items():
+        if trains(lc, t):
+            out[i] = True
+    return tuple(out)
+
+
+def drop(lc: LoraCall, i: int, x: Tensor) -> Tensor:
+    """Adapter i's dropout on x (x * keep / (1 - p)); the same bits in forward, replay, backward."""
+    p = lc.specs[i].p
+    if p == 0.0:
+        return x
+    return _backend.kernel("mlp", lc.backend, "dropout_fwd")(x.contiguous(), None, lc.seed + (i + 1), p)
+
+
+def add(lc: Optional[LoraCall], target: str, x: Tensor, y: Tensor) -> Tensor:
+    """y + sum_i (drop_i(x) A_i^T) B_i^T * scale_i over the adapters on `target` (PEFT's order)."""
+    for i in _mine(lc, target):
+        a, b = lc.tensors[2 * i], lc.tensors[2 * i + 1]
+        y = y + F.linear(F.linear(drop(lc, i, x), a), b) * lc.specs[i].scale
+    return y
+
+
+def dus(lc: Optional[LoraCall], target: str, dy: Tensor) -> dict:
+    """{i: du_i = dy B_i * scale_i} for the adapters on `target` (the gradient of u_i)."""
+    return {i: (dy @ lc.tensors[2 * i + 1]) * lc.specs[i].scale for i in _mine(lc, target)}
+
+
+def input_grad(lc: Optional[LoraCall], target: str, du: dict) -> Optional[Tensor]:
+    """The adapters' part of the projection input's gradient: sum_i drop_i(du_i A_i)."""
+    dx = None
+    for i, d in du.items():
+        g = drop(lc, i, d @ lc.tensors[2 * i])
+        dx = g if dx is None else dx + g
+    return dx
+
+
+def weight_grads(lc: Optional[LoraCall], target: str, dy: Tensor, du: dict, x: Tensor) -> None:
+    """dB_i = dy^T u_i * scale_i and dA_i = du_i^T drop_i(x) into lc.grads (only those needed)."""
+    for i, d in du.items():
+        need_a, need_b = lc.need[2 * i], lc.need[2 * i + 1]
+        if not (need_a or need_b):
+            continue
+        xd = drop(lc, i, x)
+        if need_b:
+            lc.grads[2 * i + 1] = (dy.t() @ F.linear(xd, lc.tensors[2 * i])) * lc.specs[i].scale
+        if need_a:
+            lc.grads[2 * i] = d.t() @ xd
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading PEFT's wrappers
+# ------------------------------------------------------------------------------------------------
+def lora_linear_class():
+    """peft.tuners.lora.layer.Linear if peft is imported (a model holding its layers imported it)."""
+    mod = sys.modules.get("peft.tuners.lora.layer")
+    return getattr(mod, "Linear", None)
+
+
+def is_lora(module) -> bool:
+    cls = lora_linear_class()
+    return cls is not None and type(module) is cls
+
+
+_DROPOUTS = (torch.nn.Dropout, torch.nn.Identity)
+
+
+def structure_reason(module, name: str, classes: tuple) -> Optional[str]:
+    """Why the structure of a PEFT LoRA Linear `module` is not served (None: served). Checked by
+    the block's guard and cached with its verdict (a new adapter adds modules: re-checked)."""
+    why = read_reason(module._modules.get("base_layer"), f"{name}.base_layer", classes)
+    if why:
+        return why
+    if len(getattr(module, "lora_magnitude_vector", ())):
+        return f"{name} is a peft DoRA layer (use_dora=True): not fused"
+    if len(getattr(module, "lora_embedding_A", ())):
+        return f"{name} has embedding adapters: not fused"
+    for d in ("lora_A", "lora_B"):
+        for k, c in module._modules[d].items():
+            why = read_reason(c, f"{name}.{d}.{k}", (torch.nn.Linear,))
+            if why:
+                return why
+            if c.bias is not None:
+                return f"{name}: adapter {k!r} has lora_bias=True: not fused"
+    for k, c in module._modules["lora_dropout"].items():
+        if type(c) not in _DROPOUTS or getattr(c, "inplace", False):
+            return f"{name}: lora_dropout of adapter {k!r} is a {type(c).__name__}: not fused"
+    return None
+
+
+def read(module, target: str, name: str, x: Tensor) -> Tuple[torch.nn.Module, List[tuple]]:
+    """(base layer, [(LoraSpec, A weight, B weight)] of the adapters this call applies) for a PEFT
+    LoRA Linear, following ``peft.tuners.lora.layer.Linear.forward``; Unservable otherwise."""
+    base = module.base_layer
+    if module.disable_adapters:
+        if module.merged:
+            raise Unservable(f"{name}: adapters disabled while merged (peft unmerges them in forward)")
+        return base, []
+    if module.merged:  # the base weight holds the merged adapters: peft runs the base layer alone
+        return base, []
+    out = []
+    for a in module.active_adapters:
+        if a not in module.lora_A:
+            continue
+        if a in module.lora_variant:
+            raise Unservable(f"{name}: adapter {a!r} is a LoRA variant ({type(module.lora_variant[a]).__name__}): "
+                             "not fused")
+        if module.lora_bias.get(a):
+            raise Unservable(f"{name}: adapter {a!r} has lora_bias=True: not fused")
+        la, lb, dr = module.lora_A[a], module.lora_B[a], module.lora_dropout[a]
+        if la.weight.dtype != x.dtype or lb.weight.dtype != x.dtype:
+            raise Unservable(f"{name}: adapter {a!r} weights in {la.weight.dtype} for a {x.dtype} input "
+                             "(mixed adapter dtypes): not fused")
+        scale = module.scaling[a]
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise Unservable(f"{name}: scaling of adapter {a!r} is a {type(scale).__name__}: not fused")
+        p = float(dr.p) if isinstance(dr, torch.nn.Dropout) and dr.training else 0.0
+        out.append((LoraSpec(target, float(scale), p, f"{name}/{a}"), la.weight, lb.weight))
+    return base, out
