@@ -138,7 +138,7 @@ class BlockFunction(torch.autograd.Function):
         tm = {k[2:]: v for k, v in saved.items() if k.startswith("m_")}
         nl = len(ctx.lneed)
         lc = _lora.LoraCall(cfg.lora, tuple(saved[f"l_{i}"] for i in range(nl)), saved["l_seed"], ctx.lneed,
-                            cfg.mlp.backend, [None] * nl) if cfg.lora else None
+                            cfg.mlp.backend, [None] * nl, {}) if cfg.lora else None
         if ctx.rebuild_h1:
             ta = _attn.segment_replay(cfg.attn, _replay_plan(cfg, aplan), ta, ctx.shape, lc)
             tm["x"] = _attn.output_projection(cfg.attn, ta["x"], ta["o"], ta["wo"], ta["bo"], ta["seed"], lc)

@@ -14,14 +14,28 @@ LoRA seed + i + 1 (one 8-byte tensor kept for backward, the same dropout kernel 
 dropout), regenerated in backward and at every recompute, never stored; equal to torch's
 ``nn.Dropout`` in distribution, not in bits.
 
-What is kept, at every level: nothing per adapter beyond the block's own keep set and the seed.
-The rank-r intermediate ``u = drop(x) A^T`` (M x r) is replayed in backward rather than kept:
-the input x of the projection is at hand there anyway (kept or replayed for the base weight's own
-backward path), and replaying u is one skinny GEMM (2 M d r FLOPs, r/d of the base GEMM). Backward
-per adapter-projection: du = dy B * scale (1 GEMM), dx += drop(du A) (1, when the input needs a
-gradient), u again (1) for dB = dy^T u * scale (1), dA = du^T drop(x) (1). A frozen base weight
-(PEFT's default) gets no gradient GEMM. See docs/lora.md for GEMM counts and saved bytes against
-eager + PEFT and PEFT + torch.utils.checkpoint.
+What is kept, at every level: nothing per adapter beyond the block's own keep set and the 8-byte
+seed (saved bytes at "full" = the block input + per-row stats, as without adapters, which is at most
+what PEFT + torch.utils.checkpoint keeps; eager PEFT keeps per adapter-projection drop(x) (M x in,
+or x itself without dropout), its mask and u (M x r)). The rank-r intermediate
+``u = drop(x) A^T`` (M x r) is not kept: where the level replays the projection (q/k/v, o, gate/up
+at "full"), dB reuses the replay's u; elsewhere (down/fc2, and every projection at "selective" /
+"none") it is recomputed from the projection input, one skinny GEMM (2 M in r FLOPs, r/out of the
+base GEMM), instead of keeping M x r per adapter.
+
+GEMMs per adapter-projection and step (LoRA trains, base frozen, the input needs a gradient):
+
+============================================  ======================================================
+eager + PEFT                                  6: forward u, u B^T; backward dB, du, dA, dx
+PEFT + torch.utils.checkpoint                 8: + the forward replay (u, u B^T)
+ckpt_ops "full", replayed projections         8: forward 2, replay 2, dB (with the replay's u), du,
+                                              dA, dx
+ckpt_ops "full", down/fc2 (never replayed)    7: forward 2, u again, dB, du, dA, dx
+ckpt_ops "selective" / "none"                 7: forward 2, u again, dB, du, dA, dx
+============================================  ======================================================
+
+The base projection: 2 GEMMs per step when frozen (forward, dgrad; + 1 replay where replayed): a
+frozen base weight (PEFT's default) gets no weight-gradient GEMM. docs/lora.md has the whole table.
 
 PEFT states: ``merged`` (``merge()``: the base weight already holds the adapters, PEFT then runs
 the base layer alone) and disabled adapters (``disable_adapter()``) serve the base projection
@@ -53,13 +67,15 @@ class LoraSpec(NamedTuple):
 
 class LoraCall(NamedTuple):
     """One call's LoRA tensors: tensors = (A_0, B_0, A_1, B_1, ...) in spec order; need = their
-    requires_grad; grads: the gradient list backward fills (None in forward)."""
+    requires_grad; grads: the gradient list backward fills (None in forward); u: backward's
+    scratch {i: u_i} of the replays (dB then reuses the replay's u; never kept across calls)."""
     specs: Tuple[LoraSpec, ...]
     tensors: tuple
     seed: Optional[Tensor]
     need: tuple
     backend: str
     grads: Optional[list] = None
+    u: Optional[dict] = None
 
 
 def _mine(lc: Optional[LoraCall], target: str):
@@ -102,7 +118,10 @@ def add(lc: Optional[LoraCall], target: str, x: Tensor, y: Tensor) -> Tensor:
     """y + sum_i (drop_i(x) A_i^T) B_i^T * scale_i over the adapters on `target` (PEFT's order)."""
     for i in _mine(lc, target):
         a, b = lc.tensors[2 * i], lc.tensors[2 * i + 1]
-        y = y + F.linear(F.linear(drop(lc, i, x), a), b) * lc.specs[i].scale
+        u = F.linear(drop(lc, i, x), a)
+        if lc.u is not None:  # a replay inside backward: dB reuses u
+            lc.u[i] = u
+        y = y + F.linear(u, b) * lc.specs[i].scale
     return y
 
 
@@ -128,7 +147,10 @@ def weight_grads(lc: Optional[LoraCall], target: str, dy: Tensor, du: dict, x: T
             continue
         xd = drop(lc, i, x)
         if need_b:
-            lc.grads[2 * i + 1] = (dy.t() @ F.linear(xd, lc.tensors[2 * i])) * lc.specs[i].scale
+            u = lc.u.pop(i, None) if lc.u is not None else None
+            if u is None:
+                u = F.linear(xd, lc.tensors[2 * i])
+            lc.grads[2 * i + 1] = (dy.t() @ u) * lc.specs[i].scale
         if need_a:
             lc.grads[2 * i] = d.t() @ xd
 
