@@ -109,8 +109,15 @@ def _check_dtypes(x: torch.Tensor, module: torch.nn.Module) -> None:
     # residual stream in the dtype the model gives it); parameters and input must still agree.
     for p in module.parameters():
         if p.dtype != x.dtype or p.device != x.device:
+            if _lora_only(module, p):  # PEFT's adapters: their dtype is ckpt_ops.lora.read's question
+                continue
             raise Unservable(f"parameter dtype/device {p.dtype}/{p.device} differs from the input's "
                              f"{x.dtype}/{x.device}")
+
+
+def _lora_only(module: torch.nn.Module, p: torch.Tensor) -> bool:
+    """p is a weight of a PEFT LoRA adapter (lora_A / lora_B) inside `module` (slow path only)."""
+    return any(("lora_A." in n or "lora_B." in n) for n, q in module.named_parameters() if q is p)
 
 
 _KNOWN_KWARGS = {"hidden_states", "attention_mask", "position_ids", "cache", "past_key_values", "use_cache",

@@ -164,7 +164,7 @@ def _qkv_backward(cfg, dqkv2: Tensor, n: Optional[Tensor], t: dict, need, grads:
         _lora.weight_grads(lc, wname, d, du, n)
         if want_dn:
             dn = d @ t[wname] if dn is None else dn + d @ t[wname]
-            dl = _lora.input_grad(lc, wname, du)
+            dl = _lora.input_grad(lc, wname, du, dn.dtype)
             dn = dn if dl is None else dn + dl
     return dn
 
@@ -285,7 +285,7 @@ def segment_backward(cfg: AttnConfig, plan: _Plan, need, dout: Tensor, t: dict, 
     if not plan.up:
         return grads
     do2 = dyc @ t["wo"]
-    dl = _lora.input_grad(lc, "wo", du)
+    dl = _lora.input_grad(lc, "wo", du, do2.dtype)
     do = _rows(do2 if dl is None else do2 + dl, b, s)
     dqkv = k("attention_bwd")(do, t["qkv"], t["o"], t["lse"], t["key_mask"], cfg.num_heads, cfg.num_kv_heads,
                               cfg.causal, cfg.scale, *_drop(cfg, t["seed"]))

@@ -40,8 +40,12 @@ frozen base weight (PEFT's default) gets no weight-gradient GEMM. docs/lora.md h
 PEFT states: ``merged`` (``merge()``: the base weight already holds the adapters, PEFT then runs
 the base layer alone) and disabled adapters (``disable_adapter()``) serve the base projection
 alone; a merged layer with adapters disabled (PEFT unmerges inside forward), LoRA variants (DoRA,
-aLoRA, ...), ``lora_bias``, adapters whose dtype differs from the input, dropout modules other than
-``nn.Dropout``/``nn.Identity`` are Unservable: the original forward runs and the report says why.
+aLoRA, ...), ``lora_bias``, A and B in different dtypes or on another device, dropout modules
+other than ``nn.Dropout``/``nn.Identity`` are Unservable: the original forward runs and the report
+says why. Adapters in another dtype than the model (PEFT's default ``autocast_adapter_dtype=True``
+keeps fp32 adapters on a bf16/fp16 model) are served as PEFT computes them: x cast to the adapter
+dtype, the LoRA sum in the promoted dtype, the output cast back; in backward the adapters' input
+gradient is cast back to the input's dtype before it joins the base projection's.
 """
 from __future__ import annotations
 
@@ -115,28 +119,33 @@ def drop(lc: LoraCall, i: int, x: Tensor) -> Tensor:
 
 
 def add(lc: Optional[LoraCall], target: str, x: Tensor, y: Tensor) -> Tensor:
-    """y + sum_i (drop_i(x) A_i^T) B_i^T * scale_i over the adapters on `target` (PEFT's order)."""
+    """y + sum_i (drop_i(x) A_i^T) B_i^T * scale_i over the adapters on `target` (PEFT's order).
+    Adapters in another dtype than x (PEFT's fp32 adapters on a bf16 model): x is cast to theirs,
+    the sum runs in the promoted dtype and is cast back to y's, as PEFT does."""
+    out_dtype = y.dtype
     for i in _mine(lc, target):
         a, b = lc.tensors[2 * i], lc.tensors[2 * i + 1]
-        u = F.linear(drop(lc, i, x), a)
+        u = F.linear(drop(lc, i, x.to(a.dtype)), a)
         if lc.u is not None:  # a replay inside backward: dB reuses u
             lc.u[i] = u
         y = y + F.linear(u, b) * lc.specs[i].scale
-    return y
+    return y.to(out_dtype)
 
 
 def dus(lc: Optional[LoraCall], target: str, dy: Tensor) -> dict:
     """{i: du_i = dy B_i * scale_i} for the adapters on `target` (the gradient of u_i)."""
-    return {i: (dy @ lc.tensors[2 * i + 1]) * lc.specs[i].scale for i in _mine(lc, target)}
+    return {i: (dy.to(lc.tensors[2 * i + 1].dtype) @ lc.tensors[2 * i + 1]) * lc.specs[i].scale
+            for i in _mine(lc, target)}
 
 
-def input_grad(lc: Optional[LoraCall], target: str, du: dict) -> Optional[Tensor]:
-    """The adapters' part of the projection input's gradient: sum_i drop_i(du_i A_i)."""
+def input_grad(lc: Optional[LoraCall], target: str, du: dict, dtype: torch.dtype) -> Optional[Tensor]:
+    """The adapters' part of the projection input's gradient, sum_i drop_i(du_i A_i), summed in
+    the adapters' dtype and returned in `dtype` (the input's: PEFT's cast of x, transposed)."""
     dx = None
     for i, d in du.items():
         g = drop(lc, i, d @ lc.tensors[2 * i])
         dx = g if dx is None else dx + g
-    return dx
+    return dx if dx is None else dx.to(dtype)
 
 
 def weight_grads(lc: Optional[LoraCall], target: str, dy: Tensor, du: dict, x: Tensor) -> None:
@@ -145,12 +154,12 @@ def weight_grads(lc: Optional[LoraCall], target: str, dy: Tensor, du: dict, x: T
         need_a, need_b = lc.need[2 * i], lc.need[2 * i + 1]
         if not (need_a or need_b):
             continue
-        xd = drop(lc, i, x)
+        xd = drop(lc, i, x.to(lc.tensors[2 * i].dtype))
         if need_b:
             u = lc.u.pop(i, None) if lc.u is not None else None
             if u is None:
                 u = F.linear(xd, lc.tensors[2 * i])
-            lc.grads[2 * i + 1] = (dy.t() @ u) * lc.specs[i].scale
+            lc.grads[2 * i + 1] = (dy.to(u.dtype).t() @ u) * lc.specs[i].scale
         if need_a:
             lc.grads[2 * i] = d.t() @ xd
 
@@ -215,9 +224,11 @@ def read(module, target: str, name: str, x: Tensor) -> Tuple[torch.nn.Module, Li
         if module.lora_bias.get(a):
             raise Unservable(f"{name}: adapter {a!r} has lora_bias=True: not fused")
         la, lb, dr = module.lora_A[a], module.lora_B[a], module.lora_dropout[a]
-        if la.weight.dtype != x.dtype or lb.weight.dtype != x.dtype:
-            raise Unservable(f"{name}: adapter {a!r} weights in {la.weight.dtype} for a {x.dtype} input "
-                             "(mixed adapter dtypes): not fused")
+        if la.weight.dtype != lb.weight.dtype or la.weight.device != x.device or lb.weight.device != x.device \
+                or (la.weight.dtype != x.dtype and not getattr(module, "cast_input_dtype_enabled", True)):
+            raise Unservable(f"{name}: adapter {a!r} weights in {la.weight.dtype}/{lb.weight.dtype} on "
+                             f"{la.weight.device} for a {x.dtype} input on {x.device} without peft's input cast "
+                             "(mixed adapter dtypes/devices): not fused")
         scale = module.scaling[a]
         if isinstance(scale, bool) or not isinstance(scale, (int, float)):
             raise Unservable(f"{name}: scaling of adapter {a!r} is a {type(scale).__name__}: not fused")

@@ -225,7 +225,7 @@ def segment_backward(cfg: MLPConfig, plan: _Plan, need, dout: Tensor, t: dict, l
     du2 = _lora.dus(lc, "w2", dyc) if (plan.up or lw2) else {}
     if plan.up:
         da = dyc @ t["w2"]
-        dl = _lora.input_grad(lc, "w2", du2)
+        dl = _lora.input_grad(lc, "w2", du2, da.dtype)
         a_re, dh, dg = k("act_bwd")(da if dl is None else da + dl, h, g, cfg.activation, rebuild_a)
         if rebuild_a:
             a = a_re
@@ -254,7 +254,7 @@ def segment_backward(cfg: MLPConfig, plan: _Plan, need, dout: Tensor, t: dict, l
     if not plan.dn:
         return grads
     dn = dh @ t["w1"]
-    for dl in (_lora.input_grad(lc, "w1", du1), _lora.input_grad(lc, "wg", dug)):
+    for dl in (_lora.input_grad(lc, "w1", du1, dn.dtype), _lora.input_grad(lc, "wg", dug, dn.dtype)):
         dn = dn if dl is None else dn + dl
     if cfg.gated:
         dn = dn + dg @ t["wg"]
