@@ -77,7 +77,12 @@ def _replay_plan(cfg: BlockConfig, aplan: _attn._Plan) -> _attn._Plan:
 class BlockFunction(torch.autograd.Function):
     """forward(x (B, S, D), *attention params (ckpt_ops.attention.PARAMS), *MLP params
     (ckpt_ops.mlp.PARAMS), key_mask, cos, sin, seed_attn, seed_mlp, cfg, seed_lora,
-    *LoRA tensors (A_0, B_0, A_1, B_1, ... in the order of cfg.lora))."""
+    *LoRA tensors (A_0, B_0, A_1, B_1, ... in the order of cfg.lora)).
+
+    With LoRA adapters every level keeps what it keeps without them (+ the 8-byte LoRA seed when
+    lora_dropout > 0): no rank-r intermediate, no mask; GEMMs per adapter-projection and step 8 on
+    replayed projections, 7 on fc2/down and at "selective"/"none" (eager + PEFT: 6, PEFT +
+    torch.utils.checkpoint: 8). ckpt_ops.lora's docstring has the table."""
 
     @staticmethod
     def forward(ctx, x, *args):

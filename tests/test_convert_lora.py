@@ -140,9 +140,10 @@ class FixedMask(torch.nn.Module):
 PATHS = {"llama": "base_model.model.model.layers.{}.{}", "gpt2": "base_model.model.transformer.h.{}.{}"}
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_lora_dropout_matches_the_recovered_mask(arch, monkeypatch):
-    ref, conv = pair(arch, lora_dropout=0.1)
+@pytest.mark.parametrize("arch, level", [("llama", "full"), ("gpt2", "full"), ("llama", "none"),
+                                         ("gpt2", "keep_mlp")])
+def test_lora_dropout_matches_the_recovered_mask(arch, level, monkeypatch):
+    ref, conv = pair(arch, level=level, lora_dropout=0.1)
     records = []
     orig = lora_mod.drop
 
@@ -378,3 +379,35 @@ def test_bf16_model_with_peft_fp32_adapters(arch):
     for n in g_t:
         assert_low_precision_ok(g_c[n], g_e[n], g_t[n], n)
     assert report(conv)["fused_calls"][KIND[arch]] == 2 and not report(conv)["fallbacks"], report(conv)
+
+
+def test_lora_read_and_guard_trace_without_graph_breaks():
+    """What a fused call reads from PEFT's wrapper (ckpt_ops.lora.read) and the block's guard are
+    plain Python on modules: torch.compile traces both with no graph break."""
+    _, conv = pair("llama", lora_dropout=0.1)
+    layer = conv.base_model.model.model.layers[0]
+    q = layer.self_attn.q_proj
+    guard = layer._ckpt_ops_state.guard
+
+    def f(x):
+        guard.check(layer)
+        base, found = lora_mod.read(q, "wq", "self_attn.q_proj", x)
+        spec, a, b = found[0]
+        return x * spec.scale * spec.p + base.weight.sum() + a.sum() + b.sum()
+
+    torch._dynamo.reset()
+    x = torch.randn(3)
+    explained = torch._dynamo.explain(f)(x)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert torch.allclose(torch.compile(f, fullgraph=True)(x), f(x))
+
+
+def test_retain_graph_twice_gives_equal_lora_gradients():
+    _, conv = pair("llama", lora_dropout=0.1)
+    ids, am, labels = batch()
+    loss = conv(input_ids=ids, attention_mask=am, labels=labels).loss
+    lora = [p for n, p in conv.named_parameters() if "lora_" in n]
+    g1 = torch.autograd.grad(loss, lora, retain_graph=True)
+    g2 = torch.autograd.grad(loss, lora)
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b)
