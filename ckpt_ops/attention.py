@@ -160,7 +160,7 @@ def _qkv_backward(cfg, dqkv2: Tensor, n: Optional[Tensor], t: dict, need, grads:
             grads[_IDX[wname]] = d.t() @ n
         if need[_IDX[bname]]:
             grads[_IDX[bname]] = d.sum(0)
-        du = _lora.dus(lc, wname, d)
+        du = _lora.dus(lc, wname, d) if (want_dn or _lora.trains(lc, wname)) else {}
         _lora.weight_grads(lc, wname, d, du, n)
         if want_dn:
             dn = d @ t[wname] if dn is None else dn + d @ t[wname]

@@ -239,9 +239,9 @@ def segment_backward(cfg: MLPConfig, plan: _Plan, need, dout: Tensor, t: dict, l
 
     if nm is None and (need[3] or (cfg.gated and need[5]) or _lora.trains(lc, "w1") or _lora.trains(lc, "wg")):
         nm = mm(cfg, n)
-    du1 = _lora.dus(lc, "w1", dh)
+    du1 = _lora.dus(lc, "w1", dh) if (plan.dn or _lora.trains(lc, "w1")) else {}
     _lora.weight_grads(lc, "w1", dh, du1, nm)
-    dug = _lora.dus(lc, "wg", dg) if cfg.gated else {}
+    dug = _lora.dus(lc, "wg", dg) if cfg.gated and (plan.dn or _lora.trains(lc, "wg")) else {}
     _lora.weight_grads(lc, "wg", dg, dug, nm)
     if need[3]:
         grads[3] = dh.t() @ nm
