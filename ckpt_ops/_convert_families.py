@@ -214,8 +214,9 @@ class _BlockAdapter(Adapter):
         if x.dim() != 3:
             raise Unservable(f"hidden states of shape {tuple(x.shape)}")
         _check_dtypes(x, module)
-        if loras and _amp.gemm_dtype(x) is not None:
-            raise Unservable("PEFT LoRA adapters under torch.autocast: not fused yet")
+        if loras and _amp.gemm_dtype(x) is not None and any(t.dtype not in _amp.AMP_DTYPES for _, a, b in loras
+                                                            for t in (a, b)):
+            raise Unservable("PEFT LoRA adapters in a dtype autocast does not cast (e.g. fp64) under torch.autocast")
         b, s, _ = x.shape
         key_mask = key_mask_from_hf(mask4d, b, s, causal=True)
         level = state.recompute

@@ -91,7 +91,8 @@ class BlockFunction(torch.autograd.Function):
         key_mask, cos, sin, seed_a, seed_m, cfg, seed_l = args[N_ATTN + N_MLP:N_FIXED]
         lt = args[N_FIXED:]
         lneed = tuple(ctx.needs_input_grad[1 + N_FIXED:])
-        lc = _lora.LoraCall(cfg.lora, lt, seed_l, lneed, cfg.mlp.backend) if cfg.lora else None
+        # autocast: the adapters' GEMMs in the autocast dtype as well (cast here, originals saved)
+        lc = _lora.LoraCall(cfg.lora, _lora_cast(cfg, lt), seed_l, lneed, cfg.mlp.backend) if cfg.lora else None
         b, s, d = x.shape
         # autocast: x and the parameters arrive in their own dtypes and are cast here; the
         # originals are what gets saved (ckpt_ops._amp). No-op outside autocast.
@@ -142,8 +143,9 @@ class BlockFunction(torch.autograd.Function):
         ta = {k[2:]: v for k, v in saved.items() if k.startswith("a_")}
         tm = {k[2:]: v for k, v in saved.items() if k.startswith("m_")}
         nl = len(ctx.lneed)
-        lc = _lora.LoraCall(cfg.lora, tuple(saved[f"l_{i}"] for i in range(nl)), saved["l_seed"], ctx.lneed,
-                            cfg.mlp.backend, [None] * nl, {}) if cfg.lora else None
+        lt = tuple(saved[f"l_{i}"] for i in range(nl))
+        lc = _lora.LoraCall(cfg.lora, _lora_cast(cfg, lt), saved["l_seed"], ctx.lneed, cfg.mlp.backend, [None] * nl,
+                            {}) if cfg.lora else None
         if ctx.rebuild_h1:
             ta = _attn.segment_replay(cfg.attn, _replay_plan(cfg, aplan), ta, ctx.shape, lc)
             tm["x"] = _attn.output_projection(cfg.attn, ta["x"], ta["o"], ta["wo"], ta["bo"], ta["seed"], lc)
@@ -154,7 +156,13 @@ class BlockFunction(torch.autograd.Function):
             agrads = [None] * (1 + N_ATTN)
         dx = agrads[0].view(b, s, d) if agrads[0] is not None else None
         grads = _amp.grads_to([dx, *agrads[1:], *mgrads[1:]], ctx.dtypes)  # each in its input's dtype
-        return (*grads, None, None, None, None, None, None, None, *(lc.grads if lc is not None else ()))
+        lgrads = _amp.grads_to(lc.grads, _amp.dtypes(*lt)) if lc is not None else ()  # in each adapter's dtype
+        return (*grads, None, None, None, None, None, None, None, *lgrads)
+
+
+def _lora_cast(cfg: BlockConfig, lt: tuple) -> tuple:
+    """The LoRA tensors as the block's GEMMs take them: cast to the autocast dtype under autocast."""
+    return lt if cfg.attn.amp is None else tuple(_amp.to(t, cfg.attn.amp) for t in lt)
 
 
 def transformer_block(x: Tensor, attn_params: dict, mlp_params: dict, attn_cfg: _attn.AttnConfig,
@@ -166,13 +174,12 @@ def transformer_block(x: Tensor, attn_params: dict, mlp_params: dict, attn_cfg: 
     the block follows ckpt_ops._amp: GEMMs and attention in the autocast dtype, norms and the
     residual stream in fp32, parameter gradients in the parameters' dtype. `lora`: a sequence of
     (ckpt_ops.lora.LoraSpec, A weight (r, in), B weight (out, r)) adapters on the block's
-    projections (not under autocast: ckpt_ops.convert falls back there)."""
+    projections; under autocast their GEMMs run in the autocast dtype too (gradients in the
+    adapters' dtype)."""
     if level not in LEVELS:
         raise ValueError(f"recompute must be one of {LEVELS}; got {level!r}")
     specs = tuple(sp for sp, _, _ in lora)
     lt = tuple(t for _, a, b in lora for t in (a, b))
-    if specs and attn_cfg.amp is not None:
-        raise ValueError("transformer_block: LoRA adapters under torch.autocast are not supported yet")
     cfg = BlockConfig(attn_cfg._replace(level=_ATTN_LEVEL[level]), mlp_cfg._replace(level=_MLP_LEVEL[level]), level,
                       specs)
     seed_l = (torch.randint(0, 2**62, (1,), dtype=torch.int64, device=x.device) if any(sp.p > 0.0 for sp in specs)
@@ -192,7 +199,8 @@ def transformer_block(x: Tensor, attn_params: dict, mlp_params: dict, attn_cfg: 
             out = BlockFunction.apply(x, *args, key_mask, cos, sin, *seeds, cfg, seed_l, *lt)
         else:
             with torch.no_grad():
-                lc = _lora.LoraCall(specs, lt, seed_l, (False,) * len(lt), cfg.mlp.backend) if specs else None
+                lc = _lora.LoraCall(specs, _lora_cast(cfg, lt), seed_l, (False,) * len(lt), cfg.mlp.backend) \
+                    if specs else None
                 xc = _amp.cast_inputs(cfg.attn.amp, {"x": x})["x"]
                 ap, mp = _amp.cast_inputs(cfg.attn.amp, attn_params), _amp.cast_inputs(cfg.mlp.amp, mlp_params)
                 h1, _ = _attn.segment_forward(cfg.attn, xc, ap, key_mask, cos, sin, seeds[0], lc)

@@ -45,7 +45,9 @@ other than ``nn.Dropout``/``nn.Identity`` are Unservable: the original forward r
 says why. Adapters in another dtype than the model (PEFT's default ``autocast_adapter_dtype=True``
 keeps fp32 adapters on a bf16/fp16 model) are served as PEFT computes them: x cast to the adapter
 dtype, the LoRA sum in the promoted dtype, the output cast back; in backward the adapters' input
-gradient is cast back to the input's dtype before it joins the base projection's.
+gradient is cast back to the input's dtype before it joins the base projection's. Under
+torch.autocast the block casts the adapters to the autocast dtype with its other GEMM operands
+(ckpt_ops.block; originals saved, gradients returned in the adapters' dtype).
 """
 from __future__ import annotations
 

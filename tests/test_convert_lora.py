@@ -446,3 +446,30 @@ def test_gemms_per_adapter_projection_as_documented(proj, fused_full):
 
     added = {k: gemms(k, ["v_proj", proj]) - gemms(k, ["v_proj"]) for k in ("eager", "hf", "full", "selective")}
     assert added == {"eager": 6, "hf": 8, "full": fused_full, "selective": 7}, added
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_lora_under_cpu_bf16_autocast(arch):
+    """HF Trainer's bf16=True flow: an fp32 model and fp32 adapters, the forward under
+    torch.autocast("cpu", bfloat16). Fused (the adapters' GEMMs in bf16 too, gradients in fp32),
+    with DESIGN 4's low-precision rule against the fp32 truth (no autocast): every LoRA gradient
+    within 2x the error of eager PEFT under the same autocast."""
+    from conftest import assert_low_precision_ok
+
+    eager = peft.get_peft_model(MODELS[arch](), lora_cfg(arch)).train()
+    conv = ckpt_ops.convert(copy.deepcopy(eager))
+    ids, am, labels = batch()
+
+    def step(m, amp):
+        m.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            loss = m(input_ids=ids, attention_mask=am, labels=labels, use_cache=False).loss
+        loss.backward()
+        return loss.detach().float(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    (l_t, g_t), (l_e, g_e), (l_c, g_c) = step(eager, False), step(eager, True), step(conv, True)
+    assert set(g_c) == set(g_e) == set(g_t) and all("lora_" in n and g.dtype == torch.float32 for n, g in g_c.items())
+    assert_low_precision_ok(l_c, l_e, l_t, "loss", floor=1e-3)  # the scalar loss: see the bf16 test
+    for n in g_t:
+        assert_low_precision_ok(g_c[n], g_e[n], g_t[n], n)
+    assert report(conv)["fused_calls"][KIND[arch]] == 2 and not report(conv)["fallbacks"], report(conv)
