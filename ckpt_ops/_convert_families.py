@@ -355,11 +355,9 @@ class LlamaLikeAdapter(_BlockAdapter):
                  "self_attn.o_proj": Linear, "mlp": (self.mlp_cls,), "mlp.down_proj": Linear}
         reads.update({f"self_attn.{n}": Linear for n in self.fam.qkv})
         reads.update({f"mlp.{n}": Linear for n in self.fam.gate_up})
-        # PEFT LoRA wrappers served fused: every projection but a packed gate_up (its adapter's
-        # output would have to be split between the gate and up halves: not fused yet)
+        # PEFT LoRA wrappers served fused on every projection (ckpt_ops.lora)
         lora = [f"self_attn.{n}" for n in (*self.fam.qkv, "o_proj")] + ["mlp.down_proj"]
-        if len(self.fam.gate_up) == 2:
-            lora += [f"mlp.{n}" for n in self.fam.gate_up]
+        lora += [f"mlp.{n}" for n in self.fam.gate_up]
         return Guard(reads, lora=lora)
 
     def fused(self, module, state, args, kwargs):
@@ -390,9 +388,13 @@ class LlamaLikeAdapter(_BlockAdapter):
                                             for n, t in zip(fam.qkv, ("wq", "wk", "wv")))
         (wo, bo) = _proj(attn, "o_proj", "self_attn.o_proj", "wo", x, loras)
         gu = [getattr(mlp, n) for n in fam.gate_up]
-        if len(gu) == 1:  # packed rows [gate | up]: row views of one weight
-            wg, w1 = gu[0].weight.chunk(2, dim=0)
-            bg, b1 = gu[0].bias.chunk(2) if gu[0].bias is not None else (None, None)
+        if len(gu) == 1:  # packed rows [gate | up]: row views of one weight (its adapter's B: row views too)
+            base = gu[0]
+            if _lora.is_lora(base):
+                base, found = _lora.read(base, "wg", f"mlp.{fam.gate_up[0]}", x)
+                loras.extend(_lora.split_packed(found, ("wg", "w1"), base.weight.shape[0] // 2))
+            wg, w1 = base.weight.chunk(2, dim=0)
+            bg, b1 = base.bias.chunk(2) if base.bias is not None else (None, None)
         else:
             (wg, bg), (w1, b1) = (_proj(mlp, n, f"mlp.{n}", t, x, loras) for n, t in zip(fam.gate_up, ("wg", "w1")))
         w2, b2 = _proj(mlp, "down_proj", "mlp.down_proj", "w2", x, loras)

@@ -68,7 +68,8 @@ class LoraSpec(NamedTuple):
     target: str   # the segment parameter the projection's weight is: "wq", "wo", "w1", ...
     scale: float
     p: float      # lora_dropout probability (0 when the dropout module is in eval)
-    name: str     # "<projection>/<adapter>", for reports and tests
+    name: str     # "<projection>/<adapter>", for reports and tests; specs of one name (the halves of a
+    #               packed projection's adapter) share one dropout mask
 
 
 class LoraCall(NamedTuple):
@@ -117,7 +118,8 @@ def drop(lc: LoraCall, i: int, x: Tensor) -> Tensor:
     p = lc.specs[i].p
     if p == 0.0:
         return x
-    return _backend.kernel("mlp", lc.backend, "dropout_fwd")(x.contiguous(), None, lc.seed + (i + 1), p)
+    stream = next(j for j, s in enumerate(lc.specs) if s.name == lc.specs[i].name)  # packed halves: one mask
+    return _backend.kernel("mlp", lc.backend, "dropout_fwd")(x.contiguous(), None, lc.seed + (stream + 1), p)
 
 
 def add(lc: Optional[LoraCall], target: str, x: Tensor, y: Tensor) -> Tensor:
@@ -204,6 +206,14 @@ def structure_reason(module, name: str, classes: tuple) -> Optional[str]:
         if type(c) not in _DROPOUTS or getattr(c, "inplace", False):
             return f"{name}: lora_dropout of adapter {k!r} is a {type(c).__name__}: not fused"
     return None
+
+
+def split_packed(found: List[tuple], targets: Tuple[str, ...], rows: int) -> List[tuple]:
+    """The adapters of a packed projection (Phi3's gate_up_proj, rows [gate | up]) as one spec per
+    half: the same A (autograd sums its two gradients), B's row blocks (views), one name so both
+    halves draw the same dropout mask, as PEFT's one dropout on x."""
+    return [(spec._replace(target=t), a, b[k * rows:(k + 1) * rows]) for spec, a, b in found
+            for k, t in enumerate(targets)]
 
 
 def read(module, target: str, name: str, x: Tensor) -> Tuple[torch.nn.Module, List[tuple]]:

@@ -334,7 +334,7 @@ def _family(name, **extra):
 @pytest.mark.parametrize("family, targets, n_fused", [
     ("qwen2", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], 2),  # q/k/v biases
     ("phi3", ["qkv_proj", "o_proj", "down_proj"], 2),  # packed qkv: one adapter over all of q | k | v
-    ("phi3", ["gate_up_proj"], 0),  # packed gate | up: not fused yet, falls back
+    ("phi3", ["gate_up_proj"], 2),  # packed gate | up: the adapter's B split in row views, one A
 ])
 def test_llama_like_families_with_lora(family, targets, n_fused):
     cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
@@ -343,11 +343,41 @@ def test_llama_like_families_with_lora(family, targets, n_fused):
     assert_lora_step(conv, ref, 2 * 2 * len(targets))
     rep = report(conv)
     kind = "Phi3DecoderLayer" if family == "phi3" else "Qwen2DecoderLayer"
-    assert rep["fused_calls"].get(kind, 0) == n_fused, rep
-    if n_fused == 0:
-        assert any("mlp.gate_up_proj is a peft LoRA layer: not fused" in k for k in rep["fallbacks"]), rep
-    else:
-        assert not rep["fallbacks"], rep
+    assert rep["fused_calls"].get(kind, 0) == n_fused and not rep["fallbacks"], rep
+
+
+def test_phi3_packed_gate_up_dropout_shares_one_mask(monkeypatch):
+    """PEFT applies one lora_dropout to x for the packed gate_up projection: both halves of the
+    fused adapter draw the same mask; the fused step equals PEFT run with that mask."""
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["gate_up_proj"], init_lora_weights=False,
+                          lora_dropout=0.2)
+    ref = peft.get_peft_model(_family("phi3"), cfg).train()
+    conv = ckpt_ops.convert(peft.get_peft_model(_family("phi3"), cfg).train())
+    records = []
+    orig = lora_mod.drop
+
+    def recording_drop(lc, i, x):
+        records.append((lc.specs[i].name, lc.specs[i].target, orig(lc, i, torch.ones_like(x))))
+        return orig(lc, i, x)
+
+    monkeypatch.setattr(lora_mod, "drop", recording_drop)
+    ids, am, labels = batch()
+    conv.zero_grad(set_to_none=True)
+    loss = conv(input_ids=ids, attention_mask=am, labels=labels).loss
+    fwd = list(records)
+    loss.backward()
+    assert [t for _, t, _ in fwd] == ["w1", "wg"] * 2  # up then gate, per layer
+    for k in range(2):
+        (_, _, m_up), (_, _, m_gate) = fwd[2 * k], fwd[2 * k + 1]
+        assert torch.equal(m_up, m_gate) and float((m_up == 0).float().mean()) > 0.05
+        ref.get_submodule(f"base_model.model.model.layers.{k}.mlp.gate_up_proj").lora_dropout["default"] = \
+            FixedMask(m_up)
+    l_ref, g_ref = train_step(ref, ids, am, labels)
+    g_conv = {n: p.grad for n, p in conv.named_parameters() if p.grad is not None}
+    assert_fp32_close(loss.detach(), l_ref, "loss")
+    assert set(g_conv) == set(g_ref) and len(g_ref) == 4
+    for n in g_ref:
+        assert_fp32_close(g_conv[n], g_ref[n], n)
 
 
 def test_adapters_in_another_dtype_are_served_as_peft_computes_them():
