@@ -125,6 +125,11 @@ def test_disabled_and_merged_adapters_serve_the_base_projection():
         b = conv(input_ids=ids, attention_mask=am, labels=labels, use_cache=False).loss
     assert_fp32_close(b, a, "loss (merged)")
     assert report(conv)["fused_calls"]["GPT2Block"] == 4 and not report(conv)["fallbacks"]
+    with ref.disable_adapter(), conv.disable_adapter():  # merged and disabled: peft unmerges in forward
+        a = ref(input_ids=ids, attention_mask=am, labels=labels, use_cache=False).loss
+        b = conv(input_ids=ids, attention_mask=am, labels=labels, use_cache=False).loss
+    assert_fp32_close(b, a, "loss (merged, then disabled)")
+    assert any("adapters disabled while merged" in k for k in report(conv)["fallbacks"]), report(conv)["fallbacks"]
 
 
 class FixedMask(torch.nn.Module):
