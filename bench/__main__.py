@@ -14,6 +14,8 @@ Examples:
   python -m bench --op planner --batch 1          # budget sweep: plans vs compile budgets and every-n-layers
   python -m bench --op segments --batch 1         # outer segments of k blocks on 4..32-block stacks
   python -m bench --soak                          # 1,000 steps per level: memory trend, bitwise repro
+  python -m bench --op lora --reps 5              # PEFT LoRA step: ckpt_ops vs PEFT + HF checkpointing vs PEFT
+                                                  # (Llama-shaped, d 1024, S 512; bench/bench_lora.py)
   python -m bench --device cpu --triton-smoke     # Triton interpreter at tiny sizes: the CUDA
                                                   # reporting path (roofline), correctness only
 """
@@ -32,7 +34,7 @@ SMOKE = {"d_model": 64, "heads": 2, "batch": 2, "seqs": [32], "layers": 1, "toke
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--op", choices=OPS + ("all",), default="block")
+    p.add_argument("--op", choices=OPS + ("all", "lora"), default="block")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="default: float32 on CPU, bfloat16 on CUDA")
@@ -58,6 +60,10 @@ def parse(argv=None) -> argparse.Namespace:
                     help="planner: budgets as fractions of eager's saved bytes (default 0.06 0.1 0.2 0.3 0.5 0.7 0.9)")
     sz.add_argument("--segment-layers", type=int, nargs="+", default=None,
                     help="segments: stack depths of the sweep (default 4 8 16 32)")
+    lo = p.add_argument_group("lora (--op lora: d-model 1024, heads 16, batch 1, seq 512 unless given)")
+    lo.add_argument("--lora-r", type=int, default=16)
+    lo.add_argument("--lora-dropout", type=float, default=0.0)
+    lo.add_argument("--d-hidden", type=int, default=None, help="MLP width (default 2.75 d_model, rounded to 64)")
     m = p.add_argument_group("measuring")
     m.add_argument("--reps", type=int, default=None, help="timed repetitions per provider (default 8; --quick 3)")
     m.add_argument("--warmup", type=int, default=1, help="untimed steps per provider (the first compiles)")
@@ -99,6 +105,9 @@ def main(argv=None) -> int:
         return soak.main(argv)
     args = parse(argv)
     import torch
+
+    if args.op == "lora":
+        return _lora(args, argv)
 
     from bench import (bench_attention, bench_block, bench_mlp, bench_model, bench_norm, bench_planner, frontier,
                        targets)
@@ -146,6 +155,25 @@ def main(argv=None) -> int:
         print(f"  ({note})")
     print(f"\nJSON lines: {json_path}\nfrontier PNG: {png_path}\nwall time: {time.time() - t0:.0f} s")
     return 0
+
+
+def _lora(args, argv) -> int:
+    import torch
+
+    from bench import bench_lora
+
+    given = set(argv if argv is not None else sys.argv[1:])
+    if "--d-model" not in given:
+        args.d_model = 1024
+    if "--heads" not in given:
+        args.heads = 16
+    if "--batch" not in given:
+        args.batch = 1
+    if "--vocab" not in given:
+        args.vocab = 2048
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    return bench_lora.run_cli(args, device, dtype)
 
 
 if __name__ == "__main__":

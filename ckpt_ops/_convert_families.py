@@ -16,6 +16,7 @@ import torch
 from ckpt_ops import _amp
 from ckpt_ops import attention as _attn
 from ckpt_ops import block as _block
+from ckpt_ops import lora as _lora
 from ckpt_ops import mlp as _mlp
 from ckpt_ops import norm as _norm
 from ckpt_ops._convert_guard import Guard, Unservable
@@ -108,8 +109,15 @@ def _check_dtypes(x: torch.Tensor, module: torch.nn.Module) -> None:
     # residual stream in the dtype the model gives it); parameters and input must still agree.
     for p in module.parameters():
         if p.dtype != x.dtype or p.device != x.device:
+            if _lora_only(module, p):  # PEFT's adapters: their dtype is ckpt_ops.lora.read's question
+                continue
             raise Unservable(f"parameter dtype/device {p.dtype}/{p.device} differs from the input's "
                              f"{x.dtype}/{x.device}")
+
+
+def _lora_only(module: torch.nn.Module, p: torch.Tensor) -> bool:
+    """p is a weight of a PEFT LoRA adapter (lora_A / lora_B) inside `module` (slow path only)."""
+    return any(("lora_A." in n or "lora_B." in n) for n, q in module.named_parameters() if q is p)
 
 
 _KNOWN_KWARGS = {"hidden_states", "attention_mask", "position_ids", "cache", "past_key_values", "use_cache",
@@ -155,6 +163,18 @@ def _half_tables(cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> Tuple[t
     return out
 
 
+def _proj(parent: torch.nn.Module, attr: str, name: str, target: str, x: torch.Tensor, loras: list,
+          conv1d: bool = False):
+    """(weight, bias) of a projection the block reads (a Conv1D weight as its transposed view); a
+    PEFT LoRA wrapper gives its base layer's and appends its active adapters to `loras`
+    (ckpt_ops.lora.read; the guard has checked its structure)."""
+    m = parent._modules[attr]
+    if _lora.is_lora(m):
+        m, found = _lora.read(m, target, name, x)
+        loras.extend(found)
+    return (m.weight.t() if conv1d else m.weight), m.bias
+
+
 # ------------------------------------------------------------------------------------------------
 # Adapters
 # ------------------------------------------------------------------------------------------------
@@ -190,10 +210,13 @@ class _BlockAdapter(Adapter):
     is_block = True
 
     def _run(self, module, state, x, mask4d, attn_p: dict, mlp_p: dict, attn_kw: dict, mlp_kw: dict,
-             cos=None, sin=None):
+             cos=None, sin=None, loras=()):
         if x.dim() != 3:
             raise Unservable(f"hidden states of shape {tuple(x.shape)}")
         _check_dtypes(x, module)
+        if loras and _amp.gemm_dtype(x) is not None and any(t.dtype not in _amp.AMP_DTYPES for _, a, b in loras
+                                                            for t in (a, b)):
+            raise Unservable("PEFT LoRA adapters in a dtype autocast does not cast (e.g. fp64) under torch.autocast")
         b, s, _ = x.shape
         key_mask = key_mask_from_hf(mask4d, b, s, causal=True)
         level = state.recompute
@@ -207,7 +230,7 @@ class _BlockAdapter(Adapter):
         mcfg = _mlp.prepare(x, mlp_p["w1"], mlp_p["b1"], mlp_p["w2"], mlp_p["b2"], gate_weight=mlp_p["wg"],
                             gate_bias=mlp_p["bg"], training=module.training, recompute=_block._MLP_LEVEL[level],
                             backend=state.backend, residual=True, **mlp_kw)
-        return _block.transformer_block(x, attn_p, mlp_p, acfg, mcfg, level, mask, c, sn)
+        return _block.transformer_block(x, attn_p, mlp_p, acfg, mcfg, level, mask, c, sn, lora=loras)
 
 
 class GPT2BlockAdapter(_BlockAdapter):
@@ -233,7 +256,8 @@ class GPT2BlockAdapter(_BlockAdapter):
         attn, mlp, conv = ((c,) for c in self.parts)
         ln = (torch.nn.LayerNorm,)
         return Guard({"ln_1": ln, "ln_2": ln, "attn": attn, "attn.c_attn": conv, "attn.c_proj": conv, "mlp": mlp,
-                      "mlp.c_fc": conv, "mlp.c_proj": conv})
+                      "mlp.c_fc": conv, "mlp.c_proj": conv},
+                     lora=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"))
 
     def fused(self, module, state, args, kwargs):
         call = _bind(("hidden_states", "cache", "attention_mask", "encoder_hidden_states"), args, kwargs)
@@ -246,17 +270,21 @@ class GPT2BlockAdapter(_BlockAdapter):
         # HF applies it when the attention module trains (GPT2Attention: `p if self.training else 0`).
         p_probs = attn.attn_dropout.p if attn.training else 0.0
         cfg = attn.config
-        attn_p = {"nw": module.ln_1.weight, "nb": module.ln_1.bias, "wq": attn.c_attn.weight.t(), "wk": None,
-                  "wv": None, "bq": attn.c_attn.bias, "bk": None, "bv": None, "wo": attn.c_proj.weight.t(),
-                  "bo": attn.c_proj.bias}
-        mlp_p = {"nw": module.ln_2.weight, "nb": module.ln_2.bias, "w1": mlp.c_fc.weight.t(), "b1": mlp.c_fc.bias,
-                 "wg": None, "bg": None, "w2": mlp.c_proj.weight.t(), "b2": mlp.c_proj.bias}
+        loras: list = []
+        (wq, bq), (wo, bo) = (_proj(attn, a, f"attn.{a}", t, x, loras, True) for a, t in (("c_attn", "wq"),
+                                                                                         ("c_proj", "wo")))
+        (w1, b1), (w2, b2) = (_proj(mlp, a, f"mlp.{a}", t, x, loras, True) for a, t in (("c_fc", "w1"),
+                                                                                       ("c_proj", "w2")))
+        attn_p = {"nw": module.ln_1.weight, "nb": module.ln_1.bias, "wq": wq, "wk": None,
+                  "wv": None, "bq": bq, "bk": None, "bv": None, "wo": wo, "bo": bo}
+        mlp_p = {"nw": module.ln_2.weight, "nb": module.ln_2.bias, "w1": w1, "b1": b1,
+                 "wg": None, "bg": None, "w2": w2, "b2": b2}
         attn_kw = dict(num_heads=attn.num_heads, num_kv_heads=attn.num_heads, scale=attn.scaling, norm="layernorm",
                        norm_weight=attn_p["nw"], norm_bias=attn_p["nb"], norm_eps=module.ln_1.eps, rope=False,
                        rope_theta=10000.0, dropout=attn.resid_dropout.p, residual=True, attn_dropout=p_probs)
         mlp_kw = dict(activation=_ACTS_GPT2[cfg.activation_function], norm="layernorm", norm_weight=mlp_p["nw"],
                       norm_bias=mlp_p["nb"], norm_eps=module.ln_2.eps, dropout=mlp.dropout.p)
-        return self._run(module, state, x, call.get("attention_mask"), attn_p, mlp_p, attn_kw, mlp_kw)
+        return self._run(module, state, x, call.get("attention_mask"), attn_p, mlp_p, attn_kw, mlp_kw, loras=loras)
 
 
 @dataclass(frozen=True)
@@ -327,7 +355,10 @@ class LlamaLikeAdapter(_BlockAdapter):
                  "self_attn.o_proj": Linear, "mlp": (self.mlp_cls,), "mlp.down_proj": Linear}
         reads.update({f"self_attn.{n}": Linear for n in self.fam.qkv})
         reads.update({f"mlp.{n}": Linear for n in self.fam.gate_up})
-        return Guard(reads)
+        # PEFT LoRA wrappers served fused on every projection (ckpt_ops.lora)
+        lora = [f"self_attn.{n}" for n in (*self.fam.qkv, "o_proj")] + ["mlp.down_proj"]
+        lora += [f"mlp.{n}" for n in self.fam.gate_up]
+        return Guard(reads, lora=lora)
 
     def fused(self, module, state, args, kwargs):
         fam = self.fam
@@ -348,31 +379,39 @@ class LlamaLikeAdapter(_BlockAdapter):
             raise Unservable("no position_embeddings passed (older transformers call convention)")
         cfg = attn.config
         cos, sin = _half_tables(pe[0], pe[1], attn.head_dim)
-        qkv = [getattr(attn, n) for n in fam.qkv]
-        if len(qkv) == 1:  # packed rows [q | k | v]: one projection
-            wq, wk, wv, bq, bk, bv = qkv[0].weight, None, None, qkv[0].bias, None, None
+        loras: list = []
+        if len(fam.qkv) == 1:  # packed rows [q | k | v]: one projection (its adapter: on all of qkv)
+            (wq, bq), wk, wv, bk, bv = _proj(attn, fam.qkv[0], f"self_attn.{fam.qkv[0]}", "wq", x, loras), \
+                None, None, None, None
         else:
-            (wq, bq), (wk, bk), (wv, bv) = ((p.weight, p.bias) for p in qkv)
+            (wq, bq), (wk, bk), (wv, bv) = (_proj(attn, n, f"self_attn.{n}", t, x, loras)
+                                            for n, t in zip(fam.qkv, ("wq", "wk", "wv")))
+        (wo, bo) = _proj(attn, "o_proj", "self_attn.o_proj", "wo", x, loras)
         gu = [getattr(mlp, n) for n in fam.gate_up]
-        if len(gu) == 1:  # packed rows [gate | up]: row views of one weight
-            wg, w1 = gu[0].weight.chunk(2, dim=0)
-            bg, b1 = gu[0].bias.chunk(2) if gu[0].bias is not None else (None, None)
+        if len(gu) == 1:  # packed rows [gate | up]: row views of one weight (its adapter's B: row views too)
+            base = gu[0]
+            if _lora.is_lora(base):
+                base, found = _lora.read(base, "wg", f"mlp.{fam.gate_up[0]}", x)
+                loras.extend(_lora.split_packed(found, ("wg", "w1"), base.weight.shape[0] // 2))
+            wg, w1 = base.weight.chunk(2, dim=0)
+            bg, b1 = base.bias.chunk(2) if base.bias is not None else (None, None)
         else:
-            (wg, bg), (w1, b1) = ((p.weight, p.bias) for p in gu)
+            (wg, bg), (w1, b1) = (_proj(mlp, n, f"mlp.{n}", t, x, loras) for n, t in zip(fam.gate_up, ("wg", "w1")))
+        w2, b2 = _proj(mlp, "down_proj", "mlp.down_proj", "w2", x, loras)
         p_attn, p_mlp = ((getattr(module, n).p if module.training else 0.0) for n in fam.resid_dropout) \
             if fam.resid_dropout else (0.0, 0.0)
         n1, n2 = module.input_layernorm, module.post_attention_layernorm
         nw1, nw2 = (_norm_weight(n, fam.norm_offset) for n in (n1, n2))
         attn_p = {"nw": nw1, "nb": None, "wq": wq, "wk": wk, "wv": wv, "bq": bq, "bk": bk, "bv": bv,
-                  "wo": attn.o_proj.weight, "bo": attn.o_proj.bias}
-        mlp_p = {"nw": nw2, "nb": None, "w1": w1, "b1": b1, "wg": wg, "bg": bg,
-                 "w2": mlp.down_proj.weight, "b2": mlp.down_proj.bias}
+                  "wo": wo, "bo": bo}
+        mlp_p = {"nw": nw2, "nb": None, "w1": w1, "b1": b1, "wg": wg, "bg": bg, "w2": w2, "b2": b2}
         attn_kw = dict(num_heads=cfg.num_attention_heads, num_kv_heads=cfg.num_key_value_heads, scale=attn.scaling,
                        norm="rmsnorm", norm_weight=nw1, norm_bias=None, norm_eps=_eps(n1),
                        rope=True, rope_theta=10000.0, dropout=p_attn, residual=True, attn_dropout=p_probs)
         mlp_kw = dict(activation=_ACTS_GATED[cfg.hidden_act], norm="rmsnorm", norm_weight=nw2, norm_bias=None,
                       norm_eps=_eps(n2), dropout=p_mlp)
-        return self._run(module, state, x, call.get("attention_mask"), attn_p, mlp_p, attn_kw, mlp_kw, cos, sin)
+        return self._run(module, state, x, call.get("attention_mask"), attn_p, mlp_p, attn_kw, mlp_kw, cos, sin,
+                         loras)
 
 
 # Decoder/encoder layers seen but not fused, and why (kernel features they would need).

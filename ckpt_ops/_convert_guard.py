@@ -14,6 +14,12 @@ Cost: a clean verdict is cached per block, keyed on ``torch.utils.hooks.Removabl
 (every hook registration, module-level or global, takes a new id) and the (identity, class) of the
 block's modules (a replaced submodule or a parametrization changes it). A verdict with a reason is
 not cached: it is re-checked at the next call, so removing the hook re-enables the fused path.
+
+PEFT LoRA: a projection the adapter lists in ``lora`` may be a ``peft.tuners.lora.Linear`` wrapping
+exactly the expected class; its structure (base layer, ``lora_A``/``lora_B`` plain bias-free
+Linears, ``nn.Dropout``/``nn.Identity`` dropouts, no DoRA magnitude, no embedding adapters) is
+checked here and cached with the verdict; its state (merged, disabled, active adapters, scaling,
+LoRA variants) is read per call by the block adapter (ckpt_ops.lora.read).
 """
 from __future__ import annotations
 
@@ -145,10 +151,11 @@ class Guard:
     """The per-block verdict cache described in the module docstring. `reads` maps the dotted
     names of the submodules the adapter reads to the classes it accepts."""
 
-    __slots__ = ("reads", "key", "recorders")
+    __slots__ = ("reads", "key", "recorders", "lora")
 
-    def __init__(self, reads: dict):
+    def __init__(self, reads: dict, lora: Iterable[str] = ()):
         self.reads = reads
+        self.lora = frozenset(lora)  # names of `reads` that may be PEFT LoRA wrappers (served fused)
         self.key = None
         self.recorders: list = []
 
@@ -177,8 +184,14 @@ class Guard:
                 if torch.nn.utils.parametrize.is_parametrized(m) else None)
             if why:
                 return why
+        from ckpt_ops import lora as _lora
+
         for name, classes in self.reads.items():
-            why = read_reason(_get(block, name), name, classes)
+            m = _get(block, name)
+            if name in self.lora and _lora.is_lora(m):
+                why = _lora.structure_reason(m, name, classes)
+            else:
+                why = read_reason(m, name, classes)
             if why:
                 return why
         return None

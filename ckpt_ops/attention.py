@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from ckpt_ops import _amp, _autograd, _backend, _validate
+from ckpt_ops import lora as _lora
 from ckpt_ops import reference as _ref
 from ckpt_ops.mlp import _norm_fwd, load, mm, norm_backward, residual_dropout, save
 from ckpt_ops.norm import default_rms_eps
@@ -138,15 +139,17 @@ PARAMS = ("nw", "nb", "wq", "wk", "wv", "bq", "bk", "bv", "wo", "bo")
 _IDX = {k: i + 1 for i, k in enumerate(PARAMS)}  # position in needs_input_grad / grads (x is 0)
 
 
-def _qkv_linear(n: Tensor, t: dict) -> Tensor:
+def _qkv_linear(n: Tensor, t: dict, lc=None) -> Tensor:
+    """The QKV projection of n (M, D) (+ the LoRA adapters on it, ckpt_ops.lora): forward and replay."""
     if t["wk"] is None:
-        return F.linear(n, t["wq"], t["bq"])
-    return torch.cat([F.linear(n, t["wq"], t["bq"]), F.linear(n, t["wk"], t["bk"]), F.linear(n, t["wv"], t["bv"])],
-                     dim=-1)
+        return _lora.add(lc, "wq", n, F.linear(n, t["wq"], t["bq"]))
+    return torch.cat([_lora.add(lc, w, n, F.linear(n, t[w], t[bn])) for w, bn in (("wq", "bq"), ("wk", "bk"),
+                                                                                 ("wv", "bv"))], dim=-1)
 
 
-def _qkv_backward(cfg, dqkv2: Tensor, n: Optional[Tensor], t: dict, need, grads: list, want_dn: bool):
-    """Weight/bias gradients of the QKV projection into `grads`; returns dn when `want_dn`."""
+def _qkv_backward(cfg, dqkv2: Tensor, n: Optional[Tensor], t: dict, need, grads: list, want_dn: bool, lc=None):
+    """Weight/bias gradients of the QKV projection into `grads` (its adapters' into lc.grads);
+    returns dn when `want_dn`."""
     if cfg.qkv_split is None:
         parts = [("wq", "bq", dqkv2)]
     else:
@@ -157,25 +160,30 @@ def _qkv_backward(cfg, dqkv2: Tensor, n: Optional[Tensor], t: dict, need, grads:
             grads[_IDX[wname]] = d.t() @ n
         if need[_IDX[bname]]:
             grads[_IDX[bname]] = d.sum(0)
+        du = _lora.dus(lc, wname, d) if (want_dn or _lora.trains(lc, wname)) else {}
+        _lora.weight_grads(lc, wname, d, du, n)
         if want_dn:
             dn = d @ t[wname] if dn is None else dn + d @ t[wname]
+            dl = _lora.input_grad(lc, wname, du, dn.dtype)
+            dn = dn if dl is None else dn + dl
     return dn
 
 
-def segment_forward(cfg: AttnConfig, x: Tensor, p: dict, key_mask, cos, sin, seed):
-    """Run the segment on x (B, S, D) contiguous. Returns (out (B*S, D), state)."""
+def segment_forward(cfg: AttnConfig, x: Tensor, p: dict, key_mask, cos, sin, seed, lc=None):
+    """Run the segment on x (B, S, D) contiguous (LoRA adapters: `lc`, ckpt_ops.lora). Returns
+    (out (B*S, D), state)."""
     k = lambda name: _backend.kernel("attention", cfg.backend, name)  # noqa: E731
     b, s, d = x.shape
     x2d = x.view(b * s, d)
     n, mean, rstd = _norm_fwd(cfg, x2d, p["nw"], p["nb"])
-    qkv = _rows(_qkv_linear(mm(cfg, n), p), b, s)
+    qkv = _rows(_qkv_linear(mm(cfg, n), p, lc), b, s)
     if cfg.rope:
         hd = qkv.shape[-1] // (cfg.num_heads + 2 * cfg.num_kv_heads)
         c, sn = _tables(cfg, cos, sin, s, hd, x.device, _ref.acc_dtype(qkv.dtype))
         k("rope_")(qkv, c, sn, cfg.num_heads, cfg.num_kv_heads, False)
     o, lse = k("attention_fwd")(qkv, key_mask, cfg.num_heads, cfg.num_kv_heads, cfg.causal, cfg.scale,
                                 *_drop(cfg, seed))
-    out = output_projection(cfg, x, o, p["wo"], p["bo"], seed)
+    out = output_projection(cfg, x, o, p["wo"], p["bo"], seed, lc)
     return out, {"n": n, "mean": mean, "rstd": rstd, "qkv": qkv, "o": o, "lse": lse}
 
 
@@ -192,13 +200,14 @@ def qkv_params(qkv_weight, qkv_bias) -> tuple:
     return (qkv_weight, None, None, qkv_bias, None, None)
 
 
-def output_projection(cfg: AttnConfig, x: Tensor, o: Tensor, wo, bo, seed) -> Tensor:
+def output_projection(cfg: AttnConfig, x: Tensor, o: Tensor, wo, bo, seed, lc=None) -> Tensor:
     """[x +] dropout(o @ wo^T + bo) as (B*S, D); the same kernels whether in the forward or when a
     block's backward rebuilds its MLP input, so both are bit-identical."""
     b, s, d = x.shape
     if seed is None:  # not kept when p == 0: the kernels still take one
         seed = torch.zeros(1, dtype=torch.int64, device=x.device)
-    return residual_dropout(cfg, F.linear(o.view(b * s, o.shape[-1]), wo, bo), x.view(b * s, d), seed)
+    o2 = o.view(b * s, o.shape[-1])
+    return residual_dropout(cfg, _lora.add(lc, "wo", o2, F.linear(o2, wo, bo)), x.view(b * s, d), seed)
 
 
 def segment_keep(cfg: AttnConfig, plan: _Plan, x, p: dict, st: dict, key_mask, cos, sin, seed) -> dict:
@@ -229,7 +238,7 @@ def segment_keep(cfg: AttnConfig, plan: _Plan, x, p: dict, st: dict, key_mask, c
     }
 
 
-def segment_replay(cfg: AttnConfig, plan: _Plan, t: dict, shape) -> dict:
+def segment_replay(cfg: AttnConfig, plan: _Plan, t: dict, shape, lc=None) -> dict:
     """Fill `t` (in place) with what the backward needs and was not kept: n and the norm stats
     (the forward's norm kernel), qkv (QKV GEMM + RoPE), o and lse (the attention forward) --
     every replay bit-identical to the forward. Returns t."""
@@ -239,7 +248,7 @@ def segment_replay(cfg: AttnConfig, plan: _Plan, t: dict, shape) -> dict:
     if t["n"] is None and (plan.n or (plan.norm_bwd and t["rstd"] is None)):
         t["n"], t["mean"], t["rstd"] = _norm_fwd(cfg, x2d, t["nw"], t["nb"])
     if t["qkv"] is None and plan.qkv:
-        qkv = _rows(_qkv_linear(mm(cfg, t["n"]), t), b, s)
+        qkv = _rows(_qkv_linear(mm(cfg, t["n"]), t, lc), b, s)
         if cfg.rope:  # in place on our own replayed buffer, never on a kept tensor
             c, sn = _tables(cfg, t["cos"], t["sin"], s, qkv.shape[-1] // (cfg.num_heads + 2 * cfg.num_kv_heads),
                             qkv.device, _ref.acc_dtype(qkv.dtype))
@@ -251,8 +260,10 @@ def segment_replay(cfg: AttnConfig, plan: _Plan, t: dict, shape) -> dict:
     return t
 
 
-def segment_backward(cfg: AttnConfig, plan: _Plan, need, dout: Tensor, t: dict, shape) -> list:
-    """Gradients [dx (B*S, D), *d(PARAMS)] from dout (B*S, D) and the kept tensors `t`."""
+def segment_backward(cfg: AttnConfig, plan: _Plan, need, dout: Tensor, t: dict, shape, lc=None) -> list:
+    """Gradients [dx (B*S, D), *d(PARAMS)] from dout (B*S, D) and the kept tensors `t`; the LoRA
+    adapters' (`lc`, ckpt_ops.lora) into lc.grads. `plan` comes from `need` widened by the
+    adapters that train (ckpt_ops.lora.widen); `need` itself decides the base gradients."""
     k = lambda name: _backend.kernel("attention", cfg.backend, name)  # noqa: E731
     b, s, d = shape
     dout = dout.contiguous()
@@ -264,13 +275,18 @@ def segment_backward(cfg: AttnConfig, plan: _Plan, need, dout: Tensor, t: dict, 
         grads[0] = dout
     if not plan.o:
         return grads
-    t = segment_replay(cfg, plan, t, shape)
+    t = segment_replay(cfg, plan, t, shape, lc)
     dyc = mm(cfg, dy)  # autocast: the output projection's backward GEMMs in the GEMM dtype
+    o2 = t["o"].view(b * s, t["o"].shape[-1])
     if need[_IDX["wo"]]:
-        grads[_IDX["wo"]] = dyc.t() @ t["o"].view(b * s, t["o"].shape[-1])
+        grads[_IDX["wo"]] = dyc.t() @ o2
+    du = _lora.dus(lc, "wo", dyc) if (plan.up or _lora.trains(lc, "wo")) else {}
+    _lora.weight_grads(lc, "wo", dyc, du, o2)
     if not plan.up:
         return grads
-    do = _rows(dyc @ t["wo"], b, s)
+    do2 = dyc @ t["wo"]
+    dl = _lora.input_grad(lc, "wo", du, do2.dtype)
+    do = _rows(do2 if dl is None else do2 + dl, b, s)
     dqkv = k("attention_bwd")(do, t["qkv"], t["o"], t["lse"], t["key_mask"], cfg.num_heads, cfg.num_kv_heads,
                               cfg.causal, cfg.scale, *_drop(cfg, t["seed"]))
     if cfg.rope:  # RoPE's transpose, in place on the fresh gradient
@@ -278,7 +294,7 @@ def segment_backward(cfg: AttnConfig, plan: _Plan, need, dout: Tensor, t: dict, 
                         dqkv.device, _ref.acc_dtype(dqkv.dtype))
         k("rope_")(dqkv, c, sn, cfg.num_heads, cfg.num_kv_heads, True)
     n = mm(cfg, t["n"]) if t["n"] is not None else None
-    dn = _qkv_backward(cfg, dqkv.view(b * s, dqkv.shape[-1]), n, t, need, grads, plan.dn)
+    dn = _qkv_backward(cfg, dqkv.view(b * s, dqkv.shape[-1]), n, t, need, grads, plan.dn, lc)
     if not plan.dn:
         return grads
     x2d = t["x"].view(b * s, d) if t["x"] is not None else None

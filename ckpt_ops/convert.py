@@ -216,6 +216,10 @@ def _find_report(model: torch.nn.Module) -> Optional[Dict[str, Any]]:
         for m in model.modules():
             if m in _REPORTS:
                 return _REPORTS[m]
+        for m in model.modules():  # a part of one (e.g. peft's merge_and_unload() of a converted PeftModel)
+            state = m.__dict__.get("_ckpt_ops_state")
+            if state is not None:
+                return state.report
     return r
 
 

@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from ckpt_ops import _amp, _autograd, _backend, _validate
+from ckpt_ops import lora as _lora
 from ckpt_ops import reference as _ref
 from ckpt_ops._consts import ACTIVATIONS
 from ckpt_ops.norm import default_rms_eps
@@ -142,16 +143,22 @@ def _plan(cfg: MLPConfig, need) -> _Plan:
 PARAMS = ("nw", "nb", "w1", "b1", "wg", "bg", "w2", "b2")
 
 
-def segment_forward(cfg: MLPConfig, x: Tensor, p: dict, seed: Tensor):
-    """Run the segment on x (M, D) contiguous with parameters `p` (keys PARAMS). Returns
-    (out, state) where state holds every intermediate a backward could use."""
+def _fc(lc, nm: Tensor, t: dict, w: str, b: str) -> Tensor:
+    """One projection of the segment (+ its LoRA adapters, ckpt_ops.lora): forward and replay."""
+    return _lora.add(lc, w, nm, F.linear(nm, t[w], t[b]))
+
+
+def segment_forward(cfg: MLPConfig, x: Tensor, p: dict, seed: Tensor, lc=None):
+    """Run the segment on x (M, D) contiguous with parameters `p` (keys PARAMS) and LoRA adapters
+    `lc` (ckpt_ops.lora; None without). Returns (out, state) where state holds every intermediate
+    a backward could use."""
     k = lambda name: _backend.kernel("mlp", cfg.backend, name)  # noqa: E731
     n, mean, rstd = _norm_fwd(cfg, x, p["nw"], p["nb"])
     nm = mm(cfg, n)  # autocast: one cast of n for fc1 and the gate
-    h = F.linear(nm, p["w1"], p["b1"])
-    g = F.linear(nm, p["wg"], p["bg"]) if cfg.gated else None
+    h = _fc(lc, nm, p, "w1", "b1")
+    g = _fc(lc, nm, p, "wg", "bg") if cfg.gated else None
     a = k("act_fwd")(h, g, cfg.activation)
-    out = residual_dropout(cfg, F.linear(a, p["w2"], p["b2"]), x, seed)
+    out = residual_dropout(cfg, _fc(lc, a, p, "w2", "b2"), x, seed)
     return out, {"n": n, "mean": mean, "rstd": rstd, "h": h, "g": g, "a": a}
 
 
@@ -183,10 +190,12 @@ def segment_keep(cfg: MLPConfig, plan: _Plan, need, x: Tensor, p: dict, st: dict
     }
 
 
-def segment_backward(cfg: MLPConfig, plan: _Plan, need, dout: Tensor, t: dict) -> list:
+def segment_backward(cfg: MLPConfig, plan: _Plan, need, dout: Tensor, t: dict, lc=None) -> list:
     """Gradients [dx, *d(PARAMS)] from dout (M, D) and the kept tensors `t` (segment_keep's keys);
     whatever is missing is recomputed: n and the norm statistics by the forward's own norm kernel,
-    h/g by replaying fc1/gate, a inside the fused activation backward."""
+    h/g by replaying fc1/gate, a inside the fused activation backward. LoRA adapters (`lc`,
+    ckpt_ops.lora): their gradients into lc.grads; `plan` then comes from `need` widened by the
+    adapters that train (ckpt_ops.lora.widen), `need` itself decides the base gradients."""
     k = lambda name: _backend.kernel("mlp", cfg.backend, name)  # noqa: E731
     x, n, h, g, a, mean, rstd = t["x"], t["n"], t["h"], t["g"], t["a"], t["mean"], t["rstd"]
     dout = dout.contiguous()
@@ -207,24 +216,33 @@ def segment_backward(cfg: MLPConfig, plan: _Plan, need, dout: Tensor, t: dict) -
     nm = None  # n in the GEMM dtype (autocast: cast once for the replay and the weight gradients)
     if h is None and (plan.up or a is None):  # "full": replay fc1 (and gate), bit-identical
         nm = mm(cfg, n)
-        h = F.linear(nm, t["w1"], t["b1"])
-        g = F.linear(nm, t["wg"], t["bg"]) if cfg.gated else None
+        h = _fc(lc, nm, t, "w1", "b1")
+        g = _fc(lc, nm, t, "wg", "bg") if cfg.gated else None
 
-    rebuild_a = need[7] and a is None
+    lw2 = _lora.trains(lc, "w2")
+    rebuild_a = (need[7] or lw2) and a is None
     dyc = mm(cfg, dy)  # autocast: fc2's backward GEMMs in the GEMM dtype, like eager's
+    du2 = _lora.dus(lc, "w2", dyc) if (plan.up or lw2) else {}
     if plan.up:
-        a_re, dh, dg = k("act_bwd")(dyc @ t["w2"], h, g, cfg.activation, rebuild_a)
+        da = dyc @ t["w2"]
+        dl = _lora.input_grad(lc, "w2", du2, da.dtype)
+        a_re, dh, dg = k("act_bwd")(da if dl is None else da + dl, h, g, cfg.activation, rebuild_a)
         if rebuild_a:
             a = a_re
     elif rebuild_a:
         a = k("act_fwd")(h, g, cfg.activation)
     if need[7]:
         grads[7] = dyc.t() @ a
+    _lora.weight_grads(lc, "w2", dyc, du2, a)
     if not plan.up:
         return grads
 
-    if nm is None and (need[3] or (cfg.gated and need[5])):
+    if nm is None and (need[3] or (cfg.gated and need[5]) or _lora.trains(lc, "w1") or _lora.trains(lc, "wg")):
         nm = mm(cfg, n)
+    du1 = _lora.dus(lc, "w1", dh) if (plan.dn or _lora.trains(lc, "w1")) else {}
+    _lora.weight_grads(lc, "w1", dh, du1, nm)
+    dug = _lora.dus(lc, "wg", dg) if cfg.gated and (plan.dn or _lora.trains(lc, "wg")) else {}
+    _lora.weight_grads(lc, "wg", dg, dug, nm)
     if need[3]:
         grads[3] = dh.t() @ nm
     if need[4]:
@@ -236,6 +254,8 @@ def segment_backward(cfg: MLPConfig, plan: _Plan, need, dout: Tensor, t: dict) -
     if not plan.dn:
         return grads
     dn = dh @ t["w1"]
+    for dl in (_lora.input_grad(lc, "w1", du1, dn.dtype), _lora.input_grad(lc, "wg", dug, dn.dtype)):
+        dn = dn if dl is None else dn + dl
     if cfg.gated:
         dn = dn + dg @ t["wg"]
     dx = norm_backward(cfg, dn, x, t["nw"], mean, rstd, need[:3], grads)

@@ -222,3 +222,20 @@ def test_model_family_option_builds_that_family(tmp_path, capsys):
                 ["--heads", "3", "--d-model", "48", "--vocab", "64", "--layers", "1"]) == 0
     out = capsys.readouterr().out
     assert "llama x1 S=16" in out and "ckpt_ops full [cpu]" in out and "HF gradient_checkpointing" in out
+
+
+def test_lora_bench_runs_and_reports_ratios(tmp_path, capsys):
+    """--op lora (PEFT LoRA step: ckpt_ops vs PEFT + HF checkpointing vs PEFT) at tiny sizes: every
+    provider measured, ckpt_ops fused with no fallback, ratios printed and written."""
+    pytest.importorskip("peft", reason="peft is not installed")
+    pytest.importorskip("transformers")
+    assert main(["--op", "lora", "--device", "cpu", "--d-model", "32", "--heads", "2", "--seq", "16",
+                 "--layers", "1", "--reps", "1", "--warmup", "1", "--vocab", "64", "--lora-r", "2",
+                 "--lora-dropout", "0.1", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "fallbacks none" in out and "'LlamaDecoderLayer'" in out
+    rows = [json.loads(line) for line in open(tmp_path / "bench-lora.jsonl")]
+    by = {r["provider"]: r for r in rows if "provider" in r}
+    assert set(by) == {"ckpt_ops full", "PEFT + HF checkpointing", "PEFT"}
+    assert by["ckpt_ops full"]["saved_bytes"] < by["PEFT"]["saved_bytes"]
+    assert sum(1 for r in rows if "ratio" in r) == 2
