@@ -44,9 +44,12 @@ def key_mask_from_hf(mask: Optional[torch.Tensor], b: int, s: int, causal: bool)
     HF passes None (plain causal), a bool (B, 1, S, S) mask (True = attend, sdpa) or an additive
     float one (0 = attend, finfo.min = masked, eager). The conversion is accepted only if the 4-D
     mask equals exactly causal & padding; one mask object serves every layer of a forward, so the
-    check runs once per forward (cached on the tensor's identity and version)."""
+    check runs once per forward (cached on the tensor's identity and version). Under torch.compile
+    see :func:`_traced_mask`."""
     if mask is None:
         return None
+    if torch.compiler.is_compiling():
+        return _traced_mask(mask, b, s, causal)
     if _MASK_CACHE["ref"] is not None and _MASK_CACHE["ref"]() is mask and _MASK_CACHE["version"] == mask._version:
         out = _MASK_CACHE["out"]
         if isinstance(out, Unservable):
@@ -62,9 +65,17 @@ def key_mask_from_hf(mask: Optional[torch.Tensor], b: int, s: int, causal: bool)
     return out
 
 
-def _convert_mask(mask: torch.Tensor, b: int, s: int, causal: bool) -> Optional[torch.Tensor]:
+def _check_mask_shape(mask: torch.Tensor, b: int, s: int) -> None:
     if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[-2:] != (s, s) or mask.shape[0] not in (1, b):
         raise Unservable(f"attention mask of shape {tuple(mask.shape)} (not (B, 1, S, S) with S = query length)")
+
+
+NOT_CAUSAL_PADDING = ("attention mask is not exactly causal & key padding (packed sequences, windows, "
+                      "or fully masked rows unmasked by the attention implementation)")
+
+
+def _convert_mask(mask: torch.Tensor, b: int, s: int, causal: bool) -> Optional[torch.Tensor]:
+    _check_mask_shape(mask, b, s)
     if mask.dtype == torch.bool:
         valid = mask[:, 0]
     elif mask.dtype.is_floating_point:
@@ -81,10 +92,36 @@ def _convert_mask(mask: torch.Tensor, b: int, s: int, causal: bool) -> Optional[
     keys = valid[:, -1, :] if causal else valid.any(dim=1)
     expected = attention_valid(keys, valid.shape[0], s, causal, mask.device)[:, 0]
     if not torch.equal(expected, valid):
-        raise Unservable("attention mask is not exactly causal & key padding (packed sequences, windows, "
-                         "or fully masked rows unmasked by the attention implementation)")
+        raise Unservable(NOT_CAUSAL_PADDING)
     if bool(keys.all()):
         return None
+    return keys.expand(b, s).contiguous() if keys.shape[0] != b else keys.contiguous()
+
+
+def require(ok: torch.Tensor, why: str) -> None:
+    """Inside a torch.compile graph: a check on tensor *values* that the fused path needs. A
+    compiled graph cannot branch to the original forward on data, so the graph asserts it
+    (``torch._assert_async``: a RuntimeError naming the reason when a call breaks it) instead of
+    returning what the unconverted model would not."""
+    torch._assert_async(ok, f"ckpt_ops.convert under torch.compile: {why}; the compiled graph cannot switch to "
+                            "the original forward on tensor values: call this model eagerly or "
+                            "ckpt_ops.unconvert it")
+
+
+def _traced_mask(mask: torch.Tensor, b: int, s: int, causal: bool) -> torch.Tensor:
+    """key_mask_from_hf under torch.compile: no Python bool of a tensor. Shape and dtype decide at
+    trace time (they are static to the graph); a bool mask's causal & padding form is asserted in
+    the graph (:func:`require`); an additive float mask (eager attention) is served only where
+    rows that attend to no key can be ruled out, which needs its values: it falls back at trace
+    time. The all-True case is not special-cased (a key mask of ones is exact too)."""
+    _check_mask_shape(mask, b, s)
+    if mask.dtype != torch.bool:
+        raise Unservable(f"under torch.compile: a {mask.dtype} additive attention mask (eager attention) needs a "
+                         "check of its values (rows attending to no key) that a compiled graph cannot branch on")
+    valid = mask[:, 0]
+    keys = valid[:, -1, :] if causal else valid.any(dim=1)
+    expected = attention_valid(keys, valid.shape[0], s, causal, mask.device)[:, 0]
+    require((expected == valid).all(), NOT_CAUSAL_PADDING)
     return keys.expand(b, s).contiguous() if keys.shape[0] != b else keys.contiguous()
 
 
@@ -143,13 +180,18 @@ _TABLE_CACHE: Dict[str, Any] = {"ref": None, "out": None}
 def _half_tables(cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """HF rotary tables (B, S, hd) repeat their first half; ckpt_ops takes (B, S, hd/2). Checked
     once per forward (the same tensors serve every layer)."""
-    if _TABLE_CACHE["ref"] is not None and _TABLE_CACHE["ref"]() is cos:
+    compiling = torch.compiler.is_compiling()
+    if not compiling and _TABLE_CACHE["ref"] is not None and _TABLE_CACHE["ref"]() is cos:
         return _TABLE_CACHE["out"]
     h = head_dim // 2
     if cos.shape[-1] != head_dim:
         raise Unservable(f"rotary tables of width {cos.shape[-1]} for head_dim {head_dim} (partial rotary)")
+    why = "rotary tables are not of the rotate-half form (cos/sin halves differ)"
+    if compiling:  # asserted in the graph (see require); every layer re-checks (cheap: B*S*hd compares)
+        require((cos[..., :h] == cos[..., h:]).all() & (sin[..., :h] == sin[..., h:]).all(), why)
+        return cos[..., :h].contiguous(), sin[..., :h].contiguous()
     if not (torch.equal(cos[..., :h], cos[..., h:]) and torch.equal(sin[..., :h], sin[..., h:])):
-        raise Unservable("rotary tables are not of the rotate-half form (cos/sin halves differ)")
+        raise Unservable(why)
     out = (cos[..., :h].contiguous(), sin[..., :h].contiguous())
     _TABLE_CACHE.update(ref=weakref.ref(cos), out=out)
     return out

@@ -70,15 +70,53 @@ def _converted_forward(self, *args, **kwargs):
         if state.guard is not None:
             state.guard.check(self)
         out = state.adapter.fused(self, state, args, kwargs)
-        state.report["fused_calls"][state.adapter.kind] += 1
+        _count(state.report, "fused_calls", state.adapter.kind)
         return out
     except Unservable as e:
         key = f"{state.adapter.kind}: {e}"
-        if key not in state.report["fallbacks"]:
+        if key not in state.report["fallbacks"] and not torch.compiler.is_compiling():
             log.info("ckpt_ops.convert: %s runs its original forward (%s)", state.adapter.kind, e)
-        state.report["fallbacks"][key] += 1
-        with fallback_context():
-            return type(self).forward(self, *args, **kwargs)
+        _count(state.report, "fallbacks", key)
+    with fallback_context():
+        return type(self).forward(self, *args, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------
+# Call counts that count executed calls, also inside torch.compile graphs
+# ------------------------------------------------------------------------------------------------
+# In eager a call adds 1 to the report's Counter. Traced by torch.compile, that Python increment
+# would run once per *trace*; instead the traced call records a tiny op whose kernel adds the 1
+# each time the compiled graph runs. The op mutates a one-element token (ops with no output and
+# no mutation are dead code to the compilers), which is all it touches on the device.
+_COUNTERS: "weakref.WeakValueDictionary[int, Counter]" = weakref.WeakValueDictionary()
+_TOKEN = torch.zeros(1, dtype=torch.int64)
+
+
+@torch.library.custom_op("ckpt_ops::count_call_", mutates_args=("token",))
+def _count_call_(token: torch.Tensor, counter: int, key: str) -> None:
+    c = _COUNTERS.get(counter)
+    if c is not None:
+        c[key] += 1
+
+
+@_count_call_.register_fake
+def _(token, counter, key):
+    return None
+
+
+def _register_counters(report: Dict[str, Any]) -> None:
+    """Called by convert (eagerly): the ids under which the compiled op finds the report's Counters."""
+    report["counter_ids"] = {}
+    for name in ("fused_calls", "fallbacks"):
+        _COUNTERS[id(report[name])] = report[name]
+        report["counter_ids"][name] = id(report[name])
+
+
+def _count(report: Dict[str, Any], name: str, key: str) -> None:
+    if torch.compiler.is_compiling():
+        _count_call_(_TOKEN, report["counter_ids"][name], key)
+    else:
+        report[name][key] += 1
 
 
 _LAYER_NAME = re.compile(r"(DecoderLayer|EncoderLayer|Block|Layer)$")
@@ -178,6 +216,7 @@ def convert(model: torch.nn.Module, recompute: str = "full", inplace: bool = Tru
         model = copy.deepcopy(model)
         todo, left = _plan(model)
     report = _REPORTS.get(model) or {"swapped": [], "left": [], "fused_calls": Counter(), "fallbacks": Counter()}
+    _register_counters(report)
     for name, module, adapter in todo:
         if adapter is None:
             module._ckpt_ops_state.recompute, module._ckpt_ops_state.backend = recompute, backend
