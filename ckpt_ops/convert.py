@@ -87,12 +87,13 @@ def _converted_forward(self, *args, **kwargs):
 # In eager a call adds 1 to the report's Counter. Traced by torch.compile, that Python increment
 # would run once per *trace*; instead the traced call records a tiny op whose kernel adds the 1
 # each time the compiled graph runs. The op mutates a one-element token (ops with no output and
-# no mutation are dead code to the compilers), which is all it touches on the device.
+# no mutation are dead code to the compilers), which is all it touches on the device. Its own
+# namespace: ``ckpt_ops::`` holds the extension's kernel ops only (tests/test_build.py).
 _COUNTERS: "weakref.WeakValueDictionary[int, Counter]" = weakref.WeakValueDictionary()
 _TOKEN = torch.zeros(1, dtype=torch.int64)
 
 
-@torch.library.custom_op("ckpt_ops::count_call_", mutates_args=("token",))
+@torch.library.custom_op("ckpt_ops_convert::count_call_", mutates_args=("token",))
 def _count_call_(token: torch.Tensor, counter: int, key: str) -> None:
     c = _COUNTERS.get(counter)
     if c is not None:
