@@ -238,7 +238,7 @@ class _BlockAdapter(Adapter):
         _check_dtypes(x, module)
         b, s, _ = x.shape
         key_mask = key_mask_from_hf(mask4d, b, s, causal=True)
-        level = state.recompute
+        level = state.call_level or state.recompute  # HF's checkpointing flags (ckpt_ops._convert_hf)
         qkv_w = attn_p["wq"] if attn_p["wk"] is None else (attn_p["wq"], attn_p["wk"], attn_p["wv"])
         qkv_b = attn_p["bq"] if attn_p["wk"] is None else (
             None if attn_p["bq"] is None else (attn_p["bq"], attn_p["bk"], attn_p["bv"]))

@@ -30,6 +30,7 @@ cache stays empty. In eval mode, or when the cache already holds tokens, the ori
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import types
@@ -42,6 +43,7 @@ import torch
 from ckpt_ops import block as _block
 from ckpt_ops._convert_families import KNOWN_LEFT, Adapter, adapters, key_mask_from_hf  # noqa: F401
 from ckpt_ops._convert_guard import Unservable, fallback_context, in_fallback
+from ckpt_ops._convert_hf import call_plan
 
 log = logging.getLogger("ckpt_ops")
 
@@ -55,11 +57,12 @@ NO_SAVED_BYTES = "no saved-bytes effect (a norm's input is saved either way)"
 # The swap mechanism
 # ------------------------------------------------------------------------------------------------
 class _State:
-    __slots__ = ("adapter", "recompute", "backend", "report", "guard", "__weakref__")
+    __slots__ = ("adapter", "recompute", "backend", "report", "guard", "call_level", "__weakref__")
 
     def __init__(self, adapter, recompute, backend, report, guard):
         self.adapter, self.recompute, self.backend, self.report = adapter, recompute, backend, report
         self.guard = guard
+        self.call_level = None  # the level of the current fused call (HF's flags may change it)
 
 
 def _converted_forward(self, *args, **kwargs):
@@ -69,7 +72,12 @@ def _converted_forward(self, *args, **kwargs):
     try:
         if state.guard is not None:
             state.guard.check(self)
-        out = state.adapter.fused(self, state, args, kwargs)
+        if state.adapter.is_block:  # transformers' activation checkpointing flags (ckpt_ops._convert_hf)
+            state.call_level, ctx = call_plan(self, state, state.report["blocks"])
+        else:
+            ctx = contextlib.nullcontext()
+        with ctx:
+            out = state.adapter.fused(self, state, args, kwargs)
         _count(state.report, "fused_calls", state.adapter.kind)
         return out
     except Unservable as e:
@@ -225,6 +233,8 @@ def convert(model: torch.nn.Module, recompute: str = "full", inplace: bool = Tru
         module._ckpt_ops_state = _State(adapter, recompute, backend, report, adapter.guard(module))
         module.forward = types.MethodType(_converted_forward, module)
         report["swapped"].append((name, type(module).__name__))
+    report["blocks"] = [m for m in model.modules()  # whose HF checkpointing flags a fused call reads
+                        if hasattr(m, "_ckpt_ops_state") and m._ckpt_ops_state.adapter.is_block]
     fused_layers = [(n, c, _guard_now(model.get_submodule(n))) for n, c in fused_layers]
     left_names = {n for n, _, _ in left_layers}
     report["left"] = [t for t in left if t[0] not in left_names] + left_layers
