@@ -27,6 +27,12 @@ structure) that is not fused is reported with why.
 As Hugging Face's own gradient checkpointing does, a training call (module in train mode, grad
 enabled) does not fill an empty KV cache the model created by default (``use_cache=True``); the
 cache stays empty. In eval mode, or when the cache already holds tokens, the original forward runs.
+
+transformers' activation checkpointing (before or after convert) is honoured per fused call, never
+doubled (ckpt_ops._convert_hf). Under ``torch.compile(fullgraph=True)`` the per-call checks trace
+without graph breaks: static ones decide at trace time (a fallback is then part of the graph),
+value checks are asserted in the graph, and the report counts executed calls (docs/convert.md,
+"torch.compile").
 """
 from __future__ import annotations
 
