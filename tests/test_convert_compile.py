@@ -153,3 +153,29 @@ def test_mask_that_is_not_causal_padding_never_answers_wrong_under_compile():
         causal = _packed_mask(2, 10, 10)
         assert_fp32_close(compiled(input_ids=ids, attention_mask=causal, use_cache=False).logits,
                           ref(input_ids=ids, attention_mask=causal, use_cache=False).logits, "compiled logits")
+
+
+@pytest.mark.parametrize("level", ["keep_mlp", "selective", "none"])
+def test_other_levels_compile_fullgraph(level):
+    ref = FAMILIES["llama"]()
+    conv = ckpt_ops.convert(copy.deepcopy(ref), recompute=level)
+    ids, am, labels = batch()
+    compiled = torch.compile(conv, fullgraph=True, backend="aot_eager")
+    assert_same(conv, ref, step(compiled, ids, am, labels), step(ref, ids, am, labels))
+    rep = ckpt_ops.conversion_report(conv)
+    assert rep["fused_calls"]["LlamaDecoderLayer"] == 2 and not rep["fallbacks"], rep
+
+
+def test_changing_sequence_lengths_recompile_dynamic_and_respect_the_window():
+    """A new sequence length makes dynamo recompile with a dynamic S (automatic dynamic shapes):
+    still one graph, still exact. Mistral's window check is a guard on S: calls longer than the
+    window fall back (a recompile), shorter ones stay fused."""
+    ref = FAMILIES["mistral"](sliding_window=12)
+    conv = ckpt_ops.convert(copy.deepcopy(ref))
+    compiled = torch.compile(conv, fullgraph=True, backend="aot_eager")
+    for s, fused, fallen in ((10, 2, 0), (11, 4, 0), (14, 4, 2)):
+        ids, am, labels = batch(s=s)
+        assert_same(conv, ref, step(compiled, ids, am, labels), step(ref, ids, am, labels))
+        rep = ckpt_ops.conversion_report(conv)
+        assert rep["fused_calls"]["MistralDecoderLayer"] == fused, (s, rep)
+        assert sum(rep["fallbacks"].values()) == fallen, (s, rep)
