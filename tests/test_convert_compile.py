@@ -179,3 +179,38 @@ def test_changing_sequence_lengths_recompile_dynamic_and_respect_the_window():
         rep = ckpt_ops.conversion_report(conv)
         assert rep["fused_calls"]["MistralDecoderLayer"] == fused, (s, rep)
         assert sum(rep["fallbacks"].values()) == fallen, (s, rep)
+
+
+def test_output_attentions_under_compile_runs_the_original_forward_in_the_graph():
+    """transformers installs its output recorders at the first call that asks (eagerly here: the
+    installation takes a lock dynamo cannot trace, converted or not); compiled calls that collect
+    attentions then run the original forward inside the graph, one attention tensor per layer."""
+    ref = FAMILIES["llama"](impl="eager")
+    conv = ckpt_ops.convert(copy.deepcopy(ref))
+    ids, am, labels = batch()
+    want = ref(input_ids=ids, attention_mask=am, output_attentions=True).attentions
+    conv(input_ids=ids, attention_mask=am, output_attentions=True)
+    compiled = torch.compile(conv, fullgraph=True, backend="aot_eager")
+    got = compiled(input_ids=ids, attention_mask=am, output_attentions=True).attentions
+    assert len(got) == len(want) == 2
+    for a, b in zip(got, want):
+        assert_fp32_close(a, b, "attentions")
+    rep = ckpt_ops.conversion_report(conv)
+    assert rep["fallbacks"] == {"LlamaDecoderLayer: transformers records 'attentions' from self_attn "
+                                "(output_attentions=True): original forward": 4}, rep
+
+
+def test_hf_every_n_layers_checkpointing_under_compile():
+    """HF checkpointing on (every_n_layers=2) and compiled: the fused layers take HF's flags as in
+    eager (no double recompute), exact. Not fullgraph: HF's checkpointing has a graph break of its
+    own, unconverted too (docs/convert.md)."""
+    ref = FAMILIES["llama"]()
+    conv = ckpt_ops.convert(copy.deepcopy(ref))
+    conv.activation_checkpointing_enable(every_n_layers=2)
+    ids, am, labels = batch()
+    compiled = torch.compile(conv, backend="aot_eager")
+    want = step(ref, ids, am, labels)
+    for _ in range(2):
+        assert_same(conv, ref, step(compiled, ids, am, labels), want)
+    rep = ckpt_ops.conversion_report(conv)
+    assert rep["fused_calls"]["LlamaDecoderLayer"] == 4 and not rep["fallbacks"], rep
