@@ -214,3 +214,22 @@ def test_hf_every_n_layers_checkpointing_under_compile():
         assert_same(conv, ref, step(compiled, ids, am, labels), want)
     rep = ckpt_ops.conversion_report(conv)
     assert rep["fused_calls"]["LlamaDecoderLayer"] == 4 and not rep["fallbacks"], rep
+
+
+def test_rotary_tables_not_rotate_half_never_answer_wrong_under_compile():
+    """Tables whose halves differ (not what HF's rotary embeddings make) passed to a layer: eager
+    falls back to the unconverted layer; compiled, the graph asserts the form and raises."""
+    ref = FAMILIES["llama"]()
+    conv = ckpt_ops.convert(copy.deepcopy(ref))
+    layer, ref_layer = conv.model.layers[0], ref.model.layers[0]
+    x = torch.randn(2, 10, 64)
+    cos, sin = conv.model.rotary_emb(x, torch.arange(10)[None])
+    cos = cos.clone()
+    cos[..., -1] += 0.25
+    with torch.no_grad():
+        want = ref_layer(x, position_embeddings=(cos, sin))
+        assert_fp32_close(layer(x, position_embeddings=(cos, sin)), want, "eager layer")
+        assert any("rotate-half" in k for k in ckpt_ops.conversion_report(conv)["fallbacks"])
+        compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+        with pytest.raises(RuntimeError, match="under torch.compile: rotary tables are not of the rotate-half"):
+            compiled(x, position_embeddings=(cos, sin))
