@@ -11,9 +11,9 @@ forward, which HF checkpoints as it would unconverted. What the flags mean for a
 
 - HF checkpointing off in the model (no fused layer of the model has the flag): the convert level.
 - This layer checkpointed by HF: the convert level (``"full"`` by default), replacing HF's
-  checkpoint; with ``offload=True`` the tensors the fused segment saves are held in host memory
-  (``torch.autograd.graph.save_on_cpu(pin_memory=True)``, the same call), as HF's own
-  offloaded checkpoint does with what it saves.
+  checkpoint; with ``offload=True`` the activations the fused segment saves (not the weights it
+  reads) are held in host memory (``torch.autograd.graph.save_on_cpu(pin_memory=True)``, the same
+  call), as HF's own offloaded checkpoint does with the layer's inputs.
 - This layer not checkpointed by HF (``every_n_layers`` > 1 skips it) while others are: level
   ``"none"`` (fused, nothing recomputed), as HF keeps that layer's activations.
 - A checkpoint function ckpt_ops does not know (not HF's plain or offloading one): the original
@@ -59,7 +59,25 @@ def call_plan(module: torch.nn.Module, state, blocks) -> tuple:
         raise Unservable(f"HF activation checkpointing with a checkpoint function ckpt_ops does not know ({name})")
     if kind == "plain":
         return state.recompute, contextlib.nullcontext()
-    return state.recompute, torch.autograd.graph.save_on_cpu(pin_memory=True, device_type=_accelerator())
+    return state.recompute, _offload_activations(_accelerator())
+
+
+def _offload_activations(device_type: str) -> torch.autograd.graph.saved_tensors_hooks:
+    """HF's offload -- ``save_on_cpu(pin_memory=True, device_type=...)``, the same call -- for what
+    a fused segment saves, except parameters and views of them: HF's offloaded checkpoint saves
+    only the layer's inputs (its weights stay on the device), while the fused Function saves the
+    weights it reads too, which must not be copied to the host every step."""
+    inner = torch.autograd.graph.save_on_cpu(pin_memory=True, device_type=device_type)
+    to_host, from_host = inner.pack_hook, inner.unpack_hook
+
+    def pack(t):
+        base = t._base if t._base is not None else t
+        return (False, t) if isinstance(base, torch.nn.Parameter) else (True, to_host(t))
+
+    def unpack(packed):
+        return from_host(packed[1]) if packed[0] else packed[1]
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
 
 def _accelerator() -> str:
