@@ -131,7 +131,8 @@ def _check_cache(module: torch.nn.Module, cache: Any, layer_idx: Optional[int]) 
     if cache is None:
         return
     if not (module.training and torch.is_grad_enabled()):
-        raise Unservable("KV cache in use (inference/generation)")
+        raise Unservable("KV cache to fill (eval mode or no grad: HF returns it filled; the fused path computes no "
+                         "keys/values)")
     try:
         seen = cache.get_seq_length(layer_idx) if layer_idx is not None else cache.get_seq_length()
     except Exception as e:  # unknown cache type
