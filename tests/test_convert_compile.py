@@ -233,3 +233,25 @@ def test_rotary_tables_not_rotate_half_never_answer_wrong_under_compile():
         compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
         with pytest.raises(RuntimeError, match="under torch.compile: rotary tables are not of the rotate-half"):
             compiled(x, position_embeddings=(cos, sin))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+def test_autocast_bf16_training_step_compiles_fullgraph(family):
+    """CPU bf16 autocast around a compiled converted model (HF Trainer bf16=True + torch_compile):
+    no graph break, fused, and DESIGN 4's low-precision rule against the fp32 truth (the configs
+    and rule of tests/test_convert_autocast.py)."""
+    from test_convert_autocast import assert_like_eager_autocast
+    from test_convert_autocast import make as amp_make
+    from test_convert_autocast import step as amp_step
+
+    ref = amp_make(family)
+    conv = ckpt_ops.convert(copy.deepcopy(ref))
+    ids, am, labels = batch(b=4, s=64)
+    truth = amp_step(copy.deepcopy(ref), ids, am, labels)
+    eager = amp_step(copy.deepcopy(ref), ids, am, labels, amp=torch.bfloat16)
+    compiled = torch.compile(conv, fullgraph=True, backend="aot_eager")
+    loss, logits, tok, g = amp_step(compiled, ids, am, labels, amp=torch.bfloat16)
+    got = (loss, logits, tok, {k.removeprefix("_orig_mod."): v for k, v in g.items()})
+    assert_like_eager_autocast(got, eager, truth, f"{family} compiled")
+    rep = ckpt_ops.conversion_report(conv)
+    assert rep["fused_calls"][KIND[family]] == 2 and not rep["fallbacks"], rep
