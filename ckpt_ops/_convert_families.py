@@ -125,12 +125,16 @@ def _traced_mask(mask: torch.Tensor, b: int, s: int, causal: bool) -> torch.Tens
     return keys.expand(b, s).contiguous() if keys.shape[0] != b else keys.contiguous()
 
 
-def _check_cache(module: torch.nn.Module, cache: Any, layer_idx: Optional[int]) -> None:
+def _check_cache(module: torch.nn.Module, cache: Any, layer_idx: Optional[int], can_fill: bool = False) -> bool:
     """A KV cache may be passed along in training (HF creates one by default); it is served only
-    when it is empty and the call trains (as HF gradient checkpointing, it is not filled)."""
+    when it is empty: a training call does not fill it (as HF gradient checkpointing). An eval call
+    with grad enabled (HF fills the cache it creates and returns it) is served when the adapter
+    `can_fill` it exactly: returns True, and the adapter must then fill it. Without grad the
+    original forward serves (it is already the fastest exact path: no memory to win)."""
     if cache is None:
-        return
-    if not (module.training and torch.is_grad_enabled()):
+        return False
+    training = module.training and torch.is_grad_enabled()
+    if not training and not (can_fill and torch.is_grad_enabled()):
         raise Unservable("KV cache to fill (eval mode or no grad: HF returns it filled; the fused path computes no "
                          "keys/values)")
     try:
@@ -139,6 +143,7 @@ def _check_cache(module: torch.nn.Module, cache: Any, layer_idx: Optional[int]) 
         raise Unservable(f"KV cache of type {type(cache).__name__}: {e}") from None
     if seen:
         raise Unservable("KV cache already holds tokens")
+    return not training
 
 
 def _check_dtypes(x: torch.Tensor, module: torch.nn.Module) -> None:
@@ -351,6 +356,7 @@ class LlamaLikeAdapter(_BlockAdapter):
         self.fam, self.kind = fam, fam.prefix + "DecoderLayer"
         self.cls, self.attn_cls, self.mlp_cls, self.norm_cls = (fam.cls(s) for s in
                                                                 ("DecoderLayer", "Attention", "MLP", "RMSNorm"))
+        self.rope = _hf_class(f"transformers.models.{fam.name}.modeling_{fam.name}", "apply_rotary_pos_emb")
 
     def matches(self, module):
         return self.cls is not None and isinstance(module, self.cls)
@@ -377,7 +383,8 @@ class LlamaLikeAdapter(_BlockAdapter):
         call = _bind(_LAYER_ARGS, args, kwargs)
         x = call["hidden_states"]
         attn, mlp = module.self_attn, module.mlp
-        _check_cache(module, call.get("cache", call.get("past_key_values")), attn.layer_idx)
+        cache = call.get("cache", call.get("past_key_values"))
+        fill = _check_cache(module, cache, attn.layer_idx, can_fill=self.rope is not None)
         # attention_dropout: fused in the attention kernels; HF applies it when the attention module
         # trains (`dropout=0.0 if not self.training else self.attention_dropout`).
         p_probs = float(attn.attention_dropout) if attn.training else 0.0
@@ -415,7 +422,31 @@ class LlamaLikeAdapter(_BlockAdapter):
                        rope=True, rope_theta=10000.0, dropout=p_attn, residual=True, attn_dropout=p_probs)
         mlp_kw = dict(activation=_ACTS_GATED[cfg.hidden_act], norm="rmsnorm", norm_weight=nw2, norm_bias=None,
                       norm_eps=_eps(n2), dropout=p_mlp)
-        return self._run(module, state, x, call.get("attention_mask"), attn_p, mlp_p, attn_kw, mlp_kw, cos, sin)
+        out = self._run(module, state, x, call.get("attention_mask"), attn_p, mlp_p, attn_kw, mlp_kw, cos, sin)
+        if fill:
+            self._fill_cache(module, x, pe, cache, call)
+        return out
+
+    _ATTN_OWN = ("hidden_states", "attention_mask", "cache", "past_key_values", "position_embeddings")
+
+    def _fill_cache(self, module, x, pe, cache, call) -> None:
+        """Store this call's keys/values in the (empty) cache as the original forward does, with
+        HF's own modules and functions (input norm, k/v projections, the family's
+        apply_rotary_pos_emb, cache.update with the attention's kwargs): bitwise what it stores.
+        Costs the norm and the k/v projections once more (eval calls with grad only)."""
+        attn, cfg = module.self_attn, module.self_attn.config
+        n = module.input_layernorm(x)
+        hd, kv = attn.head_dim, cfg.num_key_value_heads * attn.head_dim
+        if len(self.fam.qkv) == 1:  # packed rows [q | k | v], sliced as HF does
+            qkv = getattr(attn, self.fam.qkv[0])(n)
+            q_end = cfg.num_attention_heads * hd
+            k, v = qkv[..., q_end:q_end + kv], qkv[..., q_end + kv:]
+        else:
+            k, v = getattr(attn, self.fam.qkv[1])(n), getattr(attn, self.fam.qkv[2])(n)
+        shape = (*x.shape[:-1], -1, hd)
+        k, v = k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2)
+        _, k = self.rope(k, k, pe[0], pe[1])
+        cache.update(k, v, attn.layer_idx, kwargs={a: b for a, b in call.items() if a not in self._ATTN_OWN})
 
 
 # Decoder/encoder layers seen but not fused, and why (kernel features they would need).

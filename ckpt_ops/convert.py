@@ -26,7 +26,9 @@ structure) that is not fused is reported with why.
 
 As Hugging Face's own gradient checkpointing does, a training call (module in train mode, grad
 enabled) does not fill an empty KV cache the model created by default (``use_cache=True``); the
-cache stays empty. In eval mode, or when the cache already holds tokens, the original forward runs.
+cache stays empty. An eval call with grad fills the empty cache (Llama-like families: HF's own modules
+compute the keys/values it stores); without grad, or when the cache already holds tokens, the
+original forward runs.
 
 transformers' activation checkpointing (before or after convert) is honoured per fused call, never
 doubled (ckpt_ops._convert_hf). Under ``torch.compile(fullgraph=True)`` the per-call checks trace

@@ -12,7 +12,8 @@ import ckpt_ops
 
 T = pytest.importorskip("transformers")
 from conftest import assert_fp32_close  # noqa: E402
-from test_convert import assert_same_step, batch, llama, train_step  # noqa: E402
+from test_convert import assert_same_step, batch, gpt2, llama, train_step  # noqa: E402
+from test_convert_families import make  # noqa: E402
 
 
 def report(model):
@@ -136,31 +137,74 @@ def test_output_hidden_states_is_exact_and_fused():
     assert rep["fused_calls"]["LlamaDecoderLayer"] == 2 and not rep["fallbacks"], rep
 
 
-def test_eval_with_grad_fuses_without_a_cache_and_falls_back_to_fill_one():
-    ref = llama().eval()
+EVAL = {"llama": lambda: llama(), "phi3": lambda: make("phi3", num_hidden_layers=2),  # packed qkv_proj
+        "gemma": lambda: make("gemma", num_hidden_layers=2), "qwen2": lambda: make("qwen2", num_hidden_layers=2),
+        "mistral_window": lambda: make("mistral_window_ge_s", num_hidden_layers=2)}  # sliding_window 24 >= S
+
+
+def _eval_grad_step(model, ids, am, labels, **kw):
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, attention_mask=am, labels=labels, **kw)
+    out.loss.backward()
+    return out, {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("use_cache", [False, None])
+@pytest.mark.parametrize("family", list(EVAL))
+def test_eval_with_grad_fuses_and_fills_the_cache_exactly(family, use_cache):
+    """model.eval() with grad: fused. With the default use_cache HF creates a cache, fills it and
+    returns it: the fused layer stores the keys/values the original forward stores (HF's own
+    modules and functions) and the returned cache equals the unconverted model's."""
+    ref = EVAL[family]().eval()
     conv = ckpt_ops.convert(copy.deepcopy(ref))
     ids, am, labels = batch()
-    # use_cache=False: fused, loss and every gradient the unconverted model's
-    for m in (ref, conv):
-        m.zero_grad(set_to_none=True)
-    l_ref = ref(input_ids=ids, attention_mask=am, labels=labels, use_cache=False).loss
-    l_conv = conv(input_ids=ids, attention_mask=am, labels=labels, use_cache=False).loss
-    l_ref.backward()
-    l_conv.backward()
-    assert_fp32_close(l_conv, l_ref, "loss")
-    for (n, p), (_, q) in zip(conv.named_parameters(), ref.named_parameters()):
-        assert_fp32_close(p.grad, q.grad, n)
-    rep = report(conv)
-    assert rep["fused_calls"]["LlamaDecoderLayer"] == 2 and not rep["fallbacks"], rep
-    # the default use_cache=True: HF fills a cache it returns, which the fused path does not
-    # produce: the original forward runs and the cache holds the unconverted model's keys/values
-    a = ref(input_ids=ids, attention_mask=am)
-    b = conv(input_ids=ids, attention_mask=am)
+    kw = {} if use_cache is None else {"use_cache": use_cache}
+    a, g_ref = _eval_grad_step(ref, ids, am, labels, **kw)
+    b, g_conv = _eval_grad_step(conv, ids, am, labels, **kw)
+    assert_fp32_close(b.loss, a.loss, "loss")
     assert_fp32_close(b.logits, a.logits, "logits")
-    ca, cb = a.past_key_values, b.past_key_values
-    assert cb.get_seq_length() == ca.get_seq_length() == 10
-    for la, lb in zip(ca.layers, cb.layers):
-        assert_fp32_close(lb.keys, la.keys, "keys")
-        assert_fp32_close(lb.values, la.values, "values")
-    assert report(conv)["fallbacks"] == {"LlamaDecoderLayer: KV cache to fill (eval mode or no grad: HF returns it "
+    assert g_ref.keys() == g_conv.keys() and g_ref
+    for n in g_ref:
+        assert_fp32_close(g_conv[n], g_ref[n], n)
+    rep = report(conv)
+    assert rep["fused_calls"][type(ref.model.layers[0]).__name__] == 2 and not rep["fallbacks"], rep
+    if use_cache is None:
+        ca, cb = a.past_key_values, b.past_key_values
+        assert cb.get_seq_length() == ca.get_seq_length() == 10 and len(cb.layers) == len(ca.layers) == 2
+        # layer 0 reads the embeddings, the same input as unconverted: HF's own ops, bitwise HF's
+        # keys/values; layer 1 reads the fused layer 0's output (equal within rounding)
+        assert torch.equal(cb.layers[0].keys, ca.layers[0].keys) and torch.equal(cb.layers[0].values,
+                                                                                 ca.layers[0].values)
+        for i, (la, lb) in enumerate(zip(ca.layers, cb.layers)):
+            assert_fp32_close(lb.keys, la.keys, f"layer {i} keys")
+            assert_fp32_close(lb.values, la.values, f"layer {i} values")
+    else:
+        assert a.past_key_values is None and b.past_key_values is None
+
+
+def test_gpt2_eval_with_grad_and_a_cache_falls_back_and_fills_it():
+    ref = gpt2().eval()
+    conv = ckpt_ops.convert(copy.deepcopy(ref))
+    ids, am, labels = batch()
+    a, _ = _eval_grad_step(ref, ids, am, labels)
+    b, _ = _eval_grad_step(conv, ids, am, labels)
+    assert_fp32_close(b.logits, a.logits, "logits")
+    assert b.past_key_values.get_seq_length() == a.past_key_values.get_seq_length() == 10
+    for la, lb in zip(a.past_key_values.layers, b.past_key_values.layers):
+        assert torch.equal(lb.keys, la.keys) and torch.equal(lb.values, la.values)
+    assert report(conv)["fallbacks"] == {"GPT2Block: KV cache to fill (eval mode or no grad: HF returns it "
                                          "filled; the fused path computes no keys/values)": 2}
+
+
+def test_no_grad_eval_with_a_cache_runs_the_original_forward():
+    """Without grad there is no memory to win: the original forward (the fastest exact path) serves."""
+    ref = llama().eval()
+    conv = ckpt_ops.convert(copy.deepcopy(ref))
+    ids, am, _ = batch()
+    with torch.no_grad():
+        a, b = ref(input_ids=ids, attention_mask=am), conv(input_ids=ids, attention_mask=am)
+    assert_fp32_close(b.logits, a.logits, "logits")
+    for la, lb in zip(a.past_key_values.layers, b.past_key_values.layers):
+        assert torch.equal(lb.keys, la.keys) and torch.equal(lb.values, la.values)
+    assert list(report(conv)["fallbacks"]) == ["LlamaDecoderLayer: KV cache to fill (eval mode or no grad: HF "
+                                               "returns it filled; the fused path computes no keys/values)"]
