@@ -45,9 +45,12 @@ def key_mask_from_hf(mask: Optional[torch.Tensor], b: int, s: int, causal: bool)
     HF passes None (plain causal), a bool (B, 1, S, S) mask (True = attend, sdpa) or an additive
     float one (0 = attend, finfo.min = masked, eager). The conversion is accepted only if the 4-D
     mask equals exactly causal & padding; one mask object serves every layer of a forward, so the
-    check runs once per forward (cached on the tensor's identity and version)."""
+    check runs once per forward (cached on the tensor's identity and version). Under torch.compile
+    see :func:`_traced_mask`."""
     if mask is None:
         return None
+    if torch.compiler.is_compiling():
+        return _traced_mask(mask, b, s, causal)
     if _MASK_CACHE["ref"] is not None and _MASK_CACHE["ref"]() is mask and _MASK_CACHE["version"] == mask._version:
         out = _MASK_CACHE["out"]
         if isinstance(out, Unservable):
@@ -63,9 +66,17 @@ def key_mask_from_hf(mask: Optional[torch.Tensor], b: int, s: int, causal: bool)
     return out
 
 
-def _convert_mask(mask: torch.Tensor, b: int, s: int, causal: bool) -> Optional[torch.Tensor]:
+def _check_mask_shape(mask: torch.Tensor, b: int, s: int) -> None:
     if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[-2:] != (s, s) or mask.shape[0] not in (1, b):
         raise Unservable(f"attention mask of shape {tuple(mask.shape)} (not (B, 1, S, S) with S = query length)")
+
+
+NOT_CAUSAL_PADDING = ("attention mask is not exactly causal & key padding (packed sequences, windows, "
+                      "or fully masked rows unmasked by the attention implementation)")
+
+
+def _convert_mask(mask: torch.Tensor, b: int, s: int, causal: bool) -> Optional[torch.Tensor]:
+    _check_mask_shape(mask, b, s)
     if mask.dtype == torch.bool:
         valid = mask[:, 0]
     elif mask.dtype.is_floating_point:
@@ -82,26 +93,58 @@ def _convert_mask(mask: torch.Tensor, b: int, s: int, causal: bool) -> Optional[
     keys = valid[:, -1, :] if causal else valid.any(dim=1)
     expected = attention_valid(keys, valid.shape[0], s, causal, mask.device)[:, 0]
     if not torch.equal(expected, valid):
-        raise Unservable("attention mask is not exactly causal & key padding (packed sequences, windows, "
-                         "or fully masked rows unmasked by the attention implementation)")
+        raise Unservable(NOT_CAUSAL_PADDING)
     if bool(keys.all()):
         return None
     return keys.expand(b, s).contiguous() if keys.shape[0] != b else keys.contiguous()
 
 
-def _check_cache(module: torch.nn.Module, cache: Any, layer_idx: Optional[int]) -> None:
+def require(ok: torch.Tensor, why: str) -> None:
+    """Inside a torch.compile graph: a check on tensor *values* that the fused path needs. A
+    compiled graph cannot branch to the original forward on data, so the graph asserts it
+    (``torch._assert_async``: a RuntimeError naming the reason when a call breaks it) instead of
+    returning what the unconverted model would not."""
+    torch._assert_async(ok, f"ckpt_ops.convert under torch.compile: {why}; the compiled graph cannot switch to "
+                            "the original forward on tensor values: call this model eagerly or "
+                            "ckpt_ops.unconvert it")
+
+
+def _traced_mask(mask: torch.Tensor, b: int, s: int, causal: bool) -> torch.Tensor:
+    """key_mask_from_hf under torch.compile: no Python bool of a tensor. Shape and dtype decide at
+    trace time (they are static to the graph); a bool mask's causal & padding form is asserted in
+    the graph (:func:`require`); an additive float mask (eager attention) is served only where
+    rows that attend to no key can be ruled out, which needs its values: it falls back at trace
+    time. The all-True case is not special-cased (a key mask of ones is exact too)."""
+    _check_mask_shape(mask, b, s)
+    if mask.dtype != torch.bool:
+        raise Unservable(f"under torch.compile: a {mask.dtype} additive attention mask (eager attention) needs a "
+                         "check of its values (rows attending to no key) that a compiled graph cannot branch on")
+    valid = mask[:, 0]
+    keys = valid[:, -1, :] if causal else valid.any(dim=1)
+    expected = attention_valid(keys, valid.shape[0], s, causal, mask.device)[:, 0]
+    require((expected == valid).all(), NOT_CAUSAL_PADDING)
+    return keys.expand(b, s).contiguous() if keys.shape[0] != b else keys.contiguous()
+
+
+def _check_cache(module: torch.nn.Module, cache: Any, layer_idx: Optional[int], can_fill: bool = False) -> bool:
     """A KV cache may be passed along in training (HF creates one by default); it is served only
-    when it is empty and the call trains (as HF gradient checkpointing, it is not filled)."""
+    when it is empty: a training call does not fill it (as HF gradient checkpointing). An eval call
+    with grad enabled (HF fills the cache it creates and returns it) is served when the adapter
+    `can_fill` it exactly: returns True, and the adapter must then fill it. Without grad the
+    original forward serves (it is already the fastest exact path: no memory to win)."""
     if cache is None:
-        return
-    if not (module.training and torch.is_grad_enabled()):
-        raise Unservable("KV cache in use (inference/generation)")
+        return False
+    training = module.training and torch.is_grad_enabled()
+    if not training and not (can_fill and torch.is_grad_enabled()):
+        raise Unservable("KV cache to fill (eval mode or no grad: HF returns it filled; the fused path computes no "
+                         "keys/values)")
     try:
         seen = cache.get_seq_length(layer_idx) if layer_idx is not None else cache.get_seq_length()
     except Exception as e:  # unknown cache type
         raise Unservable(f"KV cache of type {type(cache).__name__}: {e}") from None
     if seen:
         raise Unservable("KV cache already holds tokens")
+    return not training
 
 
 def _check_dtypes(x: torch.Tensor, module: torch.nn.Module) -> None:
@@ -151,13 +194,18 @@ _TABLE_CACHE: Dict[str, Any] = {"ref": None, "out": None}
 def _half_tables(cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """HF rotary tables (B, S, hd) repeat their first half; ckpt_ops takes (B, S, hd/2). Checked
     once per forward (the same tensors serve every layer)."""
-    if _TABLE_CACHE["ref"] is not None and _TABLE_CACHE["ref"]() is cos:
+    compiling = torch.compiler.is_compiling()
+    if not compiling and _TABLE_CACHE["ref"] is not None and _TABLE_CACHE["ref"]() is cos:
         return _TABLE_CACHE["out"]
     h = head_dim // 2
     if cos.shape[-1] != head_dim:
         raise Unservable(f"rotary tables of width {cos.shape[-1]} for head_dim {head_dim} (partial rotary)")
+    why = "rotary tables are not of the rotate-half form (cos/sin halves differ)"
+    if compiling:  # asserted in the graph (see require); every layer re-checks (cheap: B*S*hd compares)
+        require((cos[..., :h] == cos[..., h:]).all() & (sin[..., :h] == sin[..., h:]).all(), why)
+        return cos[..., :h].contiguous(), sin[..., :h].contiguous()
     if not (torch.equal(cos[..., :h], cos[..., h:]) and torch.equal(sin[..., :h], sin[..., h:])):
-        raise Unservable("rotary tables are not of the rotate-half form (cos/sin halves differ)")
+        raise Unservable(why)
     out = (cos[..., :h].contiguous(), sin[..., :h].contiguous())
     _TABLE_CACHE.update(ref=weakref.ref(cos), out=out)
     return out
@@ -219,7 +267,7 @@ class _BlockAdapter(Adapter):
             raise Unservable("PEFT LoRA adapters in a dtype autocast does not cast (e.g. fp64) under torch.autocast")
         b, s, _ = x.shape
         key_mask = key_mask_from_hf(mask4d, b, s, causal=True)
-        level = state.recompute
+        level = state.call_level or state.recompute  # HF's checkpointing flags (ckpt_ops._convert_hf)
         qkv_w = attn_p["wq"] if attn_p["wk"] is None else (attn_p["wq"], attn_p["wk"], attn_p["wv"])
         qkv_b = attn_p["bq"] if attn_p["wk"] is None else (
             None if attn_p["bq"] is None else (attn_p["bq"], attn_p["bk"], attn_p["bv"]))
@@ -336,6 +384,7 @@ class LlamaLikeAdapter(_BlockAdapter):
         self.fam, self.kind = fam, fam.prefix + "DecoderLayer"
         self.cls, self.attn_cls, self.mlp_cls, self.norm_cls = (fam.cls(s) for s in
                                                                 ("DecoderLayer", "Attention", "MLP", "RMSNorm"))
+        self.rope = _hf_class(f"transformers.models.{fam.name}.modeling_{fam.name}", "apply_rotary_pos_emb")
 
     def matches(self, module):
         return self.cls is not None and isinstance(module, self.cls)
@@ -365,7 +414,8 @@ class LlamaLikeAdapter(_BlockAdapter):
         call = _bind(_LAYER_ARGS, args, kwargs)
         x = call["hidden_states"]
         attn, mlp = module.self_attn, module.mlp
-        _check_cache(module, call.get("cache", call.get("past_key_values")), attn.layer_idx)
+        cache = call.get("cache", call.get("past_key_values"))
+        fill = _check_cache(module, cache, attn.layer_idx, can_fill=self.rope is not None)
         # attention_dropout: fused in the attention kernels; HF applies it when the attention module
         # trains (`dropout=0.0 if not self.training else self.attention_dropout`).
         p_probs = float(attn.attention_dropout) if attn.training else 0.0
@@ -410,8 +460,32 @@ class LlamaLikeAdapter(_BlockAdapter):
                        rope=True, rope_theta=10000.0, dropout=p_attn, residual=True, attn_dropout=p_probs)
         mlp_kw = dict(activation=_ACTS_GATED[cfg.hidden_act], norm="rmsnorm", norm_weight=nw2, norm_bias=None,
                       norm_eps=_eps(n2), dropout=p_mlp)
-        return self._run(module, state, x, call.get("attention_mask"), attn_p, mlp_p, attn_kw, mlp_kw, cos, sin,
-                         loras)
+        out = self._run(module, state, x, call.get("attention_mask"), attn_p, mlp_p, attn_kw, mlp_kw, cos, sin,
+                        loras)
+        if fill:
+            self._fill_cache(module, x, pe, cache, call)
+        return out
+
+    _ATTN_OWN = ("hidden_states", "attention_mask", "cache", "past_key_values", "position_embeddings")
+
+    def _fill_cache(self, module, x, pe, cache, call) -> None:
+        """Store this call's keys/values in the (empty) cache as the original forward does, with
+        HF's own modules and functions (input norm, k/v projections, the family's
+        apply_rotary_pos_emb, cache.update with the attention's kwargs): bitwise what it stores.
+        Costs the norm and the k/v projections once more (eval calls with grad only)."""
+        attn, cfg = module.self_attn, module.self_attn.config
+        n = module.input_layernorm(x)
+        hd, kv = attn.head_dim, cfg.num_key_value_heads * attn.head_dim
+        if len(self.fam.qkv) == 1:  # packed rows [q | k | v], sliced as HF does
+            qkv = getattr(attn, self.fam.qkv[0])(n)
+            q_end = cfg.num_attention_heads * hd
+            k, v = qkv[..., q_end:q_end + kv], qkv[..., q_end + kv:]
+        else:
+            k, v = getattr(attn, self.fam.qkv[1])(n), getattr(attn, self.fam.qkv[2])(n)
+        shape = (*x.shape[:-1], -1, hd)
+        k, v = k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2)
+        _, k = self.rope(k, k, pe[0], pe[1])
+        cache.update(k, v, attn.layer_idx, kwargs={a: b for a, b in call.items() if a not in self._ATTN_OWN})
 
 
 # Decoder/encoder layers seen but not fused, and why (kernel features they would need).

@@ -169,6 +169,14 @@ def _qkv_backward(cfg, dqkv2: Tensor, n: Optional[Tensor], t: dict, need, grads:
     return dn
 
 
+def _rope_buffer(qkv: Tensor, cfg: AttnConfig) -> Tensor:
+    """The buffer the in-place RoPE rotates. Under torch.compile a fresh copy: torch 2.14 Inductor
+    (auto_functionalized_v2 reinplacing) corrupts the QKV value that the forward and the
+    backward's replay share after CSE when rope_ mutates a view of it in place, giving wrong
+    gradients at "full"/"keep_attn" (tests/test_convert_compile.py); eager: no copy."""
+    return qkv.clone() if cfg.rope and torch.compiler.is_compiling() else qkv
+
+
 def segment_forward(cfg: AttnConfig, x: Tensor, p: dict, key_mask, cos, sin, seed, lc=None):
     """Run the segment on x (B, S, D) contiguous (LoRA adapters: `lc`, ckpt_ops.lora). Returns
     (out (B*S, D), state)."""
@@ -176,7 +184,7 @@ def segment_forward(cfg: AttnConfig, x: Tensor, p: dict, key_mask, cos, sin, see
     b, s, d = x.shape
     x2d = x.view(b * s, d)
     n, mean, rstd = _norm_fwd(cfg, x2d, p["nw"], p["nb"])
-    qkv = _rows(_qkv_linear(mm(cfg, n), p, lc), b, s)
+    qkv = _rope_buffer(_rows(_qkv_linear(mm(cfg, n), p, lc), b, s), cfg)
     if cfg.rope:
         hd = qkv.shape[-1] // (cfg.num_heads + 2 * cfg.num_kv_heads)
         c, sn = _tables(cfg, cos, sin, s, hd, x.device, _ref.acc_dtype(qkv.dtype))
@@ -248,7 +256,7 @@ def segment_replay(cfg: AttnConfig, plan: _Plan, t: dict, shape, lc=None) -> dic
     if t["n"] is None and (plan.n or (plan.norm_bwd and t["rstd"] is None)):
         t["n"], t["mean"], t["rstd"] = _norm_fwd(cfg, x2d, t["nw"], t["nb"])
     if t["qkv"] is None and plan.qkv:
-        qkv = _rows(_qkv_linear(mm(cfg, t["n"]), t, lc), b, s)
+        qkv = _rope_buffer(_rows(_qkv_linear(mm(cfg, t["n"]), t, lc), b, s), cfg)
         if cfg.rope:  # in place on our own replayed buffer, never on a kept tensor
             c, sn = _tables(cfg, t["cos"], t["sin"], s, qkv.shape[-1] // (cfg.num_heads + 2 * cfg.num_kv_heads),
                             qkv.device, _ref.acc_dtype(qkv.dtype))

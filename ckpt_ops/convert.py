@@ -26,10 +26,19 @@ structure) that is not fused is reported with why.
 
 As Hugging Face's own gradient checkpointing does, a training call (module in train mode, grad
 enabled) does not fill an empty KV cache the model created by default (``use_cache=True``); the
-cache stays empty. In eval mode, or when the cache already holds tokens, the original forward runs.
+cache stays empty. An eval call with grad fills the empty cache (Llama-like families: HF's own modules
+compute the keys/values it stores); without grad, or when the cache already holds tokens, the
+original forward runs.
+
+transformers' activation checkpointing (before or after convert) is honoured per fused call, never
+doubled (ckpt_ops._convert_hf). Under ``torch.compile(fullgraph=True)`` the per-call checks trace
+without graph breaks: static ones decide at trace time (a fallback is then part of the graph),
+value checks are asserted in the graph, and the report counts executed calls (docs/convert.md,
+"torch.compile").
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import types
@@ -42,6 +51,7 @@ import torch
 from ckpt_ops import block as _block
 from ckpt_ops._convert_families import KNOWN_LEFT, Adapter, adapters, key_mask_from_hf  # noqa: F401
 from ckpt_ops._convert_guard import Unservable, fallback_context, in_fallback
+from ckpt_ops._convert_hf import call_plan
 
 log = logging.getLogger("ckpt_ops")
 
@@ -55,11 +65,12 @@ NO_SAVED_BYTES = "no saved-bytes effect (a norm's input is saved either way)"
 # The swap mechanism
 # ------------------------------------------------------------------------------------------------
 class _State:
-    __slots__ = ("adapter", "recompute", "backend", "report", "guard", "__weakref__")
+    __slots__ = ("adapter", "recompute", "backend", "report", "guard", "call_level", "__weakref__")
 
     def __init__(self, adapter, recompute, backend, report, guard):
         self.adapter, self.recompute, self.backend, self.report = adapter, recompute, backend, report
         self.guard = guard
+        self.call_level = None  # the level of the current fused call (HF's flags may change it)
 
 
 def _converted_forward(self, *args, **kwargs):
@@ -69,16 +80,60 @@ def _converted_forward(self, *args, **kwargs):
     try:
         if state.guard is not None:
             state.guard.check(self)
-        out = state.adapter.fused(self, state, args, kwargs)
-        state.report["fused_calls"][state.adapter.kind] += 1
+        if state.adapter.is_block:  # transformers' activation checkpointing flags (ckpt_ops._convert_hf)
+            state.call_level, ctx = call_plan(self, state, state.report["blocks"])
+        else:
+            ctx = contextlib.nullcontext()
+        with ctx:
+            out = state.adapter.fused(self, state, args, kwargs)
+        _count(state.report, "fused_calls", state.adapter.kind)
         return out
     except Unservable as e:
         key = f"{state.adapter.kind}: {e}"
-        if key not in state.report["fallbacks"]:
+        if key not in state.report["fallbacks"] and not torch.compiler.is_compiling():
             log.info("ckpt_ops.convert: %s runs its original forward (%s)", state.adapter.kind, e)
-        state.report["fallbacks"][key] += 1
-        with fallback_context():
-            return type(self).forward(self, *args, **kwargs)
+        _count(state.report, "fallbacks", key)
+    with fallback_context():
+        return type(self).forward(self, *args, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------
+# Call counts that count executed calls, also inside torch.compile graphs
+# ------------------------------------------------------------------------------------------------
+# In eager a call adds 1 to the report's Counter. Traced by torch.compile, that Python increment
+# would run once per *trace*; instead the traced call records a tiny op whose kernel adds the 1
+# each time the compiled graph runs. The op mutates a one-element token (ops with no output and
+# no mutation are dead code to the compilers), which is all it touches on the device. Its own
+# namespace: ``ckpt_ops::`` holds the extension's kernel ops only (tests/test_build.py).
+_COUNTERS: "weakref.WeakValueDictionary[int, Counter]" = weakref.WeakValueDictionary()
+_TOKEN = torch.zeros(1, dtype=torch.int64)
+
+
+@torch.library.custom_op("ckpt_ops_convert::count_call_", mutates_args=("token",))
+def _count_call_(token: torch.Tensor, counter: int, key: str) -> None:
+    c = _COUNTERS.get(counter)
+    if c is not None:
+        c[key] += 1
+
+
+@_count_call_.register_fake
+def _(token, counter, key):
+    return None
+
+
+def _register_counters(report: Dict[str, Any]) -> None:
+    """Called by convert (eagerly): the ids under which the compiled op finds the report's Counters."""
+    report["counter_ids"] = {}
+    for name in ("fused_calls", "fallbacks"):
+        _COUNTERS[id(report[name])] = report[name]
+        report["counter_ids"][name] = id(report[name])
+
+
+def _count(report: Dict[str, Any], name: str, key: str) -> None:
+    if torch.compiler.is_compiling():
+        _count_call_(_TOKEN, report["counter_ids"][name], key)
+    else:
+        report[name][key] += 1
 
 
 _LAYER_NAME = re.compile(r"(DecoderLayer|EncoderLayer|Block|Layer)$")
@@ -178,6 +233,7 @@ def convert(model: torch.nn.Module, recompute: str = "full", inplace: bool = Tru
         model = copy.deepcopy(model)
         todo, left = _plan(model)
     report = _REPORTS.get(model) or {"swapped": [], "left": [], "fused_calls": Counter(), "fallbacks": Counter()}
+    _register_counters(report)
     for name, module, adapter in todo:
         if adapter is None:
             module._ckpt_ops_state.recompute, module._ckpt_ops_state.backend = recompute, backend
@@ -185,6 +241,8 @@ def convert(model: torch.nn.Module, recompute: str = "full", inplace: bool = Tru
         module._ckpt_ops_state = _State(adapter, recompute, backend, report, adapter.guard(module))
         module.forward = types.MethodType(_converted_forward, module)
         report["swapped"].append((name, type(module).__name__))
+    report["blocks"] = [m for m in model.modules()  # whose HF checkpointing flags a fused call reads
+                        if hasattr(m, "_ckpt_ops_state") and m._ckpt_ops_state.adapter.is_block]
     fused_layers = [(n, c, _guard_now(model.get_submodule(n))) for n, c in fused_layers]
     left_names = {n for n, _, _ in left_layers}
     report["left"] = [t for t in left if t[0] not in left_names] + left_layers
