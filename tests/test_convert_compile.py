@@ -255,3 +255,26 @@ def test_autocast_bf16_training_step_compiles_fullgraph(family):
     assert_like_eager_autocast(got, eager, truth, f"{family} compiled")
     rep = ckpt_ops.conversion_report(conv)
     assert rep["fused_calls"][KIND[family]] == 2 and not rep["fallbacks"], rep
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_peft_lora_converted_model_compiles_fullgraph(arch):
+    """PEFT LoRA on every projection (ckpt_ops.lora) of a converted model under torch.compile(fullgraph=True):
+    no graph break, loss and every LoRA gradient equal the unconverted PEFT model in eager, all calls fused."""
+    peft = pytest.importorskip("peft", reason="peft is not installed (requirements-dev.txt pins it)")
+    targets = {"llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+               "gpt2": ["c_attn", "c_proj", "c_fc"]}[arch]
+    cfg = lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False,  # noqa: E731
+                                  fan_in_fan_out=arch == "gpt2")
+    ref = peft.get_peft_model(FAMILIES[arch](), cfg()).train()
+    conv = peft.get_peft_model(FAMILIES[arch](), cfg()).train()  # same seeds: same weights and adapters
+    ckpt_ops.convert(conv)
+    ids, am, labels = batch()
+    want = step(ref, ids, am, labels)
+    compiled = torch.compile(conv, fullgraph=True, backend="aot_eager")
+    for _ in range(2):
+        got = step(compiled, ids, am, labels)
+    assert_same(conv, ref, got, want)
+    assert any("lora_" in n for n in grads(ref))
+    rep = ckpt_ops.conversion_report(conv)
+    assert rep["fused_calls"][KIND[arch]] == 4 and not rep["fallbacks"], rep  # 2 steps x 2 layers
