@@ -4,8 +4,9 @@ differently from the unconverted one ("never wrong"), and the fallback context.
 A fused block reads its submodules' weights and never calls them, so anything that changes what a
 submodule computes would be silently dropped. Before each fused call the block's guard verifies
 that every submodule it reads is exactly the class the adapter assumes (``torch.nn.Linear``, HF
-``Conv1D``, the family's norm class: a PEFT LoRA wrapper, a quantised or parametrized Linear --
-``torch.nn.utils.parametrize`` swaps the class -- is not), that no module of the block carries a
+``Conv1D``, the family's norm class, or on the projections the adapter lists, a plain PEFT LoRA
+wrapper of one -- a quantised or parametrized Linear, DoRA or another PEFT layer is not;
+``torch.nn.utils.parametrize`` swaps the class), that no module of the block carries a
 forward/pre/backward hook, that no global module hook is registered, that nothing is
 parametrized, and that the weights read are plain Parameters/tensors. Anything else raises
 :class:`Unservable` and the original forward serves that call (reported with the reason).

@@ -8,7 +8,8 @@ can be served exactly. A converted module keeps its class, parameters and childr
 the fused path cannot serve exactly -- a KV cache being filled for generation, attention weights
 requested, cross-attention, masks that are not causal + padding, a sliding window shorter than the
 sequence, mixed dtypes, or a submodule that is
-not what the adapter reads (a PEFT LoRA wrapper, a hook, a parametrization: ckpt_ops._convert_guard)
+not what the adapter reads (a hook, a parametrization, a quantised Linear, a PEFT method other than plain
+LoRA: ckpt_ops._convert_guard; plain PEFT LoRA wrappers are fused, ckpt_ops.lora)
 -- runs the module's original forward, and the reason is counted in the report. Inside such a
 fallback every converted module (the norms) runs torch's own forward too, so a fallback is exactly
 the unconverted computation. Never a wrong answer.
@@ -17,7 +18,9 @@ Fused, as ONE checkpointed segment per layer (``ckpt_ops.block``): Hugging Face 
 ``GPT2Block`` (Conv1D weights used transposed, as views) and the Llama-like decoder layers of Llama,
 Mistral, Qwen2, Phi3 and Gemma (the model's own rotary tables; Phi3's packed projections as row
 views; Gemma's (1 + w) RMSNorm in fp32), also under torch.autocast (ckpt_ops._amp: GEMMs in the
-autocast dtype, norms in fp32, the residual stream as the model makes it; docs/convert.md, "Autocast").
+autocast dtype, norms in fp32, the residual stream as the model makes it; docs/convert.md, "Autocast"),
+under torch.compile(fullgraph=True) (docs/convert.md, "torch.compile") and with PEFT LoRA adapters on
+their projections (docs/lora.md).
 Attention-probability dropout (GPT-2's ``attn_pdrop``, the Llama-like ``attention_dropout``) is fused
 in training: dropout inside the attention kernels with Philox bits (docs/convert.md "Attention
 dropout": equal in distribution to torch's, not in bits). ``torch.nn.LayerNorm``, ``torch.nn.RMSNorm``
