@@ -150,17 +150,20 @@ def _check_cache(module: torch.nn.Module, cache: Any, layer_idx: Optional[int], 
 def _check_dtypes(x: torch.Tensor, module: torch.nn.Module) -> None:
     # torch.autocast is served fused (ckpt_ops._amp: GEMMs in the autocast dtype, norms in fp32, the
     # residual stream in the dtype the model gives it); parameters and input must still agree.
+    adapters = None
     for p in module.parameters():
         if p.dtype != x.dtype or p.device != x.device:
-            if _lora_only(module, p):  # PEFT's adapters: their dtype is ckpt_ops.lora.read's question
+            if adapters is None:  # built once, and only when some parameter differs
+                adapters = _lora_param_ids(module)
+            if id(p) in adapters:  # PEFT's adapters: their dtype is ckpt_ops.lora.read's question
                 continue
             raise Unservable(f"parameter dtype/device {p.dtype}/{p.device} differs from the input's "
                              f"{x.dtype}/{x.device}")
 
 
-def _lora_only(module: torch.nn.Module, p: torch.Tensor) -> bool:
-    """p is a weight of a PEFT LoRA adapter (lora_A / lora_B) inside `module` (slow path only)."""
-    return any(("lora_A." in n or "lora_B." in n) for n, q in module.named_parameters() if q is p)
+def _lora_param_ids(module: torch.nn.Module) -> set:
+    """ids of the PEFT LoRA adapter weights (lora_A / lora_B) inside `module`."""
+    return {id(q) for n, q in module.named_parameters() if "lora_A." in n or "lora_B." in n}
 
 
 _KNOWN_KWARGS = {"hidden_states", "attention_mask", "position_ids", "cache", "past_key_values", "use_cache",
