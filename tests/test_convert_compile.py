@@ -49,6 +49,17 @@ def assert_same(conv_model, ref_model, got, want):
         assert_fp32_close(g_conv[name], g_ref[name], name)
 
 
+def assert_compiled_steps(ref, conv, compiled, kind, steps, fused_before=0):
+    """`steps` training steps of `compiled` (the compiled `conv`), each equal to `ref`'s eager step;
+    the report then counts 2 fused calls (the 2 layers) per executed step and no fallback."""
+    ids, am, labels = batch()
+    want = step(ref, ids, am, labels)
+    for _ in range(steps):
+        assert_same(conv, ref, step(compiled, ids, am, labels), want)
+    rep = ckpt_ops.conversion_report(conv)
+    assert rep["fused_calls"][kind] - fused_before == 2 * steps and not rep["fallbacks"], rep
+
+
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
     torch._dynamo.reset()
@@ -67,13 +78,7 @@ def test_fullgraph_training_step_matches_unconverted_and_counts_executions(famil
     conv.zero_grad(set_to_none=True)
     before = ckpt_ops.conversion_report(conv)["fused_calls"].get(KIND[family], 0)  # explain ran the layers
     compiled = torch.compile(conv, fullgraph=True, backend="aot_eager")
-    n = 3
-    want = step(ref, ids, am, labels)
-    for _ in range(n):
-        got = step(compiled, ids, am, labels)
-        assert_same(conv, ref, got, want)
-    rep = ckpt_ops.conversion_report(conv)
-    assert rep["fused_calls"][KIND[family]] - before == n * 2 and not rep["fallbacks"], rep
+    assert_compiled_steps(ref, conv, compiled, KIND[family], 3, before)
 
 
 @pytest.mark.parametrize("level", ["full", "keep_attn"])
@@ -83,13 +88,8 @@ def test_inductor_training_step_matches_unconverted(level):
     (ckpt_ops.attention._rope_buffer)."""
     ref = FAMILIES["llama"]()
     conv = ckpt_ops.convert(copy.deepcopy(ref), recompute=level)
-    ids, am, labels = batch()
     compiled = torch.compile(conv, fullgraph=True, backend="inductor")
-    want = step(ref, ids, am, labels)
-    for _ in range(2):
-        assert_same(conv, ref, step(compiled, ids, am, labels), want)
-    rep = ckpt_ops.conversion_report(conv)
-    assert rep["fused_calls"]["LlamaDecoderLayer"] == 4 and not rep["fallbacks"], rep
+    assert_compiled_steps(ref, conv, compiled, "LlamaDecoderLayer", 2)
 
 
 def test_statically_unservable_call_falls_back_exactly_inside_the_graph():
@@ -159,11 +159,8 @@ def test_mask_that_is_not_causal_padding_never_answers_wrong_under_compile():
 def test_other_levels_compile_fullgraph(level):
     ref = FAMILIES["llama"]()
     conv = ckpt_ops.convert(copy.deepcopy(ref), recompute=level)
-    ids, am, labels = batch()
     compiled = torch.compile(conv, fullgraph=True, backend="aot_eager")
-    assert_same(conv, ref, step(compiled, ids, am, labels), step(ref, ids, am, labels))
-    rep = ckpt_ops.conversion_report(conv)
-    assert rep["fused_calls"]["LlamaDecoderLayer"] == 2 and not rep["fallbacks"], rep
+    assert_compiled_steps(ref, conv, compiled, "LlamaDecoderLayer", 1)
 
 
 def test_changing_sequence_lengths_recompile_dynamic_and_respect_the_window():
@@ -207,13 +204,8 @@ def test_hf_every_n_layers_checkpointing_under_compile():
     ref = FAMILIES["llama"]()
     conv = ckpt_ops.convert(copy.deepcopy(ref))
     conv.activation_checkpointing_enable(every_n_layers=2)
-    ids, am, labels = batch()
     compiled = torch.compile(conv, backend="aot_eager")
-    want = step(ref, ids, am, labels)
-    for _ in range(2):
-        assert_same(conv, ref, step(compiled, ids, am, labels), want)
-    rep = ckpt_ops.conversion_report(conv)
-    assert rep["fused_calls"]["LlamaDecoderLayer"] == 4 and not rep["fallbacks"], rep
+    assert_compiled_steps(ref, conv, compiled, "LlamaDecoderLayer", 2)
 
 
 def test_rotary_tables_not_rotate_half_never_answer_wrong_under_compile():
@@ -269,12 +261,6 @@ def test_peft_lora_converted_model_compiles_fullgraph(arch):
     ref = peft.get_peft_model(FAMILIES[arch](), cfg()).train()
     conv = peft.get_peft_model(FAMILIES[arch](), cfg()).train()  # same seeds: same weights and adapters
     ckpt_ops.convert(conv)
-    ids, am, labels = batch()
-    want = step(ref, ids, am, labels)
     compiled = torch.compile(conv, fullgraph=True, backend="aot_eager")
-    for _ in range(2):
-        got = step(compiled, ids, am, labels)
-    assert_same(conv, ref, got, want)
+    assert_compiled_steps(ref, conv, compiled, KIND[arch], 2)
     assert any("lora_" in n for n in grads(ref))
-    rep = ckpt_ops.conversion_report(conv)
-    assert rep["fused_calls"][KIND[arch]] == 4 and not rep["fallbacks"], rep  # 2 steps x 2 layers

@@ -18,6 +18,7 @@ pytest.importorskip("transformers")
 peft = pytest.importorskip("peft", reason="peft is not installed (requirements-dev.txt pins it)")
 from conftest import assert_fp32_close  # noqa: E402
 from test_convert import batch, gpt2, llama, train_step  # noqa: E402
+from test_convert_guard import Halve, double, shift_input  # noqa: E402
 
 TARGETS = {"llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
            "gpt2": ["c_attn", "c_proj", "c_fc"]}  # c_proj: GPT-2's attention and MLP output projections
@@ -146,45 +147,57 @@ class FixedMask(torch.nn.Module):
 PATHS = {"llama": "base_model.model.model.layers.{}.{}", "gpt2": "base_model.model.transformer.h.{}.{}"}
 
 
+def step_recording_drops(conv, monkeypatch):
+    """One training step of `conv` recording every LoRA dropout drawn, as (spec, stream seed, the
+    mask applied to ones): (batch, detached loss, forward records, backward records)."""
+    records, orig = [], lora_mod.drop
+
+    def recording_drop(lc, i, x):
+        if lc.specs[i].p > 0.0:
+            records.append((lc.specs[i], int(lc.seed) + i, orig(lc, i, torch.ones_like(x))))
+        return orig(lc, i, x)
+
+    monkeypatch.setattr(lora_mod, "drop", recording_drop)
+    data = batch()
+    conv.zero_grad(set_to_none=True)
+    loss = conv(input_ids=data[0], attention_mask=data[1], labels=data[2]).loss
+    n_fwd = len(records)
+    loss.backward()
+    return data, loss.detach(), records[:n_fwd], records[n_fwd:]
+
+
+def assert_step_equals(ref, conv, data, loss, n_grads):
+    """`ref`'s training step on `data` vs `conv`'s (already run: its loss and .grad): loss and all
+    n_grads gradients by the fp32 rule."""
+    l_ref, g_ref = train_step(ref, *data)
+    g_conv = {n: p.grad for n, p in conv.named_parameters() if p.grad is not None}
+    assert_fp32_close(loss, l_ref, "loss")
+    assert set(g_conv) == set(g_ref) and len(g_ref) == n_grads
+    for n in g_ref:
+        assert_fp32_close(g_conv[n], g_ref[n], n)
+
+
 @pytest.mark.parametrize("arch, level", [("llama", "full"), ("gpt2", "full"), ("llama", "none"),
                                          ("gpt2", "keep_mlp")])
 def test_lora_dropout_matches_the_recovered_mask(arch, level, monkeypatch):
     ref, conv = pair(arch, level=level, lora_dropout=0.1)
-    records = []
-    orig = lora_mod.drop
-
-    def recording_drop(lc, i, x):
-        if lc.specs[i].p > 0.0:
-            records.append((lc.specs[i].name, int(lc.seed) + i, orig(lc, i, torch.ones_like(x))))
-        return orig(lc, i, x)
-
-    monkeypatch.setattr(lora_mod, "drop", recording_drop)
-    ids, am, labels = batch()
-    conv.zero_grad(set_to_none=True)
-    loss = conv(input_ids=ids, attention_mask=am, labels=labels).loss
-    fwd = list(records)
-    loss.backward()
+    data, loss, fwd, bwd = step_recording_drops(conv, monkeypatch)
     n_proj = 7 if arch == "llama" else 4
     assert len(fwd) == 2 * n_proj
     first = {}
-    for name, seed, mask in fwd:
-        first[(name, seed)] = mask
-    for name, seed, mask in records[len(fwd):]:  # backward regenerates the very same masks
-        assert torch.equal(mask, first[(name, seed)]), name
+    for spec, seed, mask in fwd:
+        first[(spec.name, seed)] = mask
+    for spec, seed, mask in bwd:  # backward regenerates the very same masks
+        assert torch.equal(mask, first[(spec.name, seed)]), spec.name
     kept = torch.cat([m.flatten() != 0 for _, _, m in fwd]).float().mean()
     assert 0.8 < float(kept) < 0.97  # p = 0.1 applied
     seen = {}
-    for name, _, mask in fwd:  # k-th occurrence of a projection: layer k
-        k = seen.get(name, 0)
-        seen[name] = k + 1
-        proj, adapter = name.split("/")
+    for spec, _, mask in fwd:  # k-th occurrence of a projection: layer k
+        k = seen.get(spec.name, 0)
+        seen[spec.name] = k + 1
+        proj, adapter = spec.name.split("/")
         ref.get_submodule(PATHS[arch].format(k, proj)).lora_dropout[adapter] = FixedMask(mask)
-    l_ref, g_ref = train_step(ref, ids, am, labels)
-    g_conv = {n: p.grad for n, p in conv.named_parameters() if p.grad is not None}
-    assert_fp32_close(loss.detach(), l_ref, "loss")
-    assert set(g_conv) == set(g_ref) and len(g_ref) == 4 * n_proj
-    for n in g_ref:
-        assert_fp32_close(g_conv[n], g_ref[n], n)
+    assert_step_equals(ref, conv, data, loss, 4 * n_proj)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -208,19 +221,6 @@ def test_saved_bytes_at_full_at_most_peft_with_hf_checkpointing(arch):
     assert b_conv <= b_ft, (b_conv, b_ft)  # the adapters add nothing kept: no u, no mask, 0-byte seeds
     assert 3 * b_conv <= b_plain, (b_conv, b_plain)
     assert report(conv)["fused_calls"][KIND[arch]] == 2
-
-
-def shift_input(module, args):
-    return (args[0] + 0.5,)
-
-
-def double(module, args, out):
-    return out * 2.0
-
-
-class Halve(torch.nn.Module):
-    def forward(self, w):
-        return 0.5 * w
 
 
 LLAMA0 = "base_model.model.model.layers.0."
@@ -358,31 +358,14 @@ def test_phi3_packed_gate_up_dropout_shares_one_mask(monkeypatch):
                           lora_dropout=0.2)
     ref = peft.get_peft_model(_family("phi3"), cfg).train()
     conv = ckpt_ops.convert(peft.get_peft_model(_family("phi3"), cfg).train())
-    records = []
-    orig = lora_mod.drop
-
-    def recording_drop(lc, i, x):
-        records.append((lc.specs[i].name, lc.specs[i].target, orig(lc, i, torch.ones_like(x))))
-        return orig(lc, i, x)
-
-    monkeypatch.setattr(lora_mod, "drop", recording_drop)
-    ids, am, labels = batch()
-    conv.zero_grad(set_to_none=True)
-    loss = conv(input_ids=ids, attention_mask=am, labels=labels).loss
-    fwd = list(records)
-    loss.backward()
-    assert [t for _, t, _ in fwd] == ["w1", "wg"] * 2  # up then gate, per layer
+    data, loss, fwd, _ = step_recording_drops(conv, monkeypatch)  # every adapter here has p = 0.2
+    assert [spec.target for spec, _, _ in fwd] == ["w1", "wg"] * 2  # up then gate, per layer
     for k in range(2):
         (_, _, m_up), (_, _, m_gate) = fwd[2 * k], fwd[2 * k + 1]
         assert torch.equal(m_up, m_gate) and float((m_up == 0).float().mean()) > 0.05
         ref.get_submodule(f"base_model.model.model.layers.{k}.mlp.gate_up_proj").lora_dropout["default"] = \
             FixedMask(m_up)
-    l_ref, g_ref = train_step(ref, ids, am, labels)
-    g_conv = {n: p.grad for n, p in conv.named_parameters() if p.grad is not None}
-    assert_fp32_close(loss.detach(), l_ref, "loss")
-    assert set(g_conv) == set(g_ref) and len(g_ref) == 4
-    for n in g_ref:
-        assert_fp32_close(g_conv[n], g_ref[n], n)
+    assert_step_equals(ref, conv, data, loss, 4)
 
 
 def test_adapters_in_another_dtype_are_served_as_peft_computes_them():
