@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from ckpt_ops import _amp, _autograd, _backend, _validate
 from ckpt_ops import lora as _lora
 from ckpt_ops import reference as _ref
-from ckpt_ops.mlp import _norm_fwd, load, mm, norm_backward, residual_dropout, save
+from ckpt_ops.mlp import _norm_fwd, add_residual_grad, load, mm, norm_backward, residual_dropout, save
 from ckpt_ops.norm import default_rms_eps
 
 Tensor = torch.Tensor
@@ -295,20 +295,28 @@ def segment_backward(cfg: AttnConfig, plan: _Plan, need, dout: Tensor, t: dict, 
     do2 = dyc @ t["wo"]
     dl = _lora.input_grad(lc, "wo", du, do2.dtype)
     do = _rows(do2 if dl is None else do2 + dl, b, s)
+    del do2, dl
     dqkv = k("attention_bwd")(do, t["qkv"], t["o"], t["lse"], t["key_mask"], cfg.num_heads, cfg.num_kv_heads,
                               cfg.causal, cfg.scale, *_drop(cfg, t["seed"]))
+    del do
+    free = _autograd.can_release()  # qkv, o, lse, n: this segment's own intermediates (kept or replayed)
+    _autograd.release(free, t["qkv"], t["o"], t["lse"])
     if cfg.rope:  # RoPE's transpose, in place on the fresh gradient
         c, sn = _tables(cfg, t["cos"], t["sin"], s, dqkv.shape[-1] // (cfg.num_heads + 2 * cfg.num_kv_heads),
                         dqkv.device, _ref.acc_dtype(dqkv.dtype))
         k("rope_")(dqkv, c, sn, cfg.num_heads, cfg.num_kv_heads, True)
     n = mm(cfg, t["n"]) if t["n"] is not None else None
     dn = _qkv_backward(cfg, dqkv.view(b * s, dqkv.shape[-1]), n, t, need, grads, plan.dn, lc)
+    del dqkv, n
+    if cfg.norm is not None:
+        _autograd.release(free, t["n"])  # the norm's output, not x
     if not plan.dn:
         return grads
     x2d = t["x"].view(b * s, d) if t["x"] is not None else None
     dx = norm_backward(cfg, dn, x2d, t["nw"], t["mean"], t["rstd"], need[:3], grads)
+    del dn
     if need[0]:
-        grads[0] = dx + dout if cfg.residual else dx
+        grads[0] = add_residual_grad(dx, dout, free) if cfg.residual else dx
     return grads
 
 

@@ -150,6 +150,8 @@ class BlockFunction(torch.autograd.Function):
             ta = _attn.segment_replay(cfg.attn, _replay_plan(cfg, aplan), ta, ctx.shape, lc)
             tm["x"] = _attn.output_projection(cfg.attn, ta["x"], ta["o"], ta["wo"], ta["bo"], ta["seed"], lc)
         mgrads = _mlp.segment_backward(cfg.mlp, mplan, mneed, dout.reshape(b * s, d), tm, lc)
+        # h1 (the MLP's input: kept or rebuilt) is the block's own intermediate: free it now
+        _autograd.release(_autograd.can_release(), tm["x"])
         if need_h1:
             agrads = _attn.segment_backward(cfg.attn, aplan, aneed, mgrads[0], ta, ctx.shape, lc)
         else:

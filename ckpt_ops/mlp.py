@@ -223,17 +223,32 @@ def segment_backward(cfg: MLPConfig, plan: _Plan, need, dout: Tensor, t: dict, l
     rebuild_a = (need[7] or lw2) and a is None
     dyc = mm(cfg, dy)  # autocast: fc2's backward GEMMs in the GEMM dtype, like eager's
     du2 = _lora.dus(lc, "w2", dyc) if (plan.up or lw2) else {}
+    free = _autograd.can_release()  # h, g, a, n below: this segment's own intermediates
+    if a is not None:  # kept ("none"): fc2's weight gradient first, then `a` can go (as eager's order)
+        if need[7]:
+            grads[7] = dyc.t() @ a
+        _lora.weight_grads(lc, "w2", dyc, du2, a)
+        _autograd.release(free, a)
+        a = None
+        w2_done = True
+    else:
+        w2_done = False
     if plan.up:
         da = dyc @ t["w2"]
         dl = _lora.input_grad(lc, "w2", du2, da.dtype)
         a_re, dh, dg = k("act_bwd")(da if dl is None else da + dl, h, g, cfg.activation, rebuild_a)
+        del da, dl
         if rebuild_a:
             a = a_re
+        del a_re
+        _autograd.release(free, h, g)
     elif rebuild_a:
         a = k("act_fwd")(h, g, cfg.activation)
-    if need[7]:
-        grads[7] = dyc.t() @ a
-    _lora.weight_grads(lc, "w2", dyc, du2, a)
+    if not w2_done:
+        if need[7]:
+            grads[7] = dyc.t() @ a
+        _lora.weight_grads(lc, "w2", dyc, du2, a)
+        _autograd.release(free, a)
     if not plan.up:
         return grads
 
@@ -251,17 +266,30 @@ def segment_backward(cfg: MLPConfig, plan: _Plan, need, dout: Tensor, t: dict, l
         grads[5] = dg.t() @ nm
     if cfg.gated and need[6]:
         grads[6] = dg.sum(0)
+    if cfg.norm is not None:
+        _autograd.release(free, n)  # the norm's output (kept or replayed), not x
+    del nm
     if not plan.dn:
         return grads
     dn = dh @ t["w1"]
     for dl in (_lora.input_grad(lc, "w1", du1, dn.dtype), _lora.input_grad(lc, "wg", dug, dn.dtype)):
         dn = dn if dl is None else dn + dl
     if cfg.gated:
-        dn = dn + dg @ t["wg"]
+        dn = dn.add_(dg @ t["wg"]) if free else dn + dg @ t["wg"]
+    del dh, dg
     dx = norm_backward(cfg, dn, x, t["nw"], mean, rstd, need[:3], grads)
+    del dn
     if need[0]:
-        grads[0] = dx + dout if cfg.residual else dx
+        grads[0] = add_residual_grad(dx, dout, free) if cfg.residual else dx
     return grads
+
+
+def add_residual_grad(dx: Tensor, dout: Tensor, inplace: bool) -> Tensor:
+    """dx + dout for a residual segment; into dx (a fresh gradient of the segment's own) when
+    `inplace` (eager backward, see ckpt_ops._autograd.can_release) and the dtypes agree."""
+    if inplace and dx.dtype == dout.dtype and dx.shape == dout.shape:
+        return dx.add_(dout)
+    return dx + dout
 
 
 def norm_backward(cfg, dn: Tensor, x: Tensor, nw, mean, rstd, need3, grads: list) -> Tensor:
