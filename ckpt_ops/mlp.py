@@ -61,7 +61,7 @@ NORMS = (None, "layernorm", "rmsnorm")
 _backend.register_family(
     "mlp",
     {
-        "cpu": {k: f"torch.ops.ckpt_ops.{k}" for k in ("act_fwd", "act_bwd", "dropout_fwd", "dropout_bwd")},
+        "cpu": {k: f"torch.ops.ckpt_ops.{k}" for k in ("act_fwd", "act_bwd", "act_bwd_", "dropout_fwd", "dropout_bwd")},
         "cuda": {k: f"torch.ops.ckpt_ops.{k}" for k in ("act_fwd", "act_bwd", "dropout_fwd", "dropout_bwd")},
         "triton": {k: f"torch.ops.ckpt_ops.{k}_triton" for k in ("act_fwd", "act_bwd", "dropout_fwd", "dropout_bwd")},
         "reference": {k: getattr(_ref, k) for k in ("act_fwd", "act_bwd", "dropout_fwd", "dropout_bwd")},
@@ -236,7 +236,12 @@ def segment_backward(cfg: MLPConfig, plan: _Plan, need, dout: Tensor, t: dict, l
     if plan.up:
         da = dyc @ t["w2"]
         dl = _lora.input_grad(lc, "w2", du2, da.dtype)
-        a_re, dh, dg = k("act_bwd")(da if dl is None else da + dl, h, g, cfg.activation, rebuild_a)
+        da = da if dl is None else da.add_(dl)  # da: a fresh product of this backward
+        if cfg.backend == "cpu" and not torch.compiler.is_compiling():
+            a_re, dg = k("act_bwd_")(da, h, g, cfg.activation, rebuild_a)  # dh written into da (one
+            dh = da                                   # activation-sized allocation fewer than eager)
+        else:
+            a_re, dh, dg = k("act_bwd")(da, h, g, cfg.activation, rebuild_a)
         del da, dl
         if rebuild_a:
             a = a_re
