@@ -114,7 +114,7 @@ class BlockFunction(torch.autograd.Function):
         rebuild_h1 = cfg.level in ("full", "keep_attn") and mkeep["x"] is not None
         if rebuild_h1:  # h1 = x + dropout(out_proj(O)): keep what that takes instead of h1
             mkeep["x"] = None
-            akeep.update(x=x, wo=ap["wo"], bo=ap["bo"],
+            akeep.update(x=x, wo=ap["wo"], bo=ap["bo"], pw=ap["pw"],
                          seed=seed_a if (cfg.attn.p > 0.0 or cfg.attn.attn_p > 0.0) else None)
         if cfg.attn.amp is not None:  # keep the inputs themselves, never their cast copies
             akeep = _amp.originals(akeep, {"x": x, **ap}, {"x": x_in, **ap_in})
@@ -148,7 +148,9 @@ class BlockFunction(torch.autograd.Function):
                             {}) if cfg.lora else None
         if ctx.rebuild_h1:
             ta = _attn.segment_replay(cfg.attn, _replay_plan(cfg, aplan), ta, ctx.shape, lc)
-            tm["x"] = _attn.output_projection(cfg.attn, ta["x"], ta["o"], ta["wo"], ta["bo"], ta["seed"], lc)
+            # (with a post-norm its input y and statistics land in ta: the attention backward reuses them)
+            tm["x"] = _attn.output_projection(cfg.attn, ta["x"], ta["o"], ta["wo"], ta["bo"], ta["seed"], lc,
+                                              ta["pw"], ta)
         mgrads = _mlp.segment_backward(cfg.mlp, mplan, mneed, dout.reshape(b * s, d), tm, lc)
         if need_h1:
             agrads = _attn.segment_backward(cfg.attn, aplan, aneed, mgrads[0], ta, ctx.shape, lc)
@@ -192,7 +194,9 @@ def transformer_block(x: Tensor, attn_params: dict, mlp_params: dict, attn_cfg: 
     # itself, so that it saves them and not weight-sized cast copies (see ckpt_ops._amp).
     out_dtype = None if cfg.attn.amp is None else _amp.out_dtype(x.dtype, cfg.attn.amp, True)
     x = x.contiguous()
-    args = ([attn_params[k] for k in _attn.PARAMS] + [mlp_params[k] for k in _mlp.PARAMS])
+    attn_params = {k: attn_params.get(k) for k in _attn.PARAMS}  # the q/k/post-norm weights may be absent
+    mlp_params = {k: mlp_params.get(k) for k in _mlp.PARAMS}
+    args = ([attn_params.get(k) for k in _attn.PARAMS] + [mlp_params.get(k) for k in _mlp.PARAMS])
     with _amp.off(x.device.type):
         if torch.is_grad_enabled() and (x.requires_grad or any(t is not None and t.requires_grad
                                                                for t in (*args, *lt))):
