@@ -40,6 +40,38 @@ FLOPs per head forward): ``"full"`` runs its forward twice, like torch.utils.che
 
 The full-level LSE: the issue's budget allows keeping it, but the attention forward replayed in
 backward produces it again (bit-identically), so ``"full"`` keeps only x.
+
+Two optional RMSNorms, both run by the backend's fused ``rms_norm`` kernels on views of the
+projection outputs (``ckpt_ops.mlp.rms_rows``; under autocast in fp32 on the GEMM-dtype output,
+cast back, as HF's RMSNorms upcast):
+
+* q/k norm (``qk_norm``): q and k of the QKV projection output ("raw") are normalised before RoPE,
+  per head (``"head"``: weights (hd,), each head's hd values; Qwen3, Gemma3) or over the whole
+  projection (``"proj"``: weights (H*hd,), (KV*hd,); OLMo2), into a fresh buffer that RoPE then
+  rotates in place. Backward: RoPE's transpose, then the norm's backward (it needs raw and the
+  per-row rstd: (B*S*H + B*S*KV) or 2*B*S floats), giving d(raw) for the QKV backward GEMMs and
+  the weights' gradients.
+* post-norm (``post_norm``): out = [x +] dropout(rms(y)), y = out_proj(o) (Gemma2/3, OLMo2; with no
+  pre-norm, ``norm=None``, that is OLMo2's layout). Its backward needs y and its rstd (B*S floats).
+
+What they add per level (on top of the table above):
+
+===============  ============================================  =====================================
+level            keeps                                         recomputes in backward
+===============  ============================================  =====================================
+``"full"``       nothing more                                  the q/k norms with the QKV replay; y
+                                                               (the output projection: +1 GEMM)
+                                                               and its rstd
+``"keep_attn"``  nothing more                                  as "full" (+1 GEMM for y)
+``"selective"``  raw *instead of* qkv after RoPE (same size),  the q/k norms + RoPE (elementwise,
+                 + y                                           with their rstd), y's rstd
+``"none"``       raw and qkv after RoPE, the q/k rstd, y and   nothing
+                 its rstd
+===============  ============================================  =====================================
+
+GEMMs with a post-norm: ``"full"``/``"keep_attn"`` 8 (+ the output projection replayed for y); the
+others 6. Inside ``ckpt_ops.block`` at "full"/"keep_attn" the block's rebuild of h1 runs that
+output projection anyway: its y and rstd are reused, no GEMM is added.
 """
 from __future__ import annotations
 

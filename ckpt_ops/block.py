@@ -21,6 +21,17 @@ level          keeps for backward                            recomputes in backw
 The backward of "full" replays the attention half once and reuses that replay both to rebuild h1
 and for the attention backward (qkv, O, LSE), so no work is done twice.
 
+Post-sublayer norms and q/k norms (ckpt_ops.attention / ckpt_ops.mlp docstrings):
+
+    h1  = x  + dropout(post1(attn(qk_norm, pre1(x))))      (pre1 optional: OLMo2 has none)
+    out = h1 + dropout(post2(mlp(pre2(h1))))
+
+The rebuild of h1 at "full"/"keep_attn" runs post1 on the replayed output projection, whose input
+and rstd the attention backward then reuses (no GEMM added there); the MLP at "full" replays fc2
+for post2's backward (one GEMM more, "full"/"keep_attn" only); "keep_mlp" replays the output
+projection for post1 (one GEMM); "selective"/"none" keep the post-norms' inputs (+ rstd at
+"none"). Each level's keep list is otherwise the table's: "full" still keeps x (+ mask, seeds).
+
 LoRA (``lora=`` of :func:`transformer_block`; PEFT wrappers through ckpt_ops.convert): adapters on
 any of the block's projections are computed inside the segment, in forward, in every replay and in
 backward (ckpt_ops.lora: ``y = x W^T + b + (drop(x) A^T) B^T * scale``). Every level keeps what it

@@ -36,7 +36,13 @@ torch.utils.checkpoint(use_reentrant=True)             8             12
 =====================================================  ============  ===========
 
 (forward: fc1, [gate], fc2; backward: fc2 dgrad + wgrad, fc1 dgrad + wgrad, [gate dgrad + wgrad];
-``"full"`` adds the fc1 [and gate] replay.) Only what ``ctx.needs_input_grad`` requires is saved
+``"full"`` adds the fc1 [and gate] replay.)
+
+Post-norm (``post_norm_weight``; Gemma2/3, OLMo2): out = [x +] dropout(rms(y)), y = fc2(a), by the
+fused rms_norm kernel (``rms_rows``; under autocast in fp32 on the GEMM-dtype y, cast back). Its
+backward needs y: ``"full"`` replays it (fc2 once more: 8 / 12 GEMMs) and its rstd, keeping nothing
+more; ``"selective"`` keeps y (M x D) and recomputes the rstd; ``"none"`` keeps y and its rstd
+(M floats). Only what ``ctx.needs_input_grad`` requires is saved
 and computed: frozen weights skip their weight gradients, a frozen fc2 skips the activation
 output, an input without grad skips dx, and under ``torch.no_grad()`` nothing is saved.
 """
