@@ -67,7 +67,7 @@ def ref_attention(x, p, qk, mask, residual=True):
     return x + y if residual else y
 
 
-def fused_attention(x, p, qk, mask, level, backend):
+def fused_attention(x, p, qk, mask, level, backend, **kw):
     return A.attention(x, p["wqkv"], p["bqkv"], p["wo"], p["bo"], num_heads=H, num_kv_heads=KV,
                               attention_mask=mask, norm="rmsnorm" if "nw" in p else None, norm_weight=p.get("nw"),
                               norm_eps=EPS, rope=True, residual=True, recompute=level, backend=backend,
@@ -108,19 +108,47 @@ def test_attention_qk_and_post_norm_match_plain_pytorch(backend, level, qk, pre,
 
 @pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("qk", ["head", "proj"])
-def test_attention_only_the_qk_norm_weights_train(level, qk):
-    """Frozen projections and an input without grad: the q/k norm weights still get theirs."""
+@pytest.mark.parametrize("train", [("qw", "kw"), ("pw",), ("wo",), ("bo", "pw")])
+def test_attention_partial_requires_grad(level, qk, train):
+    """Frozen projections and an input without grad: the trained subset (q/k norm weights, the
+    post-norm weight, the output projection) still gets exact gradients."""
     p = make_params(qk, "rmsnorm", True)
     for k in p:
-        p[k].requires_grad_(k in ("qw", "kw"))
+        p[k].requires_grad_(k in train)
     x = torch.randn(BS, S, D, device=DEVICE)
     mask = make_mask(BS, S, "right")
     dy = torch.randn(BS, S, D, device=DEVICE)
-    grads = torch.autograd.grad(fused_attention(x, p, qk, mask, level, "cpu"), [p["qw"], p["kw"]], dy)
-    p64 = {k: v.detach().double().requires_grad_(k in ("qw", "kw")) for k, v in p.items()}
-    rgrads = torch.autograd.grad(ref_attention(x.double(), p64, qk, mask), [p64["qw"], p64["kw"]], dy.double())
-    for n, g, r in zip(("qw", "kw"), grads, rgrads):
+    grads = torch.autograd.grad(fused_attention(x, p, qk, mask, level, "cpu"), [p[k] for k in train], dy)
+    p64 = {k: v.detach().double().requires_grad_(k in train) for k, v in p.items()}
+    rgrads = torch.autograd.grad(ref_attention(x.double(), p64, qk, mask), [p64[k] for k in train], dy.double())
+    for n, g, r in zip(train, grads, rgrads):
         assert_fp32_close(g, r, n)
+
+
+@pytest.mark.parametrize("qk", ["head", "proj"])
+def test_attention_levels_agree_with_dropout_and_retain_graph(qk):
+    """Residual and attention dropout with the same seed: every level's forward is bitwise the
+    same, gradients agree with "none"'s, and a second backward (retain_graph) gives the same
+    gradients without touching its inputs (the in-place RoPE only ever rotates fresh buffers)."""
+    p = make_params(qk, "rmsnorm", True)
+    x0 = torch.randn(BS, S, D, device=DEVICE)
+    mask = make_mask(BS, S, "right")
+    dy = torch.randn(BS, S, D, device=DEVICE)
+    outs, grads = [], []
+    for level in LEVELS:
+        x = x0.clone().requires_grad_()
+        torch.manual_seed(3)
+        out = fused_attention(x, p, qk, mask, level, "cpu", dropout=0.2, attn_dropout=0.1)
+        g1 = torch.autograd.grad(out, [x, *p.values()], dy, retain_graph=True)
+        g2 = torch.autograd.grad(out, [x, *p.values()], dy)
+        assert all(torch.equal(a, b) for a, b in zip(g1, g2)), level
+        assert torch.equal(x.detach(), x0)
+        outs.append(out)
+        grads.append(g1)
+    assert all(torch.equal(o, outs[0]) for o in outs[1:])
+    for g in grads[:-1]:
+        for n, a, b in zip(["x", *p], g, grads[-1]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
 
 
 def _attn_bytes(level, qk, post, pre, mask_bytes):
@@ -255,6 +283,19 @@ def test_block_with_qk_and_post_norms_matches_plain_pytorch(backend, level, qk, 
     if level == "full":  # only x and the padding mask
         got = ckpt_ops.saved_bytes(lambda: fused_block(x, pa, pm, qk, mask, level, backend))
         assert got == x.numel() * x.element_size() + mask.numel()
+
+
+def test_mlp_bad_post_norm_arguments_raise_naming_them():
+    p = make_mlp_params(None)
+    x = torch.randn(BS, S, D, device=DEVICE)
+    with pytest.raises(ValueError, match="post_norm_weight"):
+        M.mlp(x, p["w1"], None, p["w2"], None, activation="swiglu", gate_weight=p["wg"],
+              post_norm_weight=p["pw"].new_ones(D, 1))
+    with pytest.raises(ValueError, match="post_norm_eps"):
+        M.mlp(x, p["w1"], None, p["w2"], None, activation="swiglu", gate_weight=p["wg"], post_norm_eps=1e-6)
+    with pytest.raises(TypeError, match="post_norm_weight"):
+        M.mlp(x, p["w1"], None, p["w2"], None, activation="swiglu", gate_weight=p["wg"],
+              post_norm_weight=p["pw"].double())
 
 
 @pytest.mark.parametrize("bad", ["form", "q_shape", "k_missing", "post_shape", "eps_alone"])
