@@ -342,8 +342,10 @@ class GPT2BlockAdapter(_BlockAdapter):
 
 @dataclass(frozen=True)
 class Family:
-    """A Llama-like decoder layer: pre-norm RMSNorm around attention and a gated MLP, RoPE tables
-    passed as ``position_embeddings``. Names are submodule names inside the layer."""
+    """A Llama-like decoder layer: RMSNorms around attention and a gated MLP, RoPE tables passed
+    as ``position_embeddings``: ``h = x + post1(attn(pre1(x)))``, ``out = h + post2(mlp(pre2(h)))``
+    with each pre/post norm optional (Llama: pre only; Gemma2/3: both; OLMo2: post only) and an
+    optional q/k RMSNorm before RoPE. Names are submodule names inside the layer."""
     name: str                                       # the HF model folder, e.g. "llama"
     prefix: str                                     # class prefix, e.g. "Llama" -> LlamaDecoderLayer, ...
     qkv: Tuple[str, ...] = ("q_proj", "k_proj", "v_proj")  # or one packed name, rows [q | k | v]
@@ -492,6 +494,8 @@ class LlamaLikeAdapter(_BlockAdapter):
         pw1, pw2 = (None if n is None else _norm_weight(n, fam.norm_offset) for n in (pn1, pn2))
         qw = kw = None
         if fam.qk_norm:
+            if _eps(attn.q_norm) != _eps(attn.k_norm):  # the segment takes one eps for both
+                raise Unservable(f"q_norm eps {_eps(attn.q_norm)} differs from k_norm eps {_eps(attn.k_norm)}")
             qw, kw = (_norm_weight(n, fam.norm_offset) for n in (attn.q_norm, attn.k_norm))
         attn_p = {"nw": nw1, "nb": None, "wq": wq, "wk": wk, "wv": wv, "bq": bq, "bk": bk, "bv": bv,
                   "wo": wo, "bo": bo, "qw": qw, "kw": kw, "pw": pw1}
