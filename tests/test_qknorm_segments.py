@@ -10,10 +10,11 @@ from ckpt_ops import attention as A
 from ckpt_ops import block as B
 from ckpt_ops import mlp as M
 from ckpt_ops import reference as R
-from conftest import DEVICE, assert_fp32_close
+from conftest import DEVICE, assert_fp32_close, available_backends
 from test_attention import make_mask
 
-BACKENDS = ["cpu", "reference", pytest.param("triton", marks=pytest.mark.triton)]
+BACKENDS = available_backends("attention")
+FP32_BE = "cpu" if DEVICE.type == "cpu" else "triton"  # the fp32 backend of the single-backend tests
 LEVELS = ["full", "keep_attn", "selective", "none"]
 BS, S, D, H, KV, HD, F_ = 2, 7, 32, 4, 2, 8, 48
 # (q/k norm form, pre-norm, post-norm): Qwen3 (head, pre, -), OLMo2 (proj, -, post), Gemma3 (head, pre, post)
@@ -118,7 +119,7 @@ def test_attention_partial_requires_grad(level, qk, train):
     x = torch.randn(BS, S, D, device=DEVICE)
     mask = make_mask(BS, S, "right")
     dy = torch.randn(BS, S, D, device=DEVICE)
-    grads = torch.autograd.grad(fused_attention(x, p, qk, mask, level, "cpu"), [p[k] for k in train], dy)
+    grads = torch.autograd.grad(fused_attention(x, p, qk, mask, level, FP32_BE), [p[k] for k in train], dy)
     p64 = {k: v.detach().double().requires_grad_(k in train) for k, v in p.items()}
     rgrads = torch.autograd.grad(ref_attention(x.double(), p64, qk, mask), [p64[k] for k in train], dy.double())
     for n, g, r in zip(train, grads, rgrads):
@@ -138,7 +139,7 @@ def test_attention_levels_agree_with_dropout_and_retain_graph(qk):
     for level in LEVELS:
         x = x0.clone().requires_grad_()
         torch.manual_seed(3)
-        out = fused_attention(x, p, qk, mask, level, "cpu", dropout=0.2, attn_dropout=0.1)
+        out = fused_attention(x, p, qk, mask, level, FP32_BE, dropout=0.2, attn_dropout=0.1)
         g1 = torch.autograd.grad(out, [x, *p.values()], dy, retain_graph=True)
         g2 = torch.autograd.grad(out, [x, *p.values()], dy)
         assert all(torch.equal(a, b) for a, b in zip(g1, g2)), level
@@ -174,10 +175,10 @@ def test_attention_saved_bytes_per_level(level, qk, pre, post):
     p = make_params(qk, pre, post)
     x = torch.randn(BS, S, D, device=DEVICE, requires_grad=True)
     mask = make_mask(BS, S, "right")
-    got = ckpt_ops.saved_bytes(lambda: fused_attention(x, p, qk, mask, level, "cpu"))
+    got = ckpt_ops.saved_bytes(lambda: fused_attention(x, p, qk, mask, level, FP32_BE))
     assert got == _attn_bytes(level, qk, post, pre, mask.numel())
     with torch.no_grad():
-        assert ckpt_ops.saved_bytes(lambda: fused_attention(x, p, qk, mask, level, "cpu")) == 0
+        assert ckpt_ops.saved_bytes(lambda: fused_attention(x, p, qk, mask, level, FP32_BE)) == 0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -229,12 +230,12 @@ def test_mlp_post_norm_saved_bytes_and_frozen_fc2(level):
     m, f = BS * S, 4
     expect = {"full": m * D * f, "selective": m * D * f + 2 * m * F_ * f + m * D * f,
               "none": m * D * f + 3 * m * F_ * f + m * D * f + m * f}[level]
-    assert ckpt_ops.saved_bytes(lambda: fused_mlp(x, p, level, "cpu")) == expect
+    assert ckpt_ops.saved_bytes(lambda: fused_mlp(x, p, level, FP32_BE)) == expect
     # only the post-norm weight trains: its gradient needs y = fc2(a) (replayed at "full")
     for k in p:
         p[k].requires_grad_(k == "pw")
     dy = torch.randn(BS, S, D, device=DEVICE)
-    (g,) = torch.autograd.grad(fused_mlp(x.detach(), p, level, "cpu"), [p["pw"]], dy)
+    (g,) = torch.autograd.grad(fused_mlp(x.detach(), p, level, FP32_BE), [p["pw"]], dy)
     p64 = {k: v.detach().double().requires_grad_(k == "pw") for k, v in p.items()}
     (r,) = torch.autograd.grad(ref_mlp(x.detach().double(), p64), [p64["pw"]], dy.double())
     assert_fp32_close(g, r, "pw")
@@ -261,7 +262,7 @@ def fused_block(x, pa, pm, qk, mask, level, backend):
     return B.transformer_block(x, ap, mp, acfg, mcfg, level, amask, cos, sin)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("level", B.LEVELS)
 @pytest.mark.parametrize("qk,pre", [("proj", None), ("head", "rmsnorm")])  # OLMo2-like, Gemma3-like
 def test_block_with_qk_and_post_norms_matches_plain_pytorch(backend, level, qk, pre):
