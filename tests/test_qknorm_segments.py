@@ -69,11 +69,11 @@ def ref_attention(x, p, qk, mask, residual=True):
 
 
 def fused_attention(x, p, qk, mask, level, backend, **kw):
-    return A.attention(x, p["wqkv"], p["bqkv"], p["wo"], p["bo"], num_heads=H, num_kv_heads=KV,
-                              attention_mask=mask, norm="rmsnorm" if "nw" in p else None, norm_weight=p.get("nw"),
-                              norm_eps=EPS, rope=True, residual=True, recompute=level, backend=backend,
-                              qk_norm=qk, q_norm_weight=p.get("qw"), k_norm_weight=p.get("kw"),
-                              qk_norm_eps=EPS if qk else None, post_norm_weight=p.get("pw"), post_norm_eps=EPS if "pw" in p else None)
+    return A.attention(x, p["wqkv"], p["bqkv"], p["wo"], p["bo"], num_heads=H, num_kv_heads=KV, attention_mask=mask,
+                       norm="rmsnorm" if "nw" in p else None, norm_weight=p.get("nw"), norm_eps=EPS, rope=True,
+                       residual=True, recompute=level, backend=backend, qk_norm=qk, q_norm_weight=p.get("qw"),
+                       k_norm_weight=p.get("kw"), qk_norm_eps=EPS if qk else None, post_norm_weight=p.get("pw"),
+                       post_norm_eps=EPS if "pw" in p else None, **kw)
 
 
 def _check(out, grads, ref, rgrads, names, fp64):
@@ -147,6 +147,7 @@ def test_attention_levels_agree_with_dropout_and_retain_graph(qk):
         outs.append(out)
         grads.append(g1)
     assert all(torch.equal(o, outs[0]) for o in outs[1:])
+    assert not torch.allclose(outs[0], fused_attention(x0, p, qk, mask, "full", FP32_BE))  # dropout did act
     for g in grads[:-1]:
         for n, a, b in zip(["x", *p], g, grads[-1]):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
