@@ -318,3 +318,22 @@ def test_bad_norm_arguments_raise_naming_them(bad):
         err, word = ValueError, "qk_norm"
     with pytest.raises(err, match=word):
         A.attention(x, p["wqkv"], p["bqkv"], p["wo"], p["bo"], num_heads=H, num_kv_heads=KV, rope=True, **kw)
+
+
+@pytest.mark.parametrize("level", B.LEVELS)
+def test_block_saved_bytes_per_level(level):
+    """OLMo2-like block (q/k norm over the projection, post-norms, no pre-norms), fp32, p = 0: the
+    block docstring's keep lists, the post-norms' inputs from "keep_mlp"/"selective" on."""
+    pa, pm = make_params("proj", None, True), make_mlp_params(None)
+    x = torch.randn(BS, S, D, device=DEVICE, requires_grad=True)
+    mask = make_mask(BS, S, "right")
+    m, f = BS * S, 4
+    xb, qkv, o, lse, h, rstd = m * D * f, m * (H + 2 * KV) * HD * f, m * H * HD * f, BS * H * S * f, m * F_ * f, m * f
+    mlp_sel = xb + 2 * h + xb                          # h1, fc1/gate outputs, the post-norm's input y
+    expect = {"full": xb,
+              "keep_attn": xb + o + lse,
+              "keep_mlp": xb + o + lse + mlp_sel,
+              "selective": xb + qkv + o + lse + xb + mlp_sel,
+              "none": xb + 2 * qkv + 2 * rstd + o + lse + xb + rstd + mlp_sel + h + rstd}[level]
+    got = ckpt_ops.saved_bytes(lambda: fused_block(x, pa, pm, "proj", mask, level, FP32_BE))
+    assert got == expect + mask.numel()
