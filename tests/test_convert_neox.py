@@ -117,6 +117,32 @@ def test_bf16_autocast_error_at_most_twice_unconverted(config):
     assert_fused(conv_m)
 
 
+def test_dropouts_are_fused_where_hf_applies_them(monkeypatch):
+    """hidden_dropout: residual dropout on each branch (post_attention_dropout / post_mlp_dropout),
+    attention_dropout: on the probabilities; all off in eval, where the converted model equals the
+    unconverted one."""
+    from ckpt_ops import _convert_families as CF
+    seen = []
+    real_attn, real_mlp = CF._attn.attention, CF._mlp.mlp
+    monkeypatch.setattr(CF._attn, "attention", lambda *a, **k: seen.append(("attn", k["dropout"], k["attn_dropout"],
+                                                                            k["training"])) or real_attn(*a, **k))
+    monkeypatch.setattr(CF._mlp, "mlp", lambda *a, **k: seen.append(("mlp", k["dropout"], k["training"]))
+                        or real_mlp(*a, **k))
+    ref = make(0.25, True, hidden_dropout=0.3, attention_dropout=0.2)
+    conv = ckpt_ops.convert(copy.deepcopy(ref))
+    ids, am, labels = batch(b=2, s=10)
+    l_drop, _ = train_step(conv, ids, am, labels)
+    assert seen == [("attn", 0.3, 0.2, True), ("mlp", 0.3, True)] * 2, seen
+    assert_fused(conv)
+    l_clean, _ = train_step(ckpt_ops.convert(make(0.25, True)), ids, am, labels)
+    assert not torch.allclose(l_drop, l_clean)
+    ref.eval(), conv.eval()
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=am, use_cache=False).logits
+        got = conv(input_ids=ids, attention_mask=am, use_cache=False).logits
+    assert_fp32_close(got, want, "eval logits")
+
+
 def test_output_attentions_falls_back_exactly():
     ref = make(0.25, True, impl="eager")
     conv = ckpt_ops.convert(copy.deepcopy(ref))
