@@ -8,6 +8,11 @@ h uses KV head h // (H/KV): grouped-query attention without repeating K/V) and w
 (B, S, H * hd), which feeds the output projection without a copy, plus the per-(row, head)
 log-sum-exp. The backward kernels write the gradient into one packed dqkv, RoPE's transpose is
 applied to it in place, and dqkv feeds the QKV projection's two backward GEMMs directly.
+GPT-NeoX's per-head interleaved projection (``qkv_layout="head_interleaved"``: weight rows
+[q_h | k_h | v_h] per head) runs the same GEMM and permutes its output's columns into the packed
+layout (one activation copy, never a weight copy); the backward permutes dqkv back before the QKV
+weight/input gradients. Partial rotary (``rotary_dim`` r < hd, or caller tables (S, r/2)) rotates
+the first r dims of each q/k head and passes the rest through.
 Attention probabilities are never stored at any level: flash-style kernels rebuild them from the
 log-sum-exp. ``dropout`` is applied to the output projection (residual dropout), from a Philox seed.
 ``attn_dropout`` is dropout on the attention probabilities (after the softmax, before P V, kept
