@@ -272,3 +272,23 @@ def test_bad_arguments_raise_before_any_kernel():
     c = torch.zeros(5, 2)  # r = 4, but rotary_dim says 8
     with pytest.raises(ValueError, match="rope_cos"):
         A.attention(x, w, None, wo, None, rope_cos=c, rope_sin=c, rotary_dim=8, **kw)
+
+
+@pytest.mark.parametrize("config", ["r025-parallel", "r1-sequential"])
+def test_fullgraph_compiled_training_step_matches_unconverted(config):
+    """torch.compile(fullgraph=True, aot_eager) of the converted model: no graph break, 2 compiled
+    steps each equal to the unconverted model's eager step, every layer fused."""
+    from test_convert_compile import assert_compiled_steps
+    torch._dynamo.reset()
+    try:
+        ref = make(*CONFIGS[config])
+        conv = ckpt_ops.convert(copy.deepcopy(ref))
+        ids, am, _ = batch()
+        explained = torch._dynamo.explain(conv)(input_ids=ids, attention_mask=am, use_cache=False)
+        assert explained.graph_break_count == 0, explained.break_reasons
+        torch._dynamo.reset()
+        before = ckpt_ops.conversion_report(conv)["fused_calls"].get(KIND, 0)  # explain ran the layers
+        compiled = torch.compile(conv, fullgraph=True, backend="aot_eager")
+        assert_compiled_steps(ref, conv, compiled, KIND, 2, before)
+    finally:
+        torch._dynamo.reset()
