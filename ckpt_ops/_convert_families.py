@@ -362,13 +362,16 @@ class GPTNeoXLayerAdapter(_BlockAdapter):
     GELU MLP, and either the parallel residual out = x + attn(ln1(x)) + mlp(ln2(x))
     (use_parallel_residual, the default) or GPT-2's sequential pre-norm block. hidden_dropout is
     residual dropout on each branch (post_attention_dropout / post_mlp_dropout), attention_dropout
-    is fused on the probabilities. PEFT LoRA wrappers are not served (they fall back, reported)."""
+    is fused on the probabilities. An eval call with grad and an empty KV cache is fused and fills
+    the cache with HF's own modules (as the Llama-like families). PEFT LoRA wrappers are not served
+    (they fall back, reported)."""
     kind = "GPTNeoXLayer"
 
     def __init__(self):
         mod = "transformers.models.gpt_neox.modeling_gpt_neox"
         self.cls, self.attn_cls, self.mlp_cls = (_hf_class(mod, n) for n in ("GPTNeoXLayer", "GPTNeoXAttention",
                                                                              "GPTNeoXMLP"))
+        self.rope = _hf_class(mod, "apply_rotary_pos_emb")
 
     def matches(self, module):
         return self.cls is not None and isinstance(module, self.cls)
@@ -394,8 +397,8 @@ class GPTNeoXLayerAdapter(_BlockAdapter):
                       "position_embeddings"), args, kwargs)
         x = call["hidden_states"]
         attn, mlp = module.attention, module.mlp
-        # can_fill=False: an eval call with grad and a cache falls back (HF fills the cache there)
-        _check_cache(module, call.get("layer_past", call.get("cache", call.get("past_key_values"))), attn.layer_idx)
+        cache = call.get("layer_past", call.get("cache", call.get("past_key_values")))
+        fill = _check_cache(module, cache, attn.layer_idx, can_fill=self.rope is not None)
         pe = call.get("position_embeddings")
         if pe is None:
             raise Unservable("no position_embeddings passed (older transformers call convention)")
@@ -419,8 +422,23 @@ class GPTNeoXLayerAdapter(_BlockAdapter):
                        attn_dropout=p_probs)
         mlp_kw = dict(activation=_ACTS_GPT2[attn.config.hidden_act], norm="layernorm", norm_weight=n2.weight,
                       norm_bias=n2.bias, norm_eps=n2.eps, dropout=p_mlp)
-        return self._run(module, state, x, call.get("attention_mask"), attn_p, mlp_p, attn_kw, mlp_kw, cos, sin,
-                         parallel=bool(module.use_parallel_residual))
+        out = self._run(module, state, x, call.get("attention_mask"), attn_p, mlp_p, attn_kw, mlp_kw, cos, sin,
+                        parallel=bool(module.use_parallel_residual))
+        if fill:
+            self._fill_cache(module, x, pe, cache)
+        return out
+
+    def _fill_cache(self, module, x, pe, cache) -> None:
+        """An eval call with grad: store this call's keys/values in the (empty) cache as the original
+        forward does, with HF's own modules and functions (input_layernorm, query_key_value viewed
+        (B, S, H, 3 hd) and chunked, apply_rotary_pos_emb, cache.update): bitwise what it stores.
+        Costs the norm and the QKV projection once more (eval calls with grad only)."""
+        attn = module.attention
+        qkv = attn.query_key_value(module.input_layernorm(x))
+        qkv = qkv.view(*x.shape[:-1], -1, 3 * attn.head_size).transpose(1, 2)
+        _, k, v = qkv.chunk(3, dim=-1)
+        _, k = self.rope(k, k, pe[0], pe[1])
+        cache.update(k, v, attn.layer_idx)
 
 
 @dataclass(frozen=True)

@@ -156,13 +156,33 @@ def test_output_attentions_falls_back_exactly():
                                                     if k.startswith(KIND)) == 2, rep
 
 
-def test_eval_call_with_a_cache_falls_back_exactly():
-    """can_fill=False: an eval call that HF fills a KV cache in runs the original forward."""
-    ref = make(0.25, True).eval()
+@pytest.mark.parametrize("config", ["r025-parallel", "r1-sequential"])
+def test_eval_call_with_grad_fills_the_cache_as_hf(config):
+    """An eval call with grad (HF creates, fills and returns a DynamicCache): fused, and the cache
+    holds what the unconverted model stores (layer 0 bitwise: HF's own modules on the same input;
+    layer 1 within DESIGN §4, its input being the fused layer 0's output)."""
+    ref = make(*CONFIGS[config]).eval()
     conv = ckpt_ops.convert(copy.deepcopy(ref))
     ids, am, _ = batch(b=2, s=10)
     want = ref(input_ids=ids, attention_mask=am, use_cache=True)
     got = conv(input_ids=ids, attention_mask=am, use_cache=True)
+    assert_fp32_close(got.logits, want.logits, "logits")
+    assert got.cache.get_seq_length() == want.cache.get_seq_length() == 10
+    (g0, g1), (w0, w1) = got.cache.layers, want.cache.layers
+    assert torch.equal(g0.keys, w0.keys) and torch.equal(g0.values, w0.values)
+    assert_fp32_close(g1.keys, w1.keys, "layer 1 keys")
+    assert_fp32_close(g1.values, w1.values, "layer 1 values")
+    assert_fused(conv)
+
+
+def test_eval_call_without_grad_and_a_cache_falls_back_exactly():
+    """No grad: the original forward serves (the fastest exact path; nothing to save)."""
+    ref = make(0.25, True).eval()
+    conv = ckpt_ops.convert(copy.deepcopy(ref))
+    ids, am, _ = batch(b=2, s=10)
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=am, use_cache=True)
+        got = conv(input_ids=ids, attention_mask=am, use_cache=True)
     assert_fp32_close(got.logits, want.logits, "logits")  # the final norm runs fused
     assert got.cache.get_seq_length() == want.cache.get_seq_length() == 10
     for lg, lw in zip(got.cache.layers, want.cache.layers):  # the layers ran HF's own forward
