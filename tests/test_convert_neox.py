@@ -312,3 +312,27 @@ def test_fullgraph_compiled_training_step_matches_unconverted(config):
         assert_compiled_steps(ref, conv, compiled, KIND, 2, before)
     finally:
         torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("level", _block.LEVELS)
+def test_transformer_block_rotary_dim(level):
+    """TransformerBlock(rotary_dim=r) = its two submodules in sequence (the Attention module with
+    rotary_dim is checked against plain math above); gradients too."""
+    torch.manual_seed(3)
+    blk = ckpt_ops.nn.TransformerBlock(64, 4, style="llama", rotary_dim=6, recompute=level)
+    x = torch.randn(2, 7, 64, requires_grad=True)
+    out = blk(x)
+    x2 = x.detach().clone().requires_grad_()
+    want = blk.mlp(blk.attn(x2))
+    assert_fp32_close(out, want, "out")
+    g = torch.randn_like(out)
+    out.backward(g)
+    gw = [p.grad.clone() for p in blk.parameters()]
+    blk.zero_grad()
+    want.backward(g)
+    assert_fp32_close(x.grad, x2.grad, "dx")
+    for a, b in zip(gw, [p.grad for p in blk.parameters()]):
+        assert_fp32_close(a, b, "param grad")
+    full = ckpt_ops.nn.TransformerBlock(64, 4, style="llama", recompute=level)
+    full.load_state_dict(blk.state_dict())
+    assert not torch.allclose(full(x), out)  # rotary_dim changes what is computed
