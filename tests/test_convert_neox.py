@@ -336,3 +336,19 @@ def test_transformer_block_rotary_dim(level):
     full = ckpt_ops.nn.TransformerBlock(64, 4, style="llama", recompute=level)
     full.load_state_dict(blk.state_dict())
     assert not torch.allclose(full(x), out)  # rotary_dim changes what is computed
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("config", ["r025-parallel", "r025-sequential"])
+def test_other_backends_match_unconverted(config, backend):
+    """The reference backend and the Triton kernels (the interpreter on CPU; fp32) serve the same
+    layers: HF's (1, S, r) tables reach rope_ as (1, S, r/2), which every backend broadcasts."""
+    if backend == "triton":
+        import os
+        if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("Triton needs CUDA or the interpreter (CKPT_OPS_TEST_TRITON=0)")
+        pytest.importorskip("triton")
+    ref = make(*CONFIGS[config])
+    conv = ckpt_ops.convert(copy.deepcopy(ref), backend=backend)
+    assert_same_step(conv, ref, *batch(b=2, s=8))
+    assert_fused(conv)

@@ -105,8 +105,8 @@ def rope_(qkv, cos, sin, num_heads, num_kv_heads, inverse):
     for name, t in (("cos", cos), ("sin", sin)):
         if not t.is_floating_point() or t.device != qkv.device:
             raise ValueError(f"{name} must be a floating tensor on {qkv.device}, got {t.dtype} on {t.device}")
-        if tuple(t.shape) not in ((s, half), (b, s, half)):
-            raise ValueError(f"{name} must be ({s}, {half}) or ({b}, {s}, {half}), got {tuple(t.shape)}")
+        if tuple(t.shape) not in ((s, half), (b, s, half), (1, s, half)):  # a leading 1 broadcasts (HF's tables)
+            raise ValueError(f"{name} must be ({s}, {half}) or ({b} or 1, {s}, {half}), got {tuple(t.shape)}")
         t = t.contiguous()
         tables.append(t if t.dim() == 3 else t.unsqueeze(0))
     cos, sin = tables
