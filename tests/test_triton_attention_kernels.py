@@ -441,7 +441,7 @@ def test_rope_partial_rotary(dtype, shape):
     ref.rope_(want_inv, cos, sin, h, kv, True)
     torch.testing.assert_close(y, want_inv, rtol=eps, atol=eps)
     torch.testing.assert_close(y, qkv, rtol=2 * eps, atol=4 * eps)
-    z = x.clone()  # (1, S, r/2) tables (HF's, for position_ids of shape (1, S)) broadcast over the batch
+    z = qkv.clone()  # (1, S, r/2) tables (HF's, for position_ids of shape (1, S)) broadcast over the batch
     OPS.rope_triton_(z, cos[None], sin[None], h, kv, False)
     assert torch.equal(z, x)
     with pytest.raises(ValueError, match="rotary width"):
