@@ -168,7 +168,7 @@ def _lora_param_ids(module: torch.nn.Module) -> set:
     return {id(q) for n, q in module.named_parameters() if "lora_A." in n or "lora_B." in n}
 
 
-_KNOWN_KWARGS = {"hidden_states", "attention_mask", "position_ids", "cache", "past_key_values", "use_cache",
+_KNOWN_KWARGS = {"hidden_states", "attention_mask", "position_ids", "cache", "past_key_values", "layer_past", "use_cache",
                  "cache_position", "position_embeddings", "output_attentions", "encoder_hidden_states"}
 
 
@@ -196,15 +196,18 @@ def _bind(names: Tuple[str, ...], args: tuple, kwargs: dict) -> dict:
 _TABLE_CACHE: Dict[str, Any] = {"ref": None, "out": None}
 
 
-def _half_tables(cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """HF rotary tables (B, S, hd) repeat their first half; ckpt_ops takes (B, S, hd/2). Checked
+def _half_tables(cos: torch.Tensor, sin: torch.Tensor, head_dim: int,
+                 rotary_dim: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """HF rotary tables (B, S, r) repeat their first half; ckpt_ops takes (B, S, r/2). r is the
+    rotary width: head_dim, or GPT-NeoX's rotary_ndims (partial rotary) as `rotary_dim`. Checked
     once per forward (the same tensors serve every layer)."""
+    r = head_dim if rotary_dim is None else rotary_dim
+    if cos.shape[-1] != r or sin.shape != cos.shape:
+        raise Unservable(f"rotary tables of width {cos.shape[-1]} for rotary width {r} (head_dim {head_dim})")
     compiling = torch.compiler.is_compiling()
     if not compiling and _TABLE_CACHE["ref"] is not None and _TABLE_CACHE["ref"]() is cos:
         return _TABLE_CACHE["out"]
-    h = head_dim // 2
-    if cos.shape[-1] != head_dim:
-        raise Unservable(f"rotary tables of width {cos.shape[-1]} for head_dim {head_dim} (partial rotary)")
+    h = r // 2
     why = "rotary tables are not of the rotate-half form (cos/sin halves differ)"
     if compiling:  # asserted in the graph (see require); every layer re-checks (cheap: B*S*hd compares)
         require((cos[..., :h] == cos[..., h:]).all() & (sin[..., :h] == sin[..., h:]).all(), why)
@@ -263,7 +266,11 @@ class _BlockAdapter(Adapter):
     is_block = True
 
     def _run(self, module, state, x, mask4d, attn_p: dict, mlp_p: dict, attn_kw: dict, mlp_kw: dict,
-             cos=None, sin=None, loras=()):
+             cos=None, sin=None, loras=(), parallel: bool = False):
+        """`parallel`: out = x + attn(x) + mlp(x) (GPT-NeoX's use_parallel_residual): the attention
+        segment (residual) and the MLP segment (no residual) on the same x, as two segment Functions
+        at the levels the block level maps to (ckpt_ops.block._ATTN_LEVEL/_MLP_LEVEL); both keep the
+        same x, which ckpt_ops.saved_bytes (and autograd) holds once. Without LoRA only."""
         if x.dim() != 3:
             raise Unservable(f"hidden states of shape {tuple(x.shape)}")
         _check_dtypes(x, module)
@@ -276,6 +283,16 @@ class _BlockAdapter(Adapter):
         qkv_w = attn_p["wq"] if attn_p["wk"] is None else (attn_p["wq"], attn_p["wk"], attn_p["wv"])
         qkv_b = attn_p["bq"] if attn_p["wk"] is None else (
             None if attn_p["bq"] is None else (attn_p["bq"], attn_p["bk"], attn_p["bv"]))
+        if parallel:
+            if loras:
+                raise Unservable("PEFT LoRA adapters on a parallel-residual layer are not served fused")
+            a = _attn.attention(x, qkv_w, qkv_b, attn_p["wo"], attn_p["bo"], attention_mask=key_mask, causal=True,
+                                rope_cos=cos, rope_sin=sin, training=module.training,
+                                recompute=_block._ATTN_LEVEL[level], backend=state.backend, **attn_kw)
+            m = _mlp.mlp(x, mlp_p["w1"], mlp_p["b1"], mlp_p["w2"], mlp_p["b2"], gate_weight=mlp_p["wg"],
+                         gate_bias=mlp_p["bg"], training=module.training, recompute=_block._MLP_LEVEL[level],
+                         backend=state.backend, residual=False, **mlp_kw)
+            return a + m
         acfg, mask, c, sn = _attn.prepare(
             x, qkv_w, qkv_b, attn_p["wo"], attn_p["bo"], attention_mask=key_mask, causal=True,
             rope_cos=cos, rope_sin=sin, training=module.training, recompute=_block._ATTN_LEVEL[level],
@@ -338,6 +355,92 @@ class GPT2BlockAdapter(_BlockAdapter):
         mlp_kw = dict(activation=_ACTS_GPT2[cfg.activation_function], norm="layernorm", norm_weight=mlp_p["nw"],
                       norm_bias=mlp_p["nb"], norm_eps=module.ln_2.eps, dropout=mlp.dropout.p)
         return self._run(module, state, x, call.get("attention_mask"), attn_p, mlp_p, attn_kw, mlp_kw, loras=loras)
+
+
+class GPTNeoXLayerAdapter(_BlockAdapter):
+    """GPT-NeoX (Pythia): LayerNorm + biases, one query_key_value projection whose output is
+    interleaved per head ([q_h | k_h | v_h], served with qkv_layout="head_interleaved"), partial
+    rotary (RoPE on the first rotary_ndims dims of each head, tables from position_embeddings),
+    GELU MLP, and either the parallel residual out = x + attn(ln1(x)) + mlp(ln2(x))
+    (use_parallel_residual, the default) or GPT-2's sequential pre-norm block. hidden_dropout is
+    residual dropout on each branch (post_attention_dropout / post_mlp_dropout), attention_dropout
+    is fused on the probabilities. An eval call with grad and an empty KV cache is fused and fills
+    the cache with HF's own modules (as the Llama-like families). PEFT LoRA wrappers are not served
+    (they fall back, reported)."""
+    kind = "GPTNeoXLayer"
+
+    def __init__(self):
+        mod = "transformers.models.gpt_neox.modeling_gpt_neox"
+        self.cls, self.attn_cls, self.mlp_cls = (_hf_class(mod, n) for n in ("GPTNeoXLayer", "GPTNeoXAttention",
+                                                                             "GPTNeoXMLP"))
+        self.rope = _hf_class(mod, "apply_rotary_pos_emb")
+
+    def matches(self, module):
+        return self.cls is not None and isinstance(module, self.cls)
+
+    def static_reason(self, module):
+        act = getattr(module.attention.config, "hidden_act", None)
+        if act not in _ACTS_GPT2:
+            return f"hidden_act {act!r} has no fused kernel"
+        r = module.attention.rotary_ndims
+        if r < 2 or r % 2 or r > module.attention.head_size:
+            return f"rotary_ndims {r} (not an even width in [2, head_size]): no fused kernel feature"
+        return None
+
+    def guard(self, module):
+        ln, drop = (torch.nn.LayerNorm,), (torch.nn.Dropout,)
+        return Guard({"input_layernorm": ln, "post_attention_layernorm": ln, "post_attention_dropout": drop,
+                      "post_mlp_dropout": drop, "attention": (self.attn_cls,), "attention.query_key_value": Linear,
+                      "attention.dense": Linear, "mlp": (self.mlp_cls,), "mlp.dense_h_to_4h": Linear,
+                      "mlp.dense_4h_to_h": Linear})
+
+    def fused(self, module, state, args, kwargs):
+        call = _bind(("hidden_states", "attention_mask", "position_ids", "use_cache", "layer_past",
+                      "position_embeddings"), args, kwargs)
+        x = call["hidden_states"]
+        attn, mlp = module.attention, module.mlp
+        cache = call.get("layer_past", call.get("cache", call.get("past_key_values")))
+        fill = _check_cache(module, cache, attn.layer_idx, can_fill=self.rope is not None)
+        pe = call.get("position_embeddings")
+        if pe is None:
+            raise Unservable("no position_embeddings passed (older transformers call convention)")
+        hd, r = attn.head_size, attn.rotary_ndims
+        cos, sin = _half_tables(pe[0], pe[1], hd, r)
+        # attention_dropout: fused in the attention kernels, applied when the attention module trains
+        p_probs = float(attn.attention_dropout) if attn.training else 0.0
+        # hidden_dropout: nn.Dropout on each branch's output (before the residual sums)
+        p_attn, p_mlp = ((d.p if d.training else 0.0) for d in (module.post_attention_dropout,
+                                                                module.post_mlp_dropout))
+        qkv, dense, fc1, fc2 = attn.query_key_value, attn.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h
+        n1, n2 = module.input_layernorm, module.post_attention_layernorm
+        attn_p = {"nw": n1.weight, "nb": n1.bias, "wq": qkv.weight, "wk": None, "wv": None, "bq": qkv.bias,
+                  "bk": None, "bv": None, "wo": dense.weight, "bo": dense.bias}
+        mlp_p = {"nw": n2.weight, "nb": n2.bias, "w1": fc1.weight, "b1": fc1.bias, "wg": None, "bg": None,
+                 "w2": fc2.weight, "b2": fc2.bias}
+        heads = attn.config.num_attention_heads
+        attn_kw = dict(num_heads=heads, num_kv_heads=heads, scale=attn.scaling, norm="layernorm",
+                       norm_weight=n1.weight, norm_bias=n1.bias, norm_eps=n1.eps, rope=True, rope_theta=10000.0,
+                       rotary_dim=r, qkv_layout="head_interleaved", dropout=p_attn, residual=True,
+                       attn_dropout=p_probs)
+        mlp_kw = dict(activation=_ACTS_GPT2[attn.config.hidden_act], norm="layernorm", norm_weight=n2.weight,
+                      norm_bias=n2.bias, norm_eps=n2.eps, dropout=p_mlp)
+        out = self._run(module, state, x, call.get("attention_mask"), attn_p, mlp_p, attn_kw, mlp_kw, cos, sin,
+                        parallel=bool(module.use_parallel_residual))
+        if fill:
+            self._fill_cache(module, x, pe, cache)
+        return out
+
+    def _fill_cache(self, module, x, pe, cache) -> None:
+        """An eval call with grad: store this call's keys/values in the (empty) cache as the original
+        forward does, with HF's own modules and functions (input_layernorm, query_key_value viewed
+        (B, S, H, 3 hd) and chunked, apply_rotary_pos_emb, cache.update): bitwise what it stores.
+        Costs the norm and the QKV projection once more (eval calls with grad only)."""
+        attn = module.attention
+        qkv = attn.query_key_value(module.input_layernorm(x))
+        qkv = qkv.view(*x.shape[:-1], -1, 3 * attn.head_size).transpose(1, 2)
+        _, k, v = qkv.chunk(3, dim=-1)
+        _, k = self.rope(k, k, pe[0], pe[1])
+        cache.update(k, v, attn.layer_idx)
 
 
 @dataclass(frozen=True)
@@ -544,7 +647,6 @@ class LlamaLikeAdapter(_BlockAdapter):
 
 # Decoder/encoder layers seen but not fused, and why (kernel features they would need).
 KNOWN_LEFT = {
-    "GPTNeoXLayer": "parallel residual and partial rotary: no fused kernel features yet",
     "FalconDecoderLayer": "parallel attention/MLP and multi-query layout: no fused adapter yet",
     "BertLayer": "encoder layer (post-norm, bidirectional, optional cross-attention): encoders stay unconverted",
     "RobertaLayer": "encoder layer (post-norm, bidirectional, optional cross-attention): encoders stay "
@@ -604,5 +706,5 @@ ADAPTERS: list = []
 
 def adapters() -> list:
     if not ADAPTERS:
-        ADAPTERS.extend([GPT2BlockAdapter(), *(LlamaLikeAdapter(f) for f in FAMILIES), NormAdapter()])
+        ADAPTERS.extend([GPT2BlockAdapter(), GPTNeoXLayerAdapter(), *(LlamaLikeAdapter(f) for f in FAMILIES), NormAdapter()])
     return ADAPTERS

@@ -8,6 +8,11 @@ h uses KV head h // (H/KV): grouped-query attention without repeating K/V) and w
 (B, S, H * hd), which feeds the output projection without a copy, plus the per-(row, head)
 log-sum-exp. The backward kernels write the gradient into one packed dqkv, RoPE's transpose is
 applied to it in place, and dqkv feeds the QKV projection's two backward GEMMs directly.
+GPT-NeoX's per-head interleaved projection (``qkv_layout="head_interleaved"``: weight rows
+[q_h | k_h | v_h] per head) runs the same GEMM and permutes its output's columns into the packed
+layout (one activation copy, never a weight copy); the backward permutes dqkv back before the QKV
+weight/input gradients. Partial rotary (``rotary_dim`` r < hd, or caller tables (S, r/2)) rotates
+the first r dims of each q/k head and passes the rest through.
 Attention probabilities are never stored at any level: flash-style kernels rebuild them from the
 log-sum-exp. ``dropout`` is applied to the output projection (residual dropout), from a Philox seed.
 ``attn_dropout`` is dropout on the attention probabilities (after the softmax, before P V, kept
@@ -128,6 +133,8 @@ class AttnConfig(NamedTuple):
     # post-sublayer RMSNorm of the output projection, before dropout/residual (PARAMS "pw")
     post_norm: bool = False
     post_eps: Optional[float] = None
+    rotary_dim: Optional[int] = None  # RoPE width r (even, <= hd) of the standalone tables; None: hd
+    qkv_layout: str = "packed"  # QKV GEMM output columns: "packed" [q|k|v] or "head_interleaved" [q_h|k_h|v_h]_h
 
 
 class _Plan(NamedTuple):
@@ -172,7 +179,7 @@ def _tables(cfg: AttnConfig, cos, sin, seq_len: int, head_dim: int, device, dtyp
     positions 0..S-1 rebuilt from rope_theta (deterministic, so forward and backward agree)."""
     if cos is not None:
         return cos, sin
-    return _ref.rope_tables(seq_len, head_dim, cfg.rope_theta, device, dtype)
+    return _ref.rope_tables(seq_len, cfg.rotary_dim or head_dim, cfg.rope_theta, device, dtype)
 
 
 # The QKV projection is either packed (wq = the whole ((H+2KV)*hd, D) weight, wk = wv = None;
@@ -181,6 +188,29 @@ def _tables(cfg: AttnConfig, cos, sin, seq_len: int, head_dim: int, device, dtyp
 # keep a weight-sized copy alive for backward.
 PARAMS = ("nw", "nb", "wq", "wk", "wv", "bq", "bk", "bv", "wo", "bo", "qw", "kw", "pw")
 _IDX = {k: i + 1 for i, k in enumerate(PARAMS)}  # position in needs_input_grad / grads (x is 0)
+
+
+QKV_LAYOUTS = ("packed", "head_interleaved")
+
+
+def _interleaved_to_packed(y: Tensor, heads: int) -> Tensor:
+    """(M, H * 3 * hd) with columns [q_h | k_h | v_h] per head h (GPT-NeoX's query_key_value) ->
+    (M, 3 * H * hd) in the packed [all q | all k | all v] layout: one copy of the activations, the
+    weight is never permuted."""
+    m, w = y.shape
+    return y.view(m, heads, 3, w // (3 * heads)).transpose(1, 2).reshape(m, w)
+
+
+def _packed_to_interleaved(d: Tensor, heads: int) -> Tensor:
+    """The inverse column permutation (backward: dqkv back into the weight's row order)."""
+    m, w = d.shape
+    return d.view(m, 3, heads, w // (3 * heads)).transpose(1, 2).reshape(m, w)
+
+
+def _qkv_project(cfg: AttnConfig, n: Tensor, t: dict, lc=None) -> Tensor:
+    """The QKV projection in the packed layout the RoPE/attention kernels read."""
+    y = _qkv_linear(n, t, lc)
+    return _interleaved_to_packed(y, cfg.num_heads) if cfg.qkv_layout == "head_interleaved" else y
 
 
 def _qkv_linear(n: Tensor, t: dict, lc=None) -> Tensor:
@@ -252,7 +282,7 @@ def segment_forward(cfg: AttnConfig, x: Tensor, p: dict, key_mask, cos, sin, see
     b, s, d = x.shape
     x2d = x.view(b * s, d)
     n, mean, rstd = _norm_fwd(cfg, x2d, p["nw"], p["nb"])
-    raw = _rows(_qkv_linear(mm(cfg, n), p, lc), b, s)
+    raw = _rows(_qkv_project(cfg, mm(cfg, n), p, lc), b, s)
     qkv, qr, kr = _qk_norm(cfg, raw, p)
     qkv = _rope_buffer(qkv, cfg)
     if cfg.rope:
@@ -352,7 +382,7 @@ def segment_replay(cfg: AttnConfig, plan: _Plan, t: dict, shape, lc=None) -> dic
     if t["n"] is None and (plan.n or (plan.norm_bwd and t["rstd"] is None)):
         t["n"], t["mean"], t["rstd"] = _norm_fwd(cfg, x2d, t["nw"], t["nb"])
     if t["qkv"] is None and plan.qkv:
-        raw = t["raw"] if t["raw"] is not None else _rows(_qkv_linear(mm(cfg, t["n"]), t, lc), b, s)
+        raw = t["raw"] if t["raw"] is not None else _rows(_qkv_project(cfg, mm(cfg, t["n"]), t, lc), b, s)
         qkv, t["qr"], t["kr"] = _qk_norm(cfg, raw, t)
         if cfg.qk_norm is not None:
             t["raw"] = raw
@@ -421,7 +451,10 @@ def segment_backward(cfg: AttnConfig, plan: _Plan, need, dout: Tensor, t: dict, 
         dqkv = _qk_norm_backward(cfg, dqkv, t, need, grads)
         _autograd.release(free, t["raw"])  # the projection's output before the q/k norms: our own
     n = mm(cfg, t["n"]) if t["n"] is not None else None
-    dn = _qkv_backward(cfg, dqkv.view(b * s, dqkv.shape[-1]), n, t, need, grads, plan.dn, lc)
+    dqkv = dqkv.view(b * s, dqkv.shape[-1])
+    if cfg.qkv_layout == "head_interleaved":  # back into the weight's row order (one copy)
+        dqkv = _packed_to_interleaved(dqkv, cfg.num_heads)
+    dn = _qkv_backward(cfg, dqkv, n, t, need, grads, plan.dn, lc)
     del dqkv, n
     if cfg.norm is not None:
         _autograd.release(free, t["n"])  # the norm's output, not x
@@ -499,7 +532,8 @@ def attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor], out_wei
               backend: Optional[str] = None, attn_dropout: float = 0.0, qk_norm: Optional[str] = None,
               q_norm_weight: Optional[Tensor] = None, k_norm_weight: Optional[Tensor] = None,
               qk_norm_eps: Optional[float] = None, post_norm_weight: Optional[Tensor] = None,
-              post_norm_eps: Optional[float] = None) -> Tensor:
+              post_norm_eps: Optional[float] = None, rotary_dim: Optional[int] = None,
+              qkv_layout: str = "packed") -> Tensor:
     """Fused checkpointed attention segment ``[x +] dropout(out(attn(rope(qkv(norm(x))))))``.
 
     Args:
@@ -513,7 +547,14 @@ def attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor], out_wei
         causal: causal masking; scale: default 1/sqrt(hd).
         norm, norm_weight, norm_bias, norm_eps: pre-norm fused into the segment (as ``mlp``).
         rope: rotary embeddings ("rotate half") on q and k; positions 0..S-1 with base rope_theta,
-            or the caller's tables rope_cos/rope_sin ((S, hd/2) or (B, S, hd/2)).
+            or the caller's tables rope_cos/rope_sin ((S, r/2) or (B, S, r/2)).
+        rotary_dim: the rotary width r (even, <= hd; default hd): RoPE on the first r dims of each
+            q/k head, the rest passed through (partial rotary, GPT-NeoX's rotary_pct). With caller
+            tables r is their width (2 * last dim); rotary_dim, if given, must agree.
+        qkv_layout: "packed" (rows [all q | all k | all v]) or "head_interleaved" (rows
+            [q_h | k_h | v_h] per head h, GPT-NeoX's query_key_value; needs num_kv_heads ==
+            num_heads and a packed qkv_weight): the GEMM output's columns are permuted into the
+            packed layout (one activation copy), and the gradient back before the QKV backward GEMMs.
         dropout: on the output projection (residual dropout), Philox seed, regenerated in backward.
         attn_dropout: on the attention probabilities (after softmax, before P V, scaled by 1/(1-p)),
             inside the attention kernels; keep bits from Philox at (batch, head, query, key) under the
@@ -535,7 +576,7 @@ def attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor], out_wei
                                   recompute=recompute, backend=backend, attn_dropout=attn_dropout,
                                   qk_norm=qk_norm, q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight,
                                   qk_norm_eps=qk_norm_eps, post_norm_weight=post_norm_weight,
-                                  post_norm_eps=post_norm_eps)
+                                  post_norm_eps=post_norm_eps, rotary_dim=rotary_dim, qkv_layout=qkv_layout)
     b, s, d = x.shape
     if cfg.p > 0.0 or cfg.attn_p > 0.0:
         seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=x.device)
@@ -561,7 +602,7 @@ def attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor], out_wei
 def prepare(x, qkv_weight, qkv_bias, out_weight, out_bias, *, num_heads, num_kv_heads, attention_mask, causal,
             scale, norm, norm_weight, norm_bias, norm_eps, rope, rope_theta, rope_cos, rope_sin, dropout, training,
             residual, recompute, backend, attn_dropout=0.0, qk_norm=None, q_norm_weight=None, k_norm_weight=None,
-            qk_norm_eps=None, post_norm_weight=None, post_norm_eps=None):
+            qk_norm_eps=None, post_norm_weight=None, post_norm_eps=None, rotary_dim=None, qkv_layout="packed"):
     """Validate the arguments of :func:`attention` (raising before any kernel runs) and return
     (AttnConfig, mask, cos, sin)."""
     x = _validate.float_tensor(x, "x")
@@ -597,7 +638,17 @@ def prepare(x, qkv_weight, qkv_bias, out_weight, out_bias, *, num_heads, num_kv_
     _validate.param_like(out_bias, "out_bias", (d,), x)
     if out_weight is None:
         raise TypeError("out_weight must be a tensor")
-    if rope and hd % 2:
+    if qkv_layout not in QKV_LAYOUTS:
+        raise ValueError(f"qkv_layout must be one of {QKV_LAYOUTS}; got {qkv_layout!r}")
+    if qkv_layout == "head_interleaved" and (split or kv != h):
+        raise ValueError("qkv_layout='head_interleaved' needs one packed qkv_weight and num_kv_heads == num_heads; "
+                         f"got {'a (q, k, v) triple' if split else f'num_kv_heads={kv}, num_heads={h}'}")
+    if rotary_dim is not None and (isinstance(rotary_dim, bool) or not isinstance(rotary_dim, int)
+                                   or rotary_dim <= 0 or rotary_dim % 2 or rotary_dim > hd):
+        raise ValueError(f"rotary_dim must be an even int in [2, head_dim={hd}]; got {rotary_dim!r}")
+    if rotary_dim is not None and not rope:
+        raise ValueError("rotary_dim given with rope=False")
+    if rope and rotary_dim is None and hd % 2:
         raise ValueError(f"rope needs an even head_dim; got head_dim={hd}")
     if (rope_cos is None) != (rope_sin is None):
         raise ValueError("rope_cos and rope_sin go together")
@@ -606,9 +657,17 @@ def prepare(x, qkv_weight, qkv_bias, out_weight, out_bias, *, num_heads, num_kv_
             raise ValueError("rope_cos/rope_sin given with rope=False")
         for t, name in ((rope_cos, "rope_cos"), (rope_sin, "rope_sin")):
             _validate.tensor(t, name)
-            if t.shape[-2:] != (s, hd // 2) or t.dim() not in (2, 3) or (t.dim() == 3 and t.shape[0] not in (1, b)):
-                raise ValueError(f"{name} must have shape (S, hd/2) = {(s, hd // 2)} or (B, S, hd/2); "
+            r2 = t.shape[-1] if t.dim() in (2, 3) else 0  # r/2: the rotary width r of the caller's tables
+            if t.dim() not in (2, 3) or t.shape[-2] != s or r2 < 1 or 2 * r2 > hd \
+                    or (t.dim() == 3 and t.shape[0] not in (1, b)) \
+                    or (rotary_dim is not None and 2 * r2 != rotary_dim):
+                want = hd // 2 if rotary_dim is None else rotary_dim // 2
+                raise ValueError(f"{name} must have shape (S, r/2) = {(s, want)} or (B, S, r/2), r the rotary "
+                                 f"width (even, <= head_dim={hd}{'' if rotary_dim is None else ', = rotary_dim'}); "
                                  f"got {tuple(t.shape)}")
+        if rope_sin.shape != rope_cos.shape:
+            raise ValueError(f"rope_sin must have rope_cos's shape {tuple(rope_cos.shape)}; got "
+                             f"{tuple(rope_sin.shape)}")
     mask = _check_mask(attention_mask, b, s, x.device)
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not (0.0 <= dropout < 1.0):
         raise ValueError(f"dropout must be a float in [0, 1); got {dropout!r}")
@@ -643,7 +702,7 @@ def prepare(x, qkv_weight, qkv_bias, out_weight, out_bias, *, num_heads, num_kv_
                      float(rope_theta), p, bool(residual), recompute, be,
                      (h * hd, kv * hd, kv * hd) if split else None, _amp.gemm_dtype(x),
                      float(attn_dropout) if training else 0.0, qk_norm, qk_eps, post_norm_weight is not None,
-                     post_eps)
+                     post_eps, None if rotary_dim is None or rotary_dim == hd else int(rotary_dim), qkv_layout)
     cos = rope_cos.contiguous() if rope_cos is not None else None
     sin = rope_sin.contiguous() if rope_sin is not None else None
     return cfg, mask, cos, sin

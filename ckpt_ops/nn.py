@@ -155,7 +155,8 @@ class Attention(torch.nn.Module):
     ``dropout`` applies to the output projection (residual dropout); ``attn_dropout`` to the
     attention probabilities, inside the attention kernels (Philox bits at (batch, head, query, key)
     regenerated in backward, never stored). Both are off in eval mode.
-    RoPE positions are 0..S-1 ("rotate half", base ``rope_theta``).
+    RoPE positions are 0..S-1 ("rotate half", base ``rope_theta``); ``rotary_dim`` (even, <= head_dim,
+    default head_dim) rotates only the first rotary_dim dims of each q/k head (partial rotary).
     """
 
     recompute = _Recompute(_attn.LEVELS)
@@ -163,7 +164,7 @@ class Attention(torch.nn.Module):
     def __init__(self, d_model: int, num_heads: int, num_kv_heads: Optional[int] = None, causal: bool = True,
                  bias: bool = True, dropout: float = 0.0, norm: Optional[str] = None, rope: bool = False,
                  rope_theta: float = 10000.0, residual: bool = False, recompute: str = "full", device=None,
-                 dtype=None, attn_dropout: float = 0.0):
+                 dtype=None, attn_dropout: float = 0.0, rotary_dim: Optional[int] = None):
         super().__init__()
         _positive_int(d_model, "d_model")
         _positive_int(num_heads, "num_heads")
@@ -174,8 +175,14 @@ class Attention(torch.nn.Module):
         if num_heads % kv:
             raise ValueError(f"num_heads={num_heads} must be divisible by num_kv_heads={kv}")
         head_dim = d_model // num_heads
-        if rope and head_dim % 2:
+        if rotary_dim is not None:
+            _positive_int(rotary_dim, "rotary_dim")
+            if not rope or rotary_dim % 2 or rotary_dim > head_dim:
+                raise ValueError(f"rotary_dim must be even, <= head_dim={head_dim}, and needs rope=True; "
+                                 f"got rotary_dim={rotary_dim}, rope={rope}")
+        elif rope and head_dim % 2:
             raise ValueError(f"rope needs an even head_dim; got d_model/num_heads = {head_dim}")
+        self.rotary_dim = rotary_dim
         factory = {"device": device, "dtype": dtype}
         self.d_model, self.num_heads, self.num_kv_heads, self.head_dim = d_model, num_heads, kv, head_dim
         self.causal, self.rope, self.rope_theta = bool(causal), bool(rope), float(rope_theta)
@@ -198,7 +205,7 @@ class Attention(torch.nn.Module):
                   norm_eps=self.norm.eps if nk else None, rope=self.rope, rope_theta=self.rope_theta,
                   rope_cos=rope_cos, rope_sin=rope_sin, dropout=self.dropout, training=self.training,
                   residual=self.residual, recompute=recompute or self.recompute, backend=self.backend,
-                  attn_dropout=self.attn_dropout)
+                  attn_dropout=self.attn_dropout, rotary_dim=self.rotary_dim)
         return pos, kw
 
     def forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -220,7 +227,8 @@ class TransformerBlock(torch.nn.Module):
     Styles:
         ``"gpt2"``: LayerNorm, biases, gelu_tanh MLP with d_hidden = 4 * d_model, no RoPE.
         ``"llama"``: RMSNorm, no biases, SwiGLU MLP (d_hidden default: 8/3 d_model rounded up to a
-        multiple of 64), RoPE (``rope_theta``), grouped-query attention (``num_kv_heads``).
+        multiple of 64), RoPE (``rope_theta``; ``rotary_dim``: partial rotary), grouped-query
+        attention (``num_kv_heads``).
 
     Submodules ``attn`` (:class:`Attention` with norm + residual) and ``mlp`` (:class:`MLP` with
     norm + residual). ``recompute``: "full" | "keep_attn" | "keep_mlp" | "selective" | "none"
@@ -233,7 +241,7 @@ class TransformerBlock(torch.nn.Module):
     def __init__(self, d_model: int, num_heads: int, d_hidden: Optional[int] = None, style: str = "gpt2",
                  recompute: str = "full", num_kv_heads: Optional[int] = None, dropout: float = 0.0,
                  causal: bool = True, rope_theta: float = 10000.0, device=None, dtype=None,
-                 attn_dropout: float = 0.0):
+                 attn_dropout: float = 0.0, rotary_dim: Optional[int] = None):
         super().__init__()
         if style not in ("gpt2", "llama"):
             raise ValueError(f"style must be 'gpt2' or 'llama'; got {style!r}")
@@ -249,7 +257,7 @@ class TransformerBlock(torch.nn.Module):
         self.attn = Attention(d_model, num_heads, num_kv_heads if llama else num_kv_heads, causal=causal,
                               bias=not llama, dropout=dropout, norm="rmsnorm" if llama else "layernorm",
                               rope=llama, rope_theta=rope_theta, residual=True, attn_dropout=attn_dropout,
-                              **factory)
+                              rotary_dim=rotary_dim, **factory)
         self.mlp = MLP(d_model, d_hidden, activation="swiglu" if llama else "gelu_tanh", bias=not llama,
                        dropout=dropout, norm="rmsnorm" if llama else "layernorm", residual=True, **factory)
 

@@ -255,7 +255,9 @@ def dropout_bwd(dout: Tensor, seed: Tensor, p: float) -> Tensor:
 def rope_tables(seq_len: int, head_dim: int, theta: float, device: torch.device,
                 dtype: torch.dtype = torch.float32) -> Tuple[Tensor, Tensor]:
     """(cos, sin) of shape (S, head_dim // 2) in `dtype` (fp32; fp64 for fp64 models), positions
-    0..S-1, frequencies theta ** (-2i / head_dim): the "rotate half" convention of Llama-family models."""
+    0..S-1, frequencies theta ** (-2i / head_dim): the "rotate half" convention of Llama-family models.
+    Partial rotary (GPT-NeoX): pass the rotary width r as `head_dim` (frequencies theta ** (-2i / r),
+    as HF computes them for rotary_ndims)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).to(dtype) / head_dim))
     ang = torch.arange(seq_len, dtype=torch.int64, device=device).to(dtype)[:, None] * inv_freq[None, :]
     return ang.cos(), ang.sin()
@@ -276,16 +278,19 @@ def _rope_cs(cos: Tensor, sin: Tensor, acc: torch.dtype) -> Tuple[Tensor, Tensor
 
 def rope_(qkv: Tensor, cos: Tensor, sin: Tensor, num_heads: int, num_kv_heads: int, inverse: bool) -> None:
     """Kernel contract of ``ckpt_ops::rope_`` (in place): rotate the q and k heads of the packed
-    qkv (B, S, (H + 2KV) * hd) by the tables cos/sin ((S, hd/2) or (B, S, hd/2), any float dtype,
-    used in fp32): x1' = x1 cos - x2 sin, x2' = x2 cos + x1 sin on the halves x1 = x[:hd/2],
-    x2 = x[hd/2:]. ``inverse`` applies the transposed rotation (sin -> -sin): the backward of
-    RoPE, used in place on the gradient dqkv. The v heads are left alone."""
+    qkv (B, S, (H + 2KV) * hd) by the tables cos/sin ((S, r/2) or (B, S, r/2), any float dtype,
+    used in fp32), r = 2 * cos.shape[-1] the rotary width (even, <= hd; r = hd: the whole head):
+    x1' = x1 cos - x2 sin, x2' = x2 cos + x1 sin on the halves x1 = x[:r/2], x2 = x[r/2:r] of each
+    head; x[r:] passes through unchanged (partial rotary, GPT-NeoX's rotary_pct). ``inverse``
+    applies the transposed rotation (sin -> -sin): the backward of RoPE, used in place on the
+    gradient dqkv. The v heads are left alone."""
     b, s, width = qkv.shape
     hd = width // (num_heads + 2 * num_kv_heads)
+    r = 2 * cos.shape[-1]
     acc = acc_dtype(qkv.dtype)
     c, sn = _rope_cs(cos, sin, acc)
     nqk = (num_heads + num_kv_heads) * hd
-    qk = qkv[..., :nqk].view(b, s, num_heads + num_kv_heads, hd)
+    qk = qkv[..., :nqk].view(b, s, num_heads + num_kv_heads, hd)[..., :r]
     qk.copy_(_rope_apply(qk.to(acc), c, sn, inverse).to(qkv.dtype))
 
 

@@ -244,6 +244,86 @@ def test_rope_is_the_backward_of_rope():
     assert abs(float((rx * g).sum() - (x * rg).sum())) < 1e-10 * float(x.abs().sum())
 
 
+# ---- partial rotary (GPT-NeoX rotary_pct: r = 2 * cos.shape[-1] < head_dim) ------------------
+def hf_partial_rope_fp64(qkv, cos, sin, h, kv, inverse):
+    """An independent fp64 evaluation: Hugging Face's apply_rotary_pos_emb form (GPT-NeoX) on the
+    first r dims of each q/k head -- x_rot * cat(cos, cos) + rotate_half(x_rot) * cat(sin, sin) --
+    and the rest passed through; inverse: the same with -sin. Returns a new (fp64) tensor."""
+    b, s, width = qkv.shape
+    hd = width // (h + 2 * kv)
+    r = 2 * cos.shape[-1]
+    x = qkv.double().view(b, s, h + 2 * kv, hd)
+    c = torch.cat([cos, cos], -1).double().unsqueeze(-2)       # (B or 1, S, 1, r)
+    sn = torch.cat([sin, sin], -1).double().unsqueeze(-2) * (-1 if inverse else 1)
+    c = c if c.dim() == 4 else c.unsqueeze(0)
+    sn = sn if sn.dim() == 4 else sn.unsqueeze(0)
+    rot = x[:, :, :h + kv, :r]
+    half = r // 2
+    rotate_half = torch.cat([-rot[..., half:], rot[..., :half]], -1)
+    out = x.clone()
+    out[:, :, :h + kv, :r] = rot * c + rotate_half * sn
+    return out.view(b, s, width)
+
+
+PARTIAL = [(7, 16, 4, 4, 4), (5, 64, 4, 4, 16), (9, 80, 8, 2, 20), (3, 32, 4, 1, 30)]  # (S, hd, H, KV, r)
+
+
+@pytest.mark.parametrize("inverse", [False, True], ids=["fwd", "inv"])
+@pytest.mark.parametrize("kind", ["2d", "3d"])
+@pytest.mark.parametrize("s,hd,h,kv,r", PARTIAL)
+def test_partial_rope_reference_matches_hf_form_fp64(s, hd, h, kv, r, kind, inverse):
+    qkv, _ = make_inputs(s, hd, h, kv, torch.float64, seed=s + r)
+    cos, sin = rope_tables(B, s, r, kind, torch.float64)
+    ours = qkv.clone()
+    R.rope_(ours, cos, sin, h, kv, inverse)
+    truth = hf_partial_rope_fp64(qkv, cos, sin, h, kv, inverse)
+    assert_close(ours, truth, rtol=1e-13, atol=1e-13, name="partial rope")
+    heads = qkv.view(B, s, h + 2 * kv, hd)
+    assert torch.equal(ours.view_as(heads)[..., r:], heads[..., r:]), "pass-through dims modified"
+    assert not torch.equal(ours.view_as(heads)[:, 1:, :h + kv, :r], heads[:, 1:, :h + kv, :r])
+
+
+@pytest.mark.parametrize("inverse", [False, True], ids=["fwd", "inv"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("kind", ["2d", "3d", "3d_bcast"])
+@pytest.mark.parametrize("s,hd,h,kv,r", PARTIAL)
+def test_partial_rope_kernel_matches_contract(s, hd, h, kv, r, kind, dtype, inverse):
+    qkv, _ = make_inputs(s, hd, h, kv, dtype, seed=s + hd + r)
+    cos, sin = rope_tables(B, s, r, kind, torch.float32)
+    ours, contract = qkv.clone(), qkv.clone()
+    ops.rope_(ours, cos, sin, h, kv, inverse)
+    R.rope_(contract, cos, sin, h, kv, inverse)
+    assert torch.equal(ours, contract), f"not bitwise equal to the contract: max diff {(ours - contract).abs().max()}"
+    heads = qkv.view(B, s, h + 2 * kv, hd)
+    assert torch.equal(ours.view_as(heads)[..., r:], heads[..., r:]), "pass-through dims modified"
+    assert torch.equal(ours[..., (h + kv) * hd:], qkv[..., (h + kv) * hd:]), "v heads modified"
+    if dtype == torch.float32:
+        assert_fp32_close(ours, hf_partial_rope_fp64(qkv, cos, sin, h, kv, inverse), "partial rope")
+
+
+def test_partial_rope_inverse_is_the_transpose():
+    """<rope(x), g> == <x, rope_inverse(g)> with r < hd (the pass-through block is the identity)."""
+    h, kv, s, hd, r = 4, 4, 9, 32, 8
+    x, _ = make_inputs(s, hd, h, kv, torch.float64, seed=1)
+    g, _ = make_inputs(s, hd, h, kv, torch.float64, seed=2)
+    cos, sin = rope_tables(B, s, r, "3d", torch.float32)
+    rx, rg = x.clone(), g.clone()
+    ops.rope_(rx, cos, sin, h, kv, False)
+    ops.rope_(rg, cos, sin, h, kv, True)
+    assert abs(float((rx * g).sum() - (x * rg).sum())) < 1e-10 * float(x.abs().sum())
+    ops.rope_(rx, cos, sin, h, kv, True)  # and it undoes the forward
+    assert_close(rx, x, rtol=1e-6, atol=1e-6, name="inverse(forward(x))")
+
+
+def test_partial_rope_bad_width():
+    qkv, _ = make_inputs(5, 8, 4, 2, torch.float32, seed=0)
+    cos, sin = rope_tables(B, 5, 10, "2d", torch.float32)   # r = 10 > head_dim 8
+    with pytest.raises(RuntimeError, match="rotary width"):
+        ops.rope_(qkv.clone(), cos, sin, 4, 2, False)
+    with pytest.raises(RuntimeError, match="rotary width"):
+        ops.rope_(qkv.clone(), cos[:, :0], sin[:, :0], 4, 2, False)
+
+
 # ---- opcheck and argument checks -----------------------------------------------------------
 @pytest.mark.parametrize("mask_kind", ["none", "full_int32"])
 def test_opcheck(mask_kind):

@@ -93,8 +93,6 @@ LEFT = {
                 "encoder layer", True),
     "t5": (lambda: _tiny("T5Config", "T5Model", d_model=32, d_ff=64, num_layers=2, num_heads=2, d_kv=16,
                          vocab_size=97), "T5Block", "relative position bias", False),
-    "gpt_neox": (lambda: _tiny("GPTNeoXConfig", "GPTNeoXForCausalLM", **ENC), "GPTNeoXLayer",
-                 "parallel residual and partial rotary", True),
 }
 
 

@@ -82,6 +82,12 @@ def kernels():
     R.rope_(truth, cos.double(), sin.double(), 4, 2, False)
     few_ulps(ours, truth, torch.float32, "rope")
     res["rope"] = [ours]
+    cos, sin = R.rope_tables(7, 6, 10000.0, torch.device("cpu"))  # partial rotary: r = 6 of head_dim 16
+    ours, truth = qkv.clone(), qkv.double()
+    ops.rope_(ours, cos, sin, 4, 2, True)
+    R.rope_(truth, cos.double(), sin.double(), 4, 2, True)
+    few_ulps(ours, truth, torch.float32, "partial rope")
+    res["rope_partial"] = [ours]
     return res
 
 

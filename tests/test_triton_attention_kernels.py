@@ -417,6 +417,37 @@ def test_rope(dtype, tables, shape):
     torch.testing.assert_close(y, qkv, rtol=tol, atol=tol * 2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(2, 5, 4, 4, 16, 4), (1, 3, 2, 1, 80, 20)], ids=["MHA-hd16-r4", "MQA-hd80-r20"])
+def test_rope_partial_rotary(dtype, shape):
+    """Partial rotary (r = 2 * cos.shape[-1] < hd): forward and inverse against ``reference.rope_``, dims
+    [r, hd) of every head and the v heads bitwise untouched, inverse(forward(x)) == x up to the roundings."""
+    b, s, h, kv, hd, r = shape
+    g = torch.Generator().manual_seed(4)
+    qkv = (torch.randn(b, s, (h + 2 * kv) * hd, generator=g) * 2).to(DEVICE, dtype)
+    cos, sin = ref.rope_tables(s, r, 10000.0, torch.device(DEVICE))
+    x = qkv.clone()
+    OPS.rope_triton_(x, cos, sin, h, kv, False)
+    want = qkv.clone()
+    ref.rope_(want, cos, sin, h, kv, False)
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(x, want, rtol=eps, atol=eps)
+    heads, xh = qkv.view(b, s, h + 2 * kv, hd), x.view(b, s, h + 2 * kv, hd)
+    assert torch.equal(xh[..., r:], heads[..., r:]), "pass-through dims modified"
+    assert torch.equal(xh[:, :, h + kv:], heads[:, :, h + kv:]), "v heads modified"
+    y = x.clone()
+    OPS.rope_triton_(y, cos, sin, h, kv, True)
+    want_inv = x.clone()
+    ref.rope_(want_inv, cos, sin, h, kv, True)
+    torch.testing.assert_close(y, want_inv, rtol=eps, atol=eps)
+    torch.testing.assert_close(y, qkv, rtol=2 * eps, atol=4 * eps)
+    z = qkv.clone()  # (1, S, r/2) tables (HF's, for position_ids of shape (1, S)) broadcast over the batch
+    OPS.rope_triton_(z, cos[None], sin[None], h, kv, False)
+    assert torch.equal(z, x)
+    with pytest.raises(ValueError, match="rotary width"):
+        tr.rope_(qkv.clone(), torch.zeros(s, hd), torch.zeros(s, hd), h, kv, False)  # r = 2 hd > hd
+
+
 # ----------------------------------------------------------------------------------------------------------
 # opcheck: schema, fake (meta) implementations, autograd registration, AOT dispatch
 # ----------------------------------------------------------------------------------------------------------

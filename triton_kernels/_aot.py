@@ -133,6 +133,11 @@ def _attention_cases(full):
             yield "rope", f"rope hd={hd} H=32 KV=8", dn, lambda q=qkv, c=cos: rope.rope_(q, c, c, 32, 8, False)
             if full:
                 yield "rope", f"rope inverse hd={hd} H=32 KV=8", dn, lambda q=qkv, c=cos: rope.rope_(q, c, c, 32, 8, True)
+                # partial rotary (GPT-NeoX/Pythia rotary_pct 0.25: r = hd/4; BLOCK_HALF follows r/2), MHA
+                qp, cp = _t(2, 2048, 96 * hd, dtype=DTYPES[dn]), _t(2048, hd // 8)
+                for inv in (False, True):
+                    yield "rope", f"rope{' inverse' if inv else ''} hd={hd} r={hd // 4} H=KV=32", dn, (
+                        lambda q=qp, c=cp, i=inv: rope.rope_(q, c, c, 32, 32, i))
 
 
 def cases(full=False):

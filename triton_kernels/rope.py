@@ -1,8 +1,9 @@
 """Rotary position embedding (RoPE) Triton kernel, in place on the packed qkv buffer, and the
 ``ckpt_ops::rope_triton_`` op. Contract: ``ckpt_ops.reference.rope_``.
 
-    qkv (B, S, (H + 2KV) * hd), rows [q heads | k heads | v heads]; cos, sin (S, hd/2) or (B, S, hd/2)
-    forward, on each q and k head, halves x1 = x[:hd/2], x2 = x[hd/2:] (fp32, rounded once on store):
+    qkv (B, S, (H + 2KV) * hd), rows [q heads | k heads | v heads]; cos, sin (S, r/2) or (B, S, r/2),
+    r the rotary width (even, <= hd; r < hd: partial rotary, x[r:] of each head passes through)
+    forward, on each q and k head, halves x1 = x[:r/2], x2 = x[r/2:r] (fp32, rounded once on store):
         x1' = x1 cos - x2 sin,      x2' = x2 cos + x1 sin
     backward (inverse=True, in place on the gradient dqkv): the transposed rotation, sin -> -sin:
         g1 = g1' cos + g2' sin,     g2 = g2' cos - g1' sin
@@ -43,8 +44,8 @@ _NUM_WARPS = 4
 
 @triton.jit
 def _rope_kernel(
-    QKV, COS, SIN,  # qkv: (B, S, W) with unit stride on W; cos/sin: (B or 1, S, hd/2), unit stride on the last dim
-    S, HALF, NUM_QK_HEADS,  # HALF = hd / 2; NUM_QK_HEADS = H + KV (the heads rotated)
+    QKV, COS, SIN,  # qkv: (B, S, W) with unit stride on W; cos/sin: (B or 1, S, r/2), unit stride on the last dim
+    S, HALF, HD, NUM_QK_HEADS,  # HALF = r / 2 (r the rotary width, <= HD); NUM_QK_HEADS = H + KV (rotated)
     stride_qb, stride_qs, stride_cb, stride_cs,  # stride_cb = 0 for the 2-D (S, hd/2) tables
     INVERSE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_HALF: tl.constexpr, RTNE_BF16: tl.constexpr,
 ):
@@ -64,7 +65,7 @@ def _rope_kernel(
         s = -s
     base = QKV + b * stride_qb + rows64[:, None] * stride_qs + cols[None, :]
     for h in range(0, NUM_QK_HEADS):
-        p1 = base + h * (2 * HALF)
+        p1 = base + h * HD  # dims [2 * HALF, HD) of the head pass through
         p2 = p1 + HALF
         x1 = tl.load(p1, mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(p2, mask=mask, other=0.0).to(tl.float32)
@@ -93,18 +94,19 @@ def _check_heads(qkv, num_heads, num_kv_heads):
 def rope_(qkv, cos, sin, num_heads, num_kv_heads, inverse):
     """Rotates the q and k heads of qkv in place (see the module docstring). Returns None."""
     hd = _check_heads(qkv, num_heads, num_kv_heads)
-    if hd % 2 != 0:
-        raise ValueError(f"RoPE needs an even head_dim, got {hd}")
     if qkv.stride(2) != 1:
         raise ValueError("qkv must have unit stride on its last dim (the op writes into it in place)")
     b, s, _ = qkv.shape
-    half = hd // 2
+    half = cos.shape[-1] if cos.dim() in (2, 3) else 0  # r/2: the rotary width r = 2 * half <= hd
+    if half < 1 or 2 * half > hd:
+        raise ValueError(f"RoPE needs an even head_dim or an even rotary width 2 <= r <= head_dim = {hd} "
+                         f"(cos's last dim = r/2), got cos of shape {tuple(cos.shape)}")
     tables = []
     for name, t in (("cos", cos), ("sin", sin)):
         if not t.is_floating_point() or t.device != qkv.device:
             raise ValueError(f"{name} must be a floating tensor on {qkv.device}, got {t.dtype} on {t.device}")
-        if tuple(t.shape) not in ((s, half), (b, s, half)):
-            raise ValueError(f"{name} must be ({s}, {half}) or ({b}, {s}, {half}), got {tuple(t.shape)}")
+        if tuple(t.shape) not in ((s, half), (b, s, half), (1, s, half)):  # a leading 1 broadcasts (HF's tables)
+            raise ValueError(f"{name} must be ({s}, {half}) or ({b} or 1, {s}, {half}), got {tuple(t.shape)}")
         t = t.contiguous()
         tables.append(t if t.dim() == 3 else t.unsqueeze(0))
     cos, sin = tables
@@ -116,7 +118,7 @@ def rope_(qkv, cos, sin, num_heads, num_kv_heads, inverse):
     block_s = max(1, min(_TILE_ELEMS // block_half, triton.next_power_of_2(s)))
     stride_cb = cos.stride(0) if cos.shape[0] > 1 else 0
     launch(wrap_triton(_rope_kernel), (triton.cdiv(s, block_s), b),
-        qkv, cos, sin, s, half, num_heads + num_kv_heads,
+        qkv, cos, sin, s, half, hd, num_heads + num_kv_heads,
         qkv.stride(0), qkv.stride(1), stride_cb, cos.stride(1),
         INVERSE=bool(inverse), BLOCK_S=block_s, BLOCK_HALF=block_half, RTNE_BF16=_emulate_rtne(qkv),
         num_warps=_NUM_WARPS)

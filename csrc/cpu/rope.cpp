@@ -1,6 +1,7 @@
 // RoPE CPU kernel: rope_ in place on the q and k heads of the packed qkv
 // (the v heads are untouched). at::parallel_for over the B*S rows, `omp simd`
-// over the hd/2 pairs of a head; per-pair math from ckpt_ops/rope_math.h (the
+// over the r/2 pairs of a head (r = 2 * half the rotary width, <= hd: dims
+// [r, hd) of each head pass through untouched, partial rotary); per-pair math from ckpt_ops/rope_math.h (the
 // expressions the CUDA kernel runs). Every pair is independent, so results do
 // not depend on the thread count.
 #include <ATen/Dispatch.h>
@@ -26,10 +27,9 @@ template <bool kInverse>
 struct RopeRows {
   template <typename scalar_t>
   static CKPT_CPU_ALWAYS_INLINE void run(scalar_t* qkv, const acc_t<scalar_t>* cos, const acc_t<scalar_t>* sin,
-                                         int64_t S, int64_t heads, int64_t hd, int64_t width,
+                                         int64_t S, int64_t heads, int64_t hd, int64_t half, int64_t width,
                                          int64_t table_batch_stride, int64_t begin, int64_t end) {
     using acc = acc_t<scalar_t>;
-    const int64_t half = hd / 2;
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / S, s = r % S;
       const acc* c = cos + b * table_batch_stride + s * half;
@@ -52,11 +52,12 @@ struct RopeRows {
 
 template <bool kInverse, typename scalar_t>
 void rope_kernel(scalar_t* qkv, const acc_t<scalar_t>* cos, const acc_t<scalar_t>* sin, int64_t rows, int64_t S,
-                 int64_t heads, int64_t hd, int64_t width, int64_t table_batch_stride) {
-  const int64_t grain = std::max<int64_t>(1, kRopeGrainPairs / std::max<int64_t>(1, heads * (hd / 2)));
-  const auto run = cpu::isa_fn<RopeRows<kInverse>>(qkv, cos, sin, S, heads, hd, width, table_batch_stride, rows, rows);
+                 int64_t heads, int64_t hd, int64_t half, int64_t width, int64_t table_batch_stride) {
+  const int64_t grain = std::max<int64_t>(1, kRopeGrainPairs / std::max<int64_t>(1, heads * half));
+  const auto run =
+      cpu::isa_fn<RopeRows<kInverse>>(qkv, cos, sin, S, heads, hd, half, width, table_batch_stride, rows, rows);
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    run(qkv, cos, sin, S, heads, hd, width, table_batch_stride, begin, end);
+    run(qkv, cos, sin, S, heads, hd, half, width, table_batch_stride, begin, end);
   });
 }
 
@@ -66,7 +67,7 @@ void rope_launch(at::Tensor& qkv, const attn::QkvShape& sh, const attn::RopeTabl
     dispatch_bool(inverse, [&](auto kInverse) {
       rope_kernel<decltype(kInverse)::value, scalar_t>(qkv.mutable_data_ptr<scalar_t>(), t.cos.const_data_ptr<acc>(),
                                                        t.sin.const_data_ptr<acc>(), sh.B * sh.S, sh.S, sh.H + sh.KV,
-                                                       sh.hd, sh.width(), t.batch_stride);
+                                                       sh.hd, t.half, sh.width(), t.batch_stride);
     });
   });
 }

@@ -1,11 +1,12 @@
 // RoPE CUDA kernel: rope_ in place on the q and k heads of the packed qkv.
 // Same contract and same per-pair math as csrc/cpu/rope.cpp
 // (ckpt_ops/rope_math.h): a grid-stride loop over the int64 flat pair index
-//   p = ((row * (H + KV) + head) * hd/2 + i),   row = b * S + s,
-// one pair (x[i], x[i + hd/2]) per thread per step, so consecutive threads
-// read consecutive elements of each half. The tables come in the accumulation
-// dtype (attention_host.h check_rope_tables), row (b, s) at
-// b * batch_stride + s * hd/2.
+//   p = ((row * (H + KV) + head) * r/2 + i),   row = b * S + s,
+// one pair (x[i], x[i + r/2]) per thread per step, so consecutive threads
+// read consecutive elements of each half; r = 2 * half is the rotary width
+// (<= hd; dims [r, hd) of a head are never touched: partial rotary). The
+// tables come in the accumulation dtype (attention_host.h check_rope_tables),
+// row (b, s) at b * batch_stride + s * r/2.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
@@ -26,7 +27,7 @@ constexpr int kThreads = 256;
 template <bool kInverse, typename scalar_t>
 __global__ void rope_kernel(scalar_t* __restrict__ qkv, const acc_t<scalar_t>* __restrict__ cos,
                             const acc_t<scalar_t>* __restrict__ sin, int64_t n_pairs, int64_t S, int64_t heads,
-                            int64_t half, int64_t width, int64_t table_batch_stride) {
+                            int64_t hd, int64_t half, int64_t width, int64_t table_batch_stride) {
   using acc = acc_t<scalar_t>;
   const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
   for (int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; p < n_pairs; p += stride) {
@@ -35,7 +36,7 @@ __global__ void rope_kernel(scalar_t* __restrict__ qkv, const acc_t<scalar_t>* _
     const int64_t head = t % heads, row = t / heads;
     const int64_t b = row / S, s = row % S;
     const int64_t tab = b * table_batch_stride + s * half + i;
-    scalar_t* x1 = qkv + row * width + head * 2 * half + i;
+    scalar_t* x1 = qkv + row * width + head * hd + i;
     scalar_t* x2 = x1 + half;
     acc y1, y2;
     rope::rotate<kInverse>(static_cast<acc>(*x1), static_cast<acc>(*x2), cos[tab], sin[tab], &y1, &y2);
@@ -64,7 +65,7 @@ void rope_launch(at::Tensor& qkv, const attn::QkvShape& sh, const attn::RopeTabl
     dispatch_bool(inverse, [&](auto kInverse) {
       rope_kernel<decltype(kInverse)::value, scalar_t><<<blocks, kThreads, 0, stream>>>(
           qkv.mutable_data_ptr<scalar_t>(), t.cos.const_data_ptr<acc>(), t.sin.const_data_ptr<acc>(), n_pairs,
-          sh.S, heads, t.half, sh.width(), t.batch_stride);
+          sh.S, heads, sh.hd, t.half, sh.width(), t.batch_stride);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });

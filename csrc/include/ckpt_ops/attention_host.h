@@ -5,8 +5,10 @@
 //
 // Layout (csrc/ops.cpp, ckpt_ops/reference.py "Attention"):
 //   qkv (B, S, (H + 2 KV) * hd) contiguous, rows [q heads | k heads | v heads]
-//   cos/sin (S, hd/2) or (B, S, hd/2) (a leading 1 broadcasts over the batch),
-//   any float dtype; read in the accumulation dtype.
+//   cos/sin (S, r/2) or (B, S, r/2) (a leading 1 broadcasts over the batch),
+//   any float dtype; read in the accumulation dtype. r = 2 * cos.size(-1) is the
+//   rotary width: even, 2 <= r <= hd; the first r dims of each q/k head rotate
+//   (halves [0, r/2) and [r/2, r)), the rest pass through (partial rotary).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -68,7 +70,7 @@ inline void check_rows_of(const at::Tensor& t, const QkvShape& sh, int64_t featu
 
 // Rotary tables after the checks: contiguous, in the accumulation dtype; row
 // (b, s) starts at b * batch_stride + s * half (batch_stride 0 for a 2-D table
-// or a leading dim of 1).
+// or a leading dim of 1). half = r/2, r the rotary width (<= hd).
 struct RopeTables {
   at::Tensor cos, sin;
   int64_t batch_stride, half;
@@ -76,22 +78,23 @@ struct RopeTables {
 
 inline RopeTables check_rope_tables(const at::Tensor& cos, const at::Tensor& sin, const QkvShape& sh,
                                     const at::Tensor& qkv) {
-  TORCH_CHECK(sh.hd % 2 == 0, "ckpt_ops: rope_ needs an even head_dim; got ", sh.hd);
-  const int64_t half = sh.hd / 2;
-  TORCH_CHECK(cos.dim() == 2 || cos.dim() == 3, "ckpt_ops: cos must be (S, head_dim/2) or (B, S, head_dim/2); got ",
-              cos.dim(), " dims");
+  TORCH_CHECK(cos.dim() == 2 || cos.dim() == 3, "ckpt_ops: cos must be (S, r/2) or (B, S, r/2) (r the rotary width, "
+              "even, <= head_dim); got ", cos.dim(), " dims");
   const bool batched = cos.dim() == 3;
   const int64_t s_dim = batched ? 1 : 0;
-  TORCH_CHECK(cos.size(s_dim) == sh.S && cos.size(s_dim + 1) == half &&
-                  (!batched || cos.size(0) == sh.B || cos.size(0) == 1),
-              "ckpt_ops: cos must have shape (", sh.S, ", ", half, ") or (", sh.B, " or 1, ", sh.S, ", ", half,
-              "); got ", cos.sizes());
+  // the rotary width r = 2 * half: the whole head (r = hd) or its first r dims (partial rotary)
+  const int64_t half = cos.size(s_dim + 1);
+  TORCH_CHECK(half >= 1 && 2 * half <= sh.hd, "ckpt_ops: rope_ needs an even head_dim or an even rotary width ",
+              "2 <= r <= head_dim (cos/sin last dim = r/2); got r = ", 2 * half, " for head_dim ", sh.hd);
+  TORCH_CHECK(cos.size(s_dim) == sh.S && (!batched || cos.size(0) == sh.B || cos.size(0) == 1),
+              "ckpt_ops: cos must have shape (", sh.S, ", r/2) or (", sh.B, " or 1, ", sh.S, ", r/2); got ",
+              cos.sizes());
   TORCH_CHECK(sin.sizes() == cos.sizes(), "ckpt_ops: sin must have cos's shape ", cos.sizes(), "; got ", sin.sizes());
   TORCH_CHECK(is_float_dtype(cos.scalar_type()) && is_float_dtype(sin.scalar_type()),
               "ckpt_ops: cos/sin must be floating point; got ", cos.scalar_type(), " and ", sin.scalar_type());
   TORCH_CHECK(cos.device() == qkv.device() && sin.device() == qkv.device(), "ckpt_ops: cos/sin must be on ",
               qkv.device(), " (qkv's device); got ", cos.device(), " and ", sin.device());
-  // The tables are tiny (S * hd/2): widening them once here keeps one kernel
+  // The tables are tiny (S * r/2): widening them once here keeps one kernel
   // instance per qkv dtype; a no-op for the usual contiguous fp32 tables.
   const auto acc = acc_dtype(qkv.scalar_type());
   const bool per_batch = batched && cos.size(0) == sh.B && sh.B > 1;

@@ -3,7 +3,9 @@
 // Triton kernels). "Rotate half" convention of Llama-family models: a head
 // vector x[0..hd) is split into halves x1 = x[0..hd/2), x2 = x[hd/2..hd), and
 // pair i is rotated by the angle whose cosine/sine are c = cos[pos, i],
-// s = sin[pos, i]:
+// s = sin[pos, i]. Partial rotary (GPT-NeoX rotary_pct): only the first r
+// dims of a head rotate (x1 = x[0..r/2), x2 = x[r/2..r), r = 2 * the tables'
+// last dim, even, <= hd); x[r..hd) passes through untouched:
 //   forward:  x1' = x1 c - x2 s,   x2' = x2 c + x1 s
 //   inverse:  x1' = x1 c + x2 s,   x2' = x2 c - x1 s     (the transpose: s -> -s)
 // The inverse is the backward of RoPE (applied in place to dqkv) and undoes
