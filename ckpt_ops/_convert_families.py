@@ -36,31 +36,34 @@ def _hf_class(module_path: str, name: str):
 # ------------------------------------------------------------------------------------------------
 # Call checks shared by the block adapters
 # ------------------------------------------------------------------------------------------------
-_MASK_CACHE: Dict[str, Any] = {"ref": None, "version": None, "out": None}
+_MASK_CACHE: Dict[str, Any] = {"ref": None, "version": None, "window": None, "out": None}
 
 
-def key_mask_from_hf(mask: Optional[torch.Tensor], b: int, s: int, causal: bool) -> Optional[torch.Tensor]:
+def key_mask_from_hf(mask: Optional[torch.Tensor], b: int, s: int, causal: bool,
+                     window: int = 0) -> Optional[torch.Tensor]:
     """The (B, S) key-padding mask equivalent to a Hugging Face 4-D attention mask, or Unservable.
 
     HF passes None (plain causal), a bool (B, 1, S, S) mask (True = attend, sdpa) or an additive
     float one (0 = attend, finfo.min = masked, eager). The conversion is accepted only if the 4-D
-    mask equals exactly causal & padding; one mask object serves every layer of a forward, so the
-    check runs once per forward (cached on the tensor's identity and version). Under torch.compile
-    see :func:`_traced_mask`."""
+    mask equals exactly causal & padding (``window`` w > 0: sliding-window causal & padding, query i
+    sees keys i - w < j <= i: transformers' sliding_window_causal_mask_function); one mask object
+    serves every layer of a forward, so the check runs once per forward and window (cached on the
+    tensor's identity and version). Under torch.compile see :func:`_traced_mask`."""
     if mask is None:
         return None
     if torch.compiler.is_compiling():
-        return _traced_mask(mask, b, s, causal)
-    if _MASK_CACHE["ref"] is not None and _MASK_CACHE["ref"]() is mask and _MASK_CACHE["version"] == mask._version:
+        return _traced_mask(mask, b, s, causal, window)
+    if _MASK_CACHE["ref"] is not None and _MASK_CACHE["ref"]() is mask and _MASK_CACHE["version"] == mask._version \
+            and _MASK_CACHE["window"] == window:
         out = _MASK_CACHE["out"]
         if isinstance(out, Unservable):
             raise out
         return out
     try:
-        out = _convert_mask(mask, b, s, causal)
+        out = _convert_mask(mask, b, s, causal, window)
     except Unservable as e:
         out = e
-    _MASK_CACHE.update(ref=weakref.ref(mask), version=mask._version, out=out)
+    _MASK_CACHE.update(ref=weakref.ref(mask), version=mask._version, window=window, out=out)
     if isinstance(out, Unservable):
         raise out
     return out
@@ -75,7 +78,22 @@ NOT_CAUSAL_PADDING = ("attention mask is not exactly causal & key padding (packe
                       "or fully masked rows unmasked by the attention implementation)")
 
 
-def _convert_mask(mask: torch.Tensor, b: int, s: int, causal: bool) -> Optional[torch.Tensor]:
+def _keys_of(valid: torch.Tensor, causal: bool, window: int) -> torch.Tensor:
+    """The key-padding candidate of a (B, S, S) bool mask: under causal the last row (which sees every
+    key); with a window the diagonal (key j is seen by query j unless padded); else any row."""
+    if window > 0:
+        return torch.diagonal(valid, dim1=-2, dim2=-1)
+    return valid[:, -1, :] if causal else valid.any(dim=1)
+
+
+def _not_expected(window: int) -> str:
+    if window > 0:
+        return (f"attention mask is not exactly sliding-window ({window}) causal & key padding (packed "
+                "sequences, another window, or fully masked rows unmasked by the attention implementation)")
+    return NOT_CAUSAL_PADDING
+
+
+def _convert_mask(mask: torch.Tensor, b: int, s: int, causal: bool, window: int = 0) -> Optional[torch.Tensor]:
     _check_mask_shape(mask, b, s)
     if mask.dtype == torch.bool:
         valid = mask[:, 0]
@@ -90,10 +108,10 @@ def _convert_mask(mask: torch.Tensor, b: int, s: int, causal: bool) -> Optional[
             raise Unservable("additive mask with rows that attend to no key (left padding under eager attention)")
     else:
         raise Unservable(f"attention mask of dtype {mask.dtype}")
-    keys = valid[:, -1, :] if causal else valid.any(dim=1)
-    expected = attention_valid(keys, valid.shape[0], s, causal, mask.device)[:, 0]
+    keys = _keys_of(valid, causal, window)
+    expected = attention_valid(keys, valid.shape[0], s, causal, mask.device, window)[:, 0]
     if not torch.equal(expected, valid):
-        raise Unservable(NOT_CAUSAL_PADDING)
+        raise Unservable(_not_expected(window))
     if bool(keys.all()):
         return None
     return keys.expand(b, s).contiguous() if keys.shape[0] != b else keys.contiguous()
@@ -109,7 +127,7 @@ def require(ok: torch.Tensor, why: str) -> None:
                             "ckpt_ops.unconvert it")
 
 
-def _traced_mask(mask: torch.Tensor, b: int, s: int, causal: bool) -> torch.Tensor:
+def _traced_mask(mask: torch.Tensor, b: int, s: int, causal: bool, window: int = 0) -> torch.Tensor:
     """key_mask_from_hf under torch.compile: no Python bool of a tensor. Shape and dtype decide at
     trace time (they are static to the graph); a bool mask's causal & padding form is asserted in
     the graph (:func:`require`); an additive float mask (eager attention) is served only where
@@ -120,9 +138,9 @@ def _traced_mask(mask: torch.Tensor, b: int, s: int, causal: bool) -> torch.Tens
         raise Unservable(f"under torch.compile: a {mask.dtype} additive attention mask (eager attention) needs a "
                          "check of its values (rows attending to no key) that a compiled graph cannot branch on")
     valid = mask[:, 0]
-    keys = valid[:, -1, :] if causal else valid.any(dim=1)
-    expected = attention_valid(keys, valid.shape[0], s, causal, mask.device)[:, 0]
-    require((expected == valid).all(), NOT_CAUSAL_PADDING)
+    keys = _keys_of(valid, causal, window)
+    expected = attention_valid(keys, valid.shape[0], s, causal, mask.device, window)[:, 0]
+    require((expected == valid).all(), _not_expected(window))
     return keys.expand(b, s).contiguous() if keys.shape[0] != b else keys.contiguous()
 
 
@@ -261,7 +279,7 @@ class _BlockAdapter(Adapter):
     is_block = True
 
     def _run(self, module, state, x, mask4d, attn_p: dict, mlp_p: dict, attn_kw: dict, mlp_kw: dict,
-             cos=None, sin=None, loras=()):
+             cos=None, sin=None, loras=(), window: int = 0):
         if x.dim() != 3:
             raise Unservable(f"hidden states of shape {tuple(x.shape)}")
         _check_dtypes(x, module)
@@ -269,7 +287,7 @@ class _BlockAdapter(Adapter):
                                                             for t in (a, b)):
             raise Unservable("PEFT LoRA adapters in a dtype autocast does not cast (e.g. fp64) under torch.autocast")
         b, s, _ = x.shape
-        key_mask = key_mask_from_hf(mask4d, b, s, causal=True)
+        key_mask = key_mask_from_hf(mask4d, b, s, causal=True, window=window)
         level = state.call_level or state.recompute  # HF's checkpointing flags (ckpt_ops._convert_hf)
         qkv_w = attn_p["wq"] if attn_p["wk"] is None else (attn_p["wq"], attn_p["wk"], attn_p["wv"])
         qkv_b = attn_p["bq"] if attn_p["wk"] is None else (
@@ -277,7 +295,7 @@ class _BlockAdapter(Adapter):
         acfg, mask, c, sn = _attn.prepare(
             x, qkv_w, qkv_b, attn_p["wo"], attn_p["bo"], attention_mask=key_mask, causal=True,
             rope_cos=cos, rope_sin=sin, training=module.training, recompute=_block._ATTN_LEVEL[level],
-            backend=state.backend, **attn_kw)
+            backend=state.backend, sliding_window=window or None, **attn_kw)
         mcfg = _mlp.prepare(x, mlp_p["w1"], mlp_p["b1"], mlp_p["w2"], mlp_p["b2"], gate_weight=mlp_p["wg"],
                             gate_bias=mlp_p["bg"], training=module.training, recompute=_block._MLP_LEVEL[level],
                             backend=state.backend, residual=True, **mlp_kw)
@@ -347,7 +365,11 @@ class Family:
     qkv: Tuple[str, ...] = ("q_proj", "k_proj", "v_proj")  # or one packed name, rows [q | k | v]
     gate_up: Tuple[str, ...] = ("gate_proj", "up_proj")     # or one packed name, rows [gate | up]
     resid_dropout: Optional[Tuple[str, str]] = None  # nn.Dropout after attention / MLP (residual dropout)
-    sliding_window: bool = False                     # attention may have a window: fused when >= S
+    # attention may have a window: "config" = config.sliding_window on every layer (Mistral, Phi3 in
+    # transformers 5.24: the attention passes getattr(config, "sliding_window") and the model builds
+    # the sliding-window mask whenever it is set); "layer" = the attention's own sliding_window, set
+    # from config.layer_types (Qwen2: use_sliding_window / max_window_layers decide layer_types)
+    sliding_window: Optional[str] = None
     norm_offset: float = 0.0                         # Gemma: RMSNorm scales by (offset + weight)
 
     def cls(self, suffix: str):
@@ -356,10 +378,10 @@ class Family:
 
 FAMILIES = (
     Family("llama", "Llama"),
-    Family("mistral", "Mistral", sliding_window=True),
-    Family("qwen2", "Qwen2", sliding_window=True),  # q/k/v biases: the split projections take them
+    Family("mistral", "Mistral", sliding_window="config"),
+    Family("qwen2", "Qwen2", sliding_window="layer"),  # q/k/v biases: the split projections take them
     Family("phi3", "Phi3", qkv=("qkv_proj",), gate_up=("gate_up_proj",),
-           resid_dropout=("resid_attn_dropout", "resid_mlp_dropout"), sliding_window=True),
+           resid_dropout=("resid_attn_dropout", "resid_mlp_dropout"), sliding_window="config"),
     Family("gemma", "Gemma", norm_offset=1.0),  # GeGLU (tanh GELU) via hidden_act; embed scaling is outside
 )
 _LAYER_ARGS = ("hidden_states", "attention_mask", "position_ids", "cache", "use_cache", "position_embeddings")
@@ -422,11 +444,7 @@ class LlamaLikeAdapter(_BlockAdapter):
         # attention_dropout: fused in the attention kernels; HF applies it when the attention module
         # trains (`dropout=0.0 if not self.training else self.attention_dropout`).
         p_probs = float(attn.attention_dropout) if attn.training else 0.0
-        if fam.sliding_window and x.dim() == 3:
-            w = getattr(attn, "sliding_window", getattr(attn.config, "sliding_window", None))
-            if w is not None and w < x.shape[1]:
-                raise Unservable(f"sliding window {w} shorter than the sequence ({x.shape[1]}): no fused "
-                                 "window mask yet")
+        window = self._window(attn, x, call.get("attention_mask"))
         pe = call.get("position_embeddings")
         if pe is None:
             raise Unservable("no position_embeddings passed (older transformers call convention)")
@@ -464,10 +482,34 @@ class LlamaLikeAdapter(_BlockAdapter):
         mlp_kw = dict(activation=_ACTS_GATED[cfg.hidden_act], norm="rmsnorm", norm_weight=nw2, norm_bias=None,
                       norm_eps=_eps(n2), dropout=p_mlp)
         out = self._run(module, state, x, call.get("attention_mask"), attn_p, mlp_p, attn_kw, mlp_kw, cos, sin,
-                        loras)
+                        loras, window)
         if fill:
             self._fill_cache(module, x, pe, cache, call)
         return out
+
+    def _window(self, attn, x, mask4d) -> int:
+        """The sliding window this layer's attention applies (0: none, or one >= S, which hides nothing),
+        by the family's rule (Family.sliding_window); the 4-D mask is then checked against it."""
+        rule = self.fam.sliding_window
+        if rule is None or x.dim() != 3:
+            return 0
+        if rule == "layer":
+            if not hasattr(attn, "sliding_window"):
+                raise Unservable(f"{type(attn).__name__} without a per-layer sliding_window attribute (another "
+                                 "transformers version)")
+            w = attn.sliding_window
+        else:
+            w = getattr(attn.config, "sliding_window", None)
+        if w is None:
+            return 0
+        if isinstance(w, bool) or not isinstance(w, int) or w <= 0:
+            raise Unservable(f"sliding window {w!r} (not a positive int)")
+        if w >= x.shape[1]:
+            return 0
+        if mask4d is None:
+            raise Unservable(f"sliding window {w} shorter than the sequence ({x.shape[1]}) with no 4-D mask (the "
+                             "attention implementation would apply the window itself)")
+        return w
 
     _ATTN_OWN = ("hidden_states", "attention_mask", "cache", "past_key_values", "position_embeddings")
 
