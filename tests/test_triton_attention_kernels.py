@@ -546,16 +546,16 @@ def test_window_block_skipping():
     assert dkv_n[:, r2:, h * hd:].isnan().any()
 
 
-def test_window_launches_take_the_plain_tiles():
-    """WINDOW / SOFTCAP launches (recorded on meta tensors for sm_90) use the plain tiles (the AOT sweep checks
-    they do not spill); a window >= S is no window (the plain kernel); no window/cap: the flags stay off."""
+def test_window_softcap_launch_tiles():
+    """WINDOW launches (recorded on meta tensors for sm_90) use the plain tiles, SOFTCAP ones the softcap entry
+    (its dq takes 8 warps at hd 64 in 16-bit, where 4 spilled; the AOT sweep checks neither spills); a window
+    >= S is no window (the plain kernel); no window/cap: the flags stay off."""
     b, s, h, kv, hd = 2, 256, 4, 2, 64
     meta = torch.device("meta")
     qkv = torch.empty(b, s, (h + 2 * kv) * hd, dtype=torch.bfloat16, device=meta)
     o, lse = torch.empty(b, s, h * hd, dtype=torch.bfloat16, device=meta), torch.empty(b, h, s, device=meta)
     lim = ARCH_LIMITS[90]
     names = {"_attn_fwd_kernel": "fwd", "_attn_bwd_dkdv_kernel": "dkdv", "_attn_bwd_dq_kernel": "dq"}
-    want = ta.attention_tiles(hd, torch.bfloat16, lim.smem)
     for w, cap, flags in ((0, 0.0, (False, False)), (64, 0.0, (True, False)), (0, 30.0, (False, True)),
                           (64, 30.0, (True, True)), (256, 0.0, (False, False))):
         with recording(lim) as launches:
@@ -563,10 +563,15 @@ def test_window_launches_take_the_plain_tiles():
             ta.attention_bwd(o, qkv, o, lse, None, h, kv, True, 0.125, 0.0, None, w, cap)
         got = {names[ln.kernel.__name__]: (ln.meta["BLOCK_M"], ln.meta["BLOCK_N"], ln.meta["num_warps"],
                                            ln.meta["num_stages"]) for ln in launches if ln.kernel.__name__ in names}
+        want = ta.attention_tiles(hd, torch.bfloat16, lim.smem, softcap=cap > 0)
         assert got == {k: want[k] for k in names.values()}
         for ln in launches:
             if ln.kernel.__name__ in names:
                 assert (bool(ln.meta.get("WINDOW", False)), bool(ln.meta.get("SOFTCAP", False))) == flags, (w, cap)
+    plain, capped = ta.attention_tiles(hd, torch.bfloat16, lim.smem), ta.attention_tiles(hd, torch.bfloat16, lim.smem,
+                                                                                            softcap=True)
+    assert capped["dq"] == (64, 32, 8, 3) and plain["dq"] == (64, 32, 4, 3)
+    assert {k: capped[k] for k in ("fwd", "dkdv")} == {k: plain[k] for k in ("fwd", "dkdv")}
 
 
 def test_window_softcap_bad_inputs():

@@ -26,6 +26,15 @@ the reference's (``reference.attention_dropout_keep``). z = 1 / (1 - p); with Z 
     backward: dV = (P Z)^T dO,  dS = P * ((dO V^T) Z - delta)      (delta = rowsum(dO * O) as without dropout)
 Each kernel regenerates the bits of its own tiles from the seed (a 1-element int64 tensor read on the device);
 nothing is stored.
+Sliding window (WINDOW, constexpr; runtime ``window`` w, causal only) and logit soft-capping (SOFTCAP; runtime
+cap_scale = scale / c, cap_log2 = c log2 e): the kernels without them are unchanged (the AOT table's rows of the
+plain kernels compile to the same resources).
+    window: valid &= i - j < w (transformers' sliding_window_overlay); the forward and dq kernels start their
+            key loop at the block holding key start_m - w + 1, the dk/dv kernel stops its query loop after the
+            block holding query start_n + BLOCK_N + w - 2: blocks outside the window are never loaded
+    softcap: s = c log2(e) tanh(scale q k^T / c) (base 2, as the scores above), lse of the capped scores;
+            backward: t = tanh(...) recomputed from the same dot, dS = P * (dP - delta) * (1 - t^2)
+A window >= S is no window (the plain kernels run).
 The dk/dv kernel owns one KV head's key block and loops over the H/KV query heads of its group (and the query
 blocks, from the diagonal on under causal), so GQA/MQA sums happen in registers: no atomics, one store.
 
@@ -427,26 +436,36 @@ _DROPOUT_TILES = {
 }
 
 
-def tile_entries(block_d, width, dropout=False):
+# Logit soft-capping (SOFTCAP variants: the tanh tile lives until dS): at hd 64 in 16-bit the dq kernel's 64 x 32
+# tiles with 4 warps spilled 4 B on sm_86 (with WINDOW); 8 warps do not spill on any arch. The forward and dk/dv
+# take the plain tiles. With dropout too, the dropout tiles (not in the AOT sweep).
+_SOFTCAP_TILES = {
+    (64, 2): [(60 << 10, dict(fwd=(64, 64, 4, 3), dkdv=(16, 32, 8, 1), dq=(64, 32, 8, 3))), (20 << 10, _SMALL)],
+}
+
+
+def tile_entries(block_d, width, dropout=False, softcap=False):
     """The ``(smem_needed, tiles)`` entries ``attention_tiles`` chooses from (``._aot`` checks against them)."""
     key = (max(64, block_d), width)
-    return (_DROPOUT_TILES.get(key) if dropout else None) or _GPU_TILES[key]
+    return ((_DROPOUT_TILES.get(key) if dropout else None) or (_SOFTCAP_TILES.get(key) if softcap else None)
+            or _GPU_TILES[key])
 
 
-def attention_tiles(head_dim, dtype, smem_limit, dropout=False):
+def attention_tiles(head_dim, dtype, smem_limit, dropout=False, softcap=False):
     """Every launch's (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and BLOCK_D, for a GPU whose blocks
     may use ``smem_limit`` bytes of shared memory: the largest ``_GPU_TILES`` entry of (BLOCK_D, operand
     bytes) that fits. A pure function of its arguments (unit-tested; ``._aot`` compiles what it returns).
 
     Depending on nothing else (not S, B or the mask) makes the recomputed forward ("full" level) bitwise the
     original: same device, dtype and dropout, so the same tiles and the same reduction order. ``dropout``:
-    the DROPOUT kernel variants, which get their own tiles where the plain ones would spill (_DROPOUT_TILES).
+    the DROPOUT kernel variants, which get their own tiles where the plain ones would spill (_DROPOUT_TILES);
+    ``softcap``: likewise the SOFTCAP variants (_SOFTCAP_TILES). A window takes the plain tiles.
     BLOCK_D = next power of two >= hd (>= 16, tl.dot's minimum), masked on d."""
     block_d = max(16, triton.next_power_of_2(int(head_dim)))
     if block_d > 256:
         raise ValueError(f"head_dim must be <= 256 for the Triton attention kernels, got {head_dim}")
     width = 4 if dtype == torch.float32 else 2
-    entries = tile_entries(block_d, width, dropout)
+    entries = tile_entries(block_d, width, dropout, softcap)
     for need, tiles in entries:
         if need <= smem_limit:
             return dict(tiles, block_d=block_d)
@@ -454,13 +473,13 @@ def attention_tiles(head_dim, dtype, smem_limit, dropout=False):
                      f"memory per block (the smallest needs {entries[-1][0]})")
 
 
-def _tiles(head_dim, dtype, device, dropout=False):
+def _tiles(head_dim, dtype, device, dropout=False, softcap=False):
     """The tiles of a launch on ``device``: ``attention_tiles`` for its shared memory (``device_limits``),
     or the interpreter's small tiles on CPU tensors."""
     limits = device_limits(device)
     if limits is None:
         return dict(_INTERPRETER_TILES, block_d=max(16, triton.next_power_of_2(int(head_dim))))
-    return attention_tiles(head_dim, dtype, limits.smem, dropout)
+    return attention_tiles(head_dim, dtype, limits.smem, dropout, softcap)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -537,7 +556,7 @@ def attention_fwd(qkv, key_mask, num_heads, num_kv_heads, causal, scale, dropout
     lse = qkv.new_empty(b, num_heads, s, dtype=torch.float32)
     if o.numel() == 0:
         return o, lse
-    cfg = _tiles(hd, qkv.dtype, qkv.device, bool(drop.get("DROPOUT")))
+    cfg = _tiles(hd, qkv.dtype, qkv.device, bool(drop.get("DROPOUT")), bool(drop.get("SOFTCAP")))
     meta = dict(_meta_for("fwd", qkv, causal, mask, cfg), **drop)
     launch(wrap_triton(_attn_fwd_kernel), (triton.cdiv(s, meta["BLOCK_M"]) * b * num_heads,),
         qkv, mask, o, lse, s, num_heads, num_heads // num_kv_heads, hd,
@@ -561,7 +580,7 @@ def attention_bwd(do, qkv, o, lse, key_mask, num_heads, num_kv_heads, causal, sc
     dqkv = torch.empty_like(qkv)
     if dqkv.numel() == 0:
         return dqkv
-    cfg = _tiles(hd, qkv.dtype, qkv.device, bool(drop.get("DROPOUT")))
+    cfg = _tiles(hd, qkv.dtype, qkv.device, bool(drop.get("DROPOUT")), bool(drop.get("SOFTCAP")))
     group = num_heads // num_kv_heads
     qk_scale = float(scale) * _LOG2E_PY
     delta = torch.empty_like(lse)
