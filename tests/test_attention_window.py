@@ -510,3 +510,30 @@ def test_bad_window_softcap_kernels(kw, match):
     if _backend.extension_loaded() and not isinstance(kw.get("window", 0), float):
         with pytest.raises(RuntimeError, match=match):
             ops.attention_fwd(qkv, None, 1, 1, causal, 0.5, 0.0, None, kw.get("window", 0), kw.get("softcap", 0.0))
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_windowed_prefill_fills_the_sliding_cache_like_hf(family):
+    """eval + use_cache with a window shorter than S: the prefill runs fused, the (sliding-window) cache
+    holds what the unconverted model stores, and the decode step (cache not empty: original forward)
+    answers the same."""
+    from test_convert import batch
+    from conftest import assert_fp32_close as close
+    ref = _hf(family, "sdpa", num_hidden_layers=2, **({"max_window_layers": 1} if family == "qwen2" else {})).eval()
+    conv = ckpt_ops.convert(copy.deepcopy(ref))
+    ids, am, _ = batch(b=2, s=10)
+    a = ref(input_ids=ids, attention_mask=am, use_cache=True)
+    b = conv(input_ids=ids, attention_mask=am, use_cache=True)
+    close(b.logits, a.logits, "prefill logits")
+    for la, lb in zip(a.past_key_values.layers, b.past_key_values.layers):
+        assert type(la) is type(lb) and la.keys.shape == lb.keys.shape
+        close(lb.keys, la.keys, "cached keys")
+        close(lb.values, la.values, "cached values")
+    assert any(type(la).__name__ == "DynamicSlidingWindowLayer" for la in a.past_key_values.layers)
+    nid = torch.randint(0, 97, (2, 1), generator=torch.Generator().manual_seed(0))
+    am2 = torch.cat([am, torch.ones(2, 1, dtype=am.dtype)], 1)
+    a2 = ref(input_ids=nid, attention_mask=am2, cache=a.past_key_values, use_cache=True)
+    b2 = conv(input_ids=nid, attention_mask=am2, cache=b.past_key_values, use_cache=True)
+    close(b2.logits, a2.logits, "decode logits")
+    rep = ckpt_ops.conversion_report(conv)
+    assert rep["fused_calls"][type(ref.model.layers[0]).__name__] == 2
