@@ -84,7 +84,7 @@ def out_dtype(x_dtype: torch.dtype, cdt: torch.dtype, residual: bool) -> torch.d
 # Segment parameter names by the dtype they are computed in under autocast (ckpt_ops.attention.PARAMS,
 # ckpt_ops.mlp.PARAMS): x and the fused norm's parameters in fp32, the rest (GEMM weights and biases)
 # in the autocast dtype.
-FP32_KEYS = ("x", "nw", "nb")
+FP32_KEYS = ("x", "nw", "nb", "qw", "kw", "pw")  # + the q/k norm and post-norm weights
 
 
 def cast_inputs(cdt: Optional[torch.dtype], p: dict) -> dict:

@@ -18,7 +18,7 @@ import functools
 
 import torch
 
-__all__ = ["once_differentiable", "sentinel", "saved"]
+__all__ = ["once_differentiable", "sentinel", "saved", "can_release", "release"]
 
 
 class _NoDoubleBackward(torch.autograd.Function):
@@ -70,3 +70,31 @@ def sentinel(like=None) -> torch.Tensor:
 def saved(ctx) -> tuple:
     """ctx.saved_tensors without the trailing sentinel (raises after the graph was freed)."""
     return ctx.saved_tensors[:-1]
+
+
+def can_release() -> bool:
+    """Whether a backward may free the storage of its own saved intermediates after their last use
+    (:func:`release`): only in an eager first-order backward that frees the graph
+    (``retain_graph=False``, no ``create_graph``) -- then nothing can read them again, exactly as
+    autograd frees an eager node's saved tensors once that node's backward has run. Never under
+    torch.compile (Inductor plans the memory of its graph itself)."""
+    if torch.compiler.is_compiling() or torch.is_grad_enabled():
+        return False
+    try:
+        return not torch._C._autograd._get_current_graph_task_keep_graph()
+    except (AttributeError, RuntimeError):  # no such API, or not inside a backward
+        return False
+
+
+def release(ok: bool, *tensors) -> None:
+    """Free the storage of saved *intermediates* (tensors a ckpt_ops forward created and kept,
+    never a user's input, parameter or output) after their last use in backward, when `ok`
+    (:func:`can_release`). Eager autograd releases a node's saved tensors after its backward; a
+    fused segment's node would hold all of them until the whole segment's backward returns, so
+    its peak would be above eager's by the activations already consumed. Views of a tensor share
+    its storage: pass only tensors whose every view is internal too."""
+    if not ok:
+        return
+    for t in tensors:
+        if t is not None and t.numel() and not torch._C._functorch.is_functorch_wrapped_tensor(t):
+            t.untyped_storage().resize_(0)

@@ -2,7 +2,9 @@
 declarative :class:`Family` each), the norms, and the decoder layers known to be left (with why).
 
 Adding a Llama-like family (pre-norm RMSNorm, q/k/v/o + gated MLP, rotate-half RoPE tables passed as
-``position_embeddings``) is one :class:`Family` entry in ``FAMILIES``.
+``position_embeddings``) is one :class:`Family` entry in ``FAMILIES``; so are its variants with q/k
+RMSNorms before RoPE (Qwen3, Gemma3 per head; OLMo2 over the whole projection) and with
+post-sublayer norms, with or without the pre-norms (Gemma2/3: both; OLMo2: post-norms only).
 """
 from __future__ import annotations
 
@@ -358,8 +360,10 @@ class GPT2BlockAdapter(_BlockAdapter):
 
 @dataclass(frozen=True)
 class Family:
-    """A Llama-like decoder layer: pre-norm RMSNorm around attention and a gated MLP, RoPE tables
-    passed as ``position_embeddings``. Names are submodule names inside the layer."""
+    """A Llama-like decoder layer: RMSNorms around attention and a gated MLP, RoPE tables passed
+    as ``position_embeddings``: ``h = x + post1(attn(pre1(x)))``, ``out = h + post2(mlp(pre2(h)))``
+    with each pre/post norm optional (Llama: pre only; Gemma2/3: both; OLMo2: post only) and an
+    optional q/k RMSNorm before RoPE. Names are submodule names inside the layer."""
     name: str                                       # the HF model folder, e.g. "llama"
     prefix: str                                     # class prefix, e.g. "Llama" -> LlamaDecoderLayer, ...
     qkv: Tuple[str, ...] = ("q_proj", "k_proj", "v_proj")  # or one packed name, rows [q | k | v]
@@ -368,14 +372,27 @@ class Family:
     # attention may have a window: "config" = config.sliding_window on every layer (Mistral, Phi3 in
     # transformers 5.24: the attention passes getattr(config, "sliding_window") and the model builds
     # the sliding-window mask whenever it is set); "layer" = the attention's own sliding_window, set
-    # from config.layer_types (Qwen2: use_sliding_window / max_window_layers decide layer_types)
+    # from config.layer_types (Qwen2: use_sliding_window / max_window_layers decide layer_types; Qwen3,
+    # Gemma2/3: layer_types' "sliding_attention" layers)
     sliding_window: Optional[str] = None
     norm_offset: float = 0.0                         # Gemma: RMSNorm scales by (offset + weight)
+    # the norms before attention / before the MLP (None: no pre-norm, OLMo2) and after them (Gemma2/3,
+    # OLMo2: out = x + post(sublayer(pre(x)))), submodule names in the layer
+    pre_norms: Tuple[Optional[str], Optional[str]] = ("input_layernorm", "post_attention_layernorm")
+    post_norms: Optional[Tuple[str, str]] = None
+    qk_norm: Optional[str] = None                    # "head" (Qwen3, Gemma3) | "proj" (OLMo2): self_attn.q_norm/k_norm
+    act: str = "hidden_act"                          # the config attribute naming the MLP activation
+    softcap: bool = False                            # config.attn_logit_softcapping: fused only when None
+    layer_args: Tuple[str, ...] = ("hidden_states", "attention_mask", "position_ids", "cache", "use_cache",
+                                   "position_embeddings")  # the layer's positional arguments
 
     def cls(self, suffix: str):
         return _hf_class(f"transformers.models.{self.name}.modeling_{self.name}", self.prefix + suffix)
 
 
+_POST = ("post_attention_layernorm", "post_feedforward_layernorm")
+_GEMMA_PRE = ("input_layernorm", "pre_feedforward_layernorm")
+_GEMMA_ARGS = ("hidden_states", "position_embeddings", "attention_mask", "position_ids", "cache")
 FAMILIES = (
     Family("llama", "Llama"),
     Family("mistral", "Mistral", sliding_window="config"),
@@ -383,8 +400,15 @@ FAMILIES = (
     Family("phi3", "Phi3", qkv=("qkv_proj",), gate_up=("gate_up_proj",),
            resid_dropout=("resid_attn_dropout", "resid_mlp_dropout"), sliding_window="config"),
     Family("gemma", "Gemma", norm_offset=1.0),  # GeGLU (tanh GELU) via hidden_act; embed scaling is outside
+    Family("qwen3", "Qwen3", sliding_window="layer", qk_norm="head"),
+    Family("olmo2", "Olmo2", pre_norms=(None, None), post_norms=_POST, qk_norm="proj"),
+    # Gemma2/3: (1 + w) norms around both sublayers, query_pre_attn_scalar (attn.scaling), alternating
+    # sliding/global layers (each layer gets its own rotary tables as position_embeddings)
+    Family("gemma2", "Gemma2", norm_offset=1.0, sliding_window="layer", pre_norms=_GEMMA_PRE, post_norms=_POST,
+           act="hidden_activation", softcap=True, layer_args=_GEMMA_ARGS),
+    Family("gemma3", "Gemma3", norm_offset=1.0, sliding_window="layer", pre_norms=_GEMMA_PRE, post_norms=_POST,
+           qk_norm="head", act="hidden_activation", softcap=True, layer_args=_GEMMA_ARGS),
 )
-_LAYER_ARGS = ("hidden_states", "attention_mask", "position_ids", "cache", "use_cache", "position_embeddings")
 
 
 def _norm_weight(norm: torch.nn.Module, offset: float) -> torch.Tensor:
@@ -414,19 +438,26 @@ class LlamaLikeAdapter(_BlockAdapter):
     def matches(self, module):
         return self.cls is not None and isinstance(module, self.cls)
 
+    def _norm_names(self) -> list:
+        fam = self.fam
+        names = [n for n in (*fam.pre_norms, *(fam.post_norms or ())) if n is not None]
+        return names + (["self_attn.q_norm", "self_attn.k_norm"] if fam.qk_norm else [])
+
     def static_reason(self, module):
-        act = getattr(module.mlp.config, "hidden_act", None)
+        act = getattr(module.mlp.config, self.fam.act, None)
         if act not in _ACTS_GATED:
-            return f"hidden_act {act!r} has no fused kernel"
-        for n in (module.input_layernorm, module.post_attention_layernorm):
+            return f"{self.fam.act} {act!r} has no fused kernel"
+        for name in self._norm_names():
+            n = module.get_submodule(name)
             if self.norm_cls is None or type(n) is not self.norm_cls:
                 return f"norm of type {type(n).__name__}"
         return None
 
     def guard(self, module):
         norm = (self.norm_cls,)
-        reads = {"input_layernorm": norm, "post_attention_layernorm": norm, "self_attn": (self.attn_cls,),
-                 "self_attn.o_proj": Linear, "mlp": (self.mlp_cls,), "mlp.down_proj": Linear}
+        reads = {n: norm for n in self._norm_names()}
+        reads.update({"self_attn": (self.attn_cls,), "self_attn.o_proj": Linear, "mlp": (self.mlp_cls,),
+                      "mlp.down_proj": Linear})
         reads.update({f"self_attn.{n}": Linear for n in self.fam.qkv})
         reads.update({f"mlp.{n}": Linear for n in self.fam.gate_up})
         # PEFT LoRA wrappers served fused on every projection (ckpt_ops.lora)
@@ -436,11 +467,16 @@ class LlamaLikeAdapter(_BlockAdapter):
 
     def fused(self, module, state, args, kwargs):
         fam = self.fam
-        call = _bind(_LAYER_ARGS, args, kwargs)
+        call = _bind(fam.layer_args, args, kwargs)
         x = call["hidden_states"]
         attn, mlp = module.self_attn, module.mlp
         cache = call.get("cache", call.get("past_key_values"))
         fill = _check_cache(module, cache, attn.layer_idx, can_fill=self.rope is not None)
+        if not getattr(attn, "is_causal", True):
+            raise Unservable("bidirectional attention (use_bidirectional_attention)")
+        if fam.softcap and getattr(attn.config, "attn_logit_softcapping", None) is not None:
+            raise Unservable(f"attention logit soft-capping ({attn.config.attn_logit_softcapping}): no fused "
+                             "soft-capping yet")
         # attention_dropout: fused in the attention kernels; HF applies it when the attention module
         # trains (`dropout=0.0 if not self.training else self.attention_dropout`).
         p_probs = float(attn.attention_dropout) if attn.training else 0.0
@@ -471,16 +507,27 @@ class LlamaLikeAdapter(_BlockAdapter):
         w2, b2 = _proj(mlp, "down_proj", "mlp.down_proj", "w2", x, loras)
         p_attn, p_mlp = ((getattr(module, n).p if module.training else 0.0) for n in fam.resid_dropout) \
             if fam.resid_dropout else (0.0, 0.0)
-        n1, n2 = module.input_layernorm, module.post_attention_layernorm
-        nw1, nw2 = (_norm_weight(n, fam.norm_offset) for n in (n1, n2))
+        n1, n2 = (None if n is None else module.get_submodule(n) for n in fam.pre_norms)
+        nw1, nw2 = (None if n is None else _norm_weight(n, fam.norm_offset) for n in (n1, n2))
+        pn1, pn2 = (None, None) if fam.post_norms is None else (module.get_submodule(n) for n in fam.post_norms)
+        pw1, pw2 = (None if n is None else _norm_weight(n, fam.norm_offset) for n in (pn1, pn2))
+        qw = kw = None
+        if fam.qk_norm:
+            if _eps(attn.q_norm) != _eps(attn.k_norm):  # the segment takes one eps for both
+                raise Unservable(f"q_norm eps {_eps(attn.q_norm)} differs from k_norm eps {_eps(attn.k_norm)}")
+            qw, kw = (_norm_weight(n, fam.norm_offset) for n in (attn.q_norm, attn.k_norm))
         attn_p = {"nw": nw1, "nb": None, "wq": wq, "wk": wk, "wv": wv, "bq": bq, "bk": bk, "bv": bv,
-                  "wo": wo, "bo": bo}
-        mlp_p = {"nw": nw2, "nb": None, "w1": w1, "b1": b1, "wg": wg, "bg": bg, "w2": w2, "b2": b2}
+                  "wo": wo, "bo": bo, "qw": qw, "kw": kw, "pw": pw1}
+        mlp_p = {"nw": nw2, "nb": None, "w1": w1, "b1": b1, "wg": wg, "bg": bg, "w2": w2, "b2": b2, "pw": pw2}
         attn_kw = dict(num_heads=cfg.num_attention_heads, num_kv_heads=cfg.num_key_value_heads, scale=attn.scaling,
-                       norm="rmsnorm", norm_weight=nw1, norm_bias=None, norm_eps=_eps(n1),
-                       rope=True, rope_theta=10000.0, dropout=p_attn, residual=True, attn_dropout=p_probs)
-        mlp_kw = dict(activation=_ACTS_GATED[cfg.hidden_act], norm="rmsnorm", norm_weight=nw2, norm_bias=None,
-                      norm_eps=_eps(n2), dropout=p_mlp)
+                       norm=None if n1 is None else "rmsnorm", norm_weight=nw1, norm_bias=None,
+                       norm_eps=None if n1 is None else _eps(n1), rope=True, rope_theta=10000.0, dropout=p_attn,
+                       residual=True, attn_dropout=p_probs, qk_norm=fam.qk_norm, q_norm_weight=qw, k_norm_weight=kw,
+                       qk_norm_eps=_eps(attn.q_norm) if fam.qk_norm else None, post_norm_weight=pw1,
+                       post_norm_eps=None if pn1 is None else _eps(pn1))
+        mlp_kw = dict(activation=_ACTS_GATED[getattr(cfg, fam.act)], norm=None if n2 is None else "rmsnorm",
+                      norm_weight=nw2, norm_bias=None, norm_eps=None if n2 is None else _eps(n2), dropout=p_mlp,
+                      post_norm_weight=pw2, post_norm_eps=None if pn2 is None else _eps(pn2))
         out = self._run(module, state, x, call.get("attention_mask"), attn_p, mlp_p, attn_kw, mlp_kw, cos, sin,
                         loras, window)
         if fill:
@@ -517,9 +564,9 @@ class LlamaLikeAdapter(_BlockAdapter):
         """Store this call's keys/values in the (empty) cache as the original forward does, with
         HF's own modules and functions (input norm, k/v projections, the family's
         apply_rotary_pos_emb, cache.update with the attention's kwargs): bitwise what it stores.
-        Costs the norm and the k/v projections once more (eval calls with grad only)."""
-        attn, cfg = module.self_attn, module.self_attn.config
-        n = module.input_layernorm(x)
+        Costs the norm and the k/v projections (+ the k norm) once more (eval calls with grad only)."""
+        attn, cfg, pre = module.self_attn, module.self_attn.config, self.fam.pre_norms[0]
+        n = module.get_submodule(pre)(x) if pre is not None else x
         hd, kv = attn.head_dim, cfg.num_key_value_heads * attn.head_dim
         if len(self.fam.qkv) == 1:  # packed rows [q | k | v], sliced as HF does
             qkv = getattr(attn, self.fam.qkv[0])(n)
@@ -528,19 +575,18 @@ class LlamaLikeAdapter(_BlockAdapter):
         else:
             k, v = getattr(attn, self.fam.qkv[1])(n), getattr(attn, self.fam.qkv[2])(n)
         shape = (*x.shape[:-1], -1, hd)
-        k, v = k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2)
+        if self.fam.qk_norm == "proj":  # OLMo2: over the whole projection, before the head split
+            k = attn.k_norm(k)
+        k = k.view(shape)
+        if self.fam.qk_norm == "head":  # Qwen3/Gemma3: each head's hd values (a row op: order-free)
+            k = attn.k_norm(k)
+        k, v = k.transpose(1, 2), v.view(shape).transpose(1, 2)
         _, k = self.rope(k, k, pe[0], pe[1])
         cache.update(k, v, attn.layer_idx, kwargs={a: b for a, b in call.items() if a not in self._ATTN_OWN})
 
 
 # Decoder/encoder layers seen but not fused, and why (kernel features they would need).
 KNOWN_LEFT = {
-    "Qwen3DecoderLayer": "per-head q/k RMSNorm before RoPE: no fused kernel feature yet",
-    "Gemma2DecoderLayer": "pre- and post-sublayer norms, logit soft-capping, alternating sliding windows: "
-                          "no fused kernel features yet",
-    "Gemma3DecoderLayer": "pre- and post-sublayer norms, q/k norm, alternating sliding windows: no fused kernel "
-                          "features yet",
-    "Olmo2DecoderLayer": "post-sublayer norms and q/k norm over the whole projection: no fused kernel features yet",
     "GPTNeoXLayer": "parallel residual and partial rotary: no fused kernel features yet",
     "FalconDecoderLayer": "parallel attention/MLP and multi-query layout: no fused adapter yet",
     "BertLayer": "encoder layer (post-norm, bidirectional, optional cross-attention): encoders stay unconverted",

@@ -40,6 +40,38 @@ FLOPs per head forward): ``"full"`` runs its forward twice, like torch.utils.che
 
 The full-level LSE: the issue's budget allows keeping it, but the attention forward replayed in
 backward produces it again (bit-identically), so ``"full"`` keeps only x.
+
+Two optional RMSNorms, both run by the backend's fused ``rms_norm`` kernels on views of the
+projection outputs (``ckpt_ops.mlp.rms_rows``; under autocast in fp32 on the GEMM-dtype output,
+cast back, as HF's RMSNorms upcast):
+
+* q/k norm (``qk_norm``): q and k of the QKV projection output ("raw") are normalised before RoPE,
+  per head (``"head"``: weights (hd,), each head's hd values; Qwen3, Gemma3) or over the whole
+  projection (``"proj"``: weights (H*hd,), (KV*hd,); OLMo2), into a fresh buffer that RoPE then
+  rotates in place. Backward: RoPE's transpose, then the norm's backward (it needs raw and the
+  per-row rstd: (B*S*H + B*S*KV) or 2*B*S floats), giving d(raw) for the QKV backward GEMMs and
+  the weights' gradients.
+* post-norm (``post_norm``): out = [x +] dropout(rms(y)), y = out_proj(o) (Gemma2/3, OLMo2; with no
+  pre-norm, ``norm=None``, that is OLMo2's layout). Its backward needs y and its rstd (B*S floats).
+
+What they add per level (on top of the table above):
+
+===============  ============================================  =====================================
+level            keeps                                         recomputes in backward
+===============  ============================================  =====================================
+``"full"``       nothing more                                  the q/k norms with the QKV replay; y
+                                                               (the output projection: +1 GEMM)
+                                                               and its rstd
+``"keep_attn"``  nothing more                                  as "full" (+1 GEMM for y)
+``"selective"``  raw *instead of* qkv after RoPE (same size),  the q/k norms + RoPE (elementwise,
+                 + y                                           with their rstd), y's rstd
+``"none"``       raw and qkv after RoPE, the q/k rstd, y and   nothing
+                 its rstd
+===============  ============================================  =====================================
+
+GEMMs with a post-norm: ``"full"``/``"keep_attn"`` 8 (+ the output projection replayed for y); the
+others 6. Inside ``ckpt_ops.block`` at "full"/"keep_attn" the block's rebuild of h1 runs that
+output projection anyway: its y and rstd are reused, no GEMM is added.
 """
 from __future__ import annotations
 
@@ -51,7 +83,8 @@ import torch.nn.functional as F
 from ckpt_ops import _amp, _autograd, _backend, _validate
 from ckpt_ops import lora as _lora
 from ckpt_ops import reference as _ref
-from ckpt_ops.mlp import _norm_fwd, load, mm, norm_backward, residual_dropout, save
+from ckpt_ops.mlp import _norm_fwd, add_residual_grad, load, mm, norm_backward, post_norm_prepare, residual_dropout, \
+    rms_rows, rms_rows_bwd, save
 from ckpt_ops.norm import default_rms_eps
 
 Tensor = torch.Tensor
@@ -88,6 +121,13 @@ class AttnConfig(NamedTuple):
     qkv_split: Optional[tuple] = None  # (q rows, k rows, v rows) when q/k/v weights come apart
     amp: Optional[torch.dtype] = None  # autocast: the GEMM / attention dtype (ckpt_ops._amp), else None
     attn_p: float = 0.0  # attention-probability dropout (0 in eval)
+    # q/k RMSNorm after the QKV projection, before RoPE (PARAMS "qw", "kw"): None | "head" (weight
+    # (hd,), each head's hd values: Qwen3, Gemma3) | "proj" (weights (H*hd,), (KV*hd,): OLMo2)
+    qk_norm: Optional[str] = None
+    qk_eps: Optional[float] = None
+    # post-sublayer RMSNorm of the output projection, before dropout/residual (PARAMS "pw")
+    post_norm: bool = False
+    post_eps: Optional[float] = None
     # --- sliding window / logit soft-capping (attnfeat) -- keep these the LAST fields ---
     window: int = 0       # causal sliding window: query i sees keys i - window < j <= i; 0 = none
     softcap: float = 0.0  # scores softcap * tanh(scale q.k / softcap); 0 = none
@@ -100,19 +140,23 @@ class _Plan(NamedTuple):
     n: bool         # n is needed (QKV weight gradient, or the QKV replay)
     norm_bwd: bool  # the norm's backward runs
     dn: bool        # dn = dqkv @ Wqkv is needed
+    y: bool = False  # the post-norm's backward runs: its input y = out_proj(o) is needed
 
 
 def _plan(cfg: AttnConfig, need) -> _Plan:
     need_x, need_nw, need_nb = need[:3]
     need_wqkv = any(need[3:6])
     need_bqkv = any(need[6:9])
-    need_wo = need[9]
+    need_wo, need_bo = need[9], need[10]
+    need_qk, need_pw = any(need[11:13]), any(need[13:14])
     dn = need_x or need_nw or need_nb
-    up = dn or need_wqkv or need_bqkv
+    up = dn or need_wqkv or need_bqkv or need_qk
     o = up or need_wo
-    qkv = up or (need_wo and cfg.level == "full")
+    y = cfg.post_norm and (o or need_bo or need_pw)
+    o = o or (y and cfg.level in ("full", "keep_attn"))  # replaying y = out_proj(o) needs o
+    qkv = up or (o and cfg.level == "full")
     n = need_wqkv or (qkv and cfg.level in ("full", "keep_attn"))
-    return _Plan(up, o, qkv, n, cfg.norm is not None and dn, dn)
+    return _Plan(up, o, qkv, n, cfg.norm is not None and dn, dn, y)
 
 
 _ATTN_SEED_BIT = 1 << 62  # seeds are drawn in [0, 2**62): the attention core's key space is disjoint
@@ -142,7 +186,7 @@ def _tables(cfg: AttnConfig, cos, sin, seq_len: int, head_dim: int, device, dtyp
 # GPT-2's c_attn, ckpt_ops.nn.Attention) or split into three (Llama's q/k/v_proj): the split
 # form runs three GEMMs into one qkv buffer instead of concatenating the weights, which would
 # keep a weight-sized copy alive for backward.
-PARAMS = ("nw", "nb", "wq", "wk", "wv", "bq", "bk", "bv", "wo", "bo")
+PARAMS = ("nw", "nb", "wq", "wk", "wv", "bq", "bk", "bv", "wo", "bo", "qw", "kw", "pw")
 _IDX = {k: i + 1 for i, k in enumerate(PARAMS)}  # position in needs_input_grad / grads (x is 0)
 
 
@@ -176,6 +220,30 @@ def _qkv_backward(cfg, dqkv2: Tensor, n: Optional[Tensor], t: dict, need, grads:
     return dn
 
 
+def _qk_norm(cfg: AttnConfig, raw: Tensor, t: dict):
+    """(qkv, q rstd, k rstd): the q/k RMSNorms of the raw projection output (B, S, W) into a fresh
+    buffer [norm(q) | norm(k) | v] (rows of hd per head, or of the whole H*hd / KV*hd projection),
+    by the fused norm kernel; without a q/k norm (raw, None, None)."""
+    if cfg.qk_norm is None:
+        return raw, None, None
+    hd = raw.shape[-1] // (cfg.num_heads + 2 * cfg.num_kv_heads)
+    q, k, v = raw.split([cfg.num_heads * hd, cfg.num_kv_heads * hd, cfg.num_kv_heads * hd], dim=-1)
+    qn, qr = rms_rows(cfg, q.contiguous(), t["qw"], cfg.qk_eps)
+    kn, kr = rms_rows(cfg, k.contiguous(), t["kw"], cfg.qk_eps)
+    return torch.cat([qn, kn, v], dim=-1), qr, kr
+
+
+def _qk_norm_backward(cfg: AttnConfig, dqkv: Tensor, t: dict, need, grads: list) -> Tensor:
+    """d(raw) from d(qkv after the q/k norms); the q/k norm weights' gradients into `grads`."""
+    hd = dqkv.shape[-1] // (cfg.num_heads + 2 * cfg.num_kv_heads)
+    sizes = [cfg.num_heads * hd, cfg.num_kv_heads * hd, cfg.num_kv_heads * hd]
+    dq, dk, dv = dqkv.split(sizes, dim=-1)
+    q, k, _ = t["raw"].split(sizes, dim=-1)
+    dq, grads[_IDX["qw"]] = rms_rows_bwd(cfg, dq, q.contiguous(), t["qw"], t["qr"], bool(need[_IDX["qw"]]))
+    dk, grads[_IDX["kw"]] = rms_rows_bwd(cfg, dk, k.contiguous(), t["kw"], t["kr"], bool(need[_IDX["kw"]]))
+    return torch.cat([dq, dk, dv], dim=-1)
+
+
 def _rope_buffer(qkv: Tensor, cfg: AttnConfig) -> Tensor:
     """The buffer the in-place RoPE rotates. Under torch.compile a fresh copy: torch 2.14 Inductor
     (auto_functionalized_v2 reinplacing) corrupts the QKV value that the forward and the
@@ -191,15 +259,19 @@ def segment_forward(cfg: AttnConfig, x: Tensor, p: dict, key_mask, cos, sin, see
     b, s, d = x.shape
     x2d = x.view(b * s, d)
     n, mean, rstd = _norm_fwd(cfg, x2d, p["nw"], p["nb"])
-    qkv = _rope_buffer(_rows(_qkv_linear(mm(cfg, n), p, lc), b, s), cfg)
+    raw = _rows(_qkv_linear(mm(cfg, n), p, lc), b, s)
+    qkv, qr, kr = _qk_norm(cfg, raw, p)
+    qkv = _rope_buffer(qkv, cfg)
     if cfg.rope:
         hd = qkv.shape[-1] // (cfg.num_heads + 2 * cfg.num_kv_heads)
         c, sn = _tables(cfg, cos, sin, s, hd, x.device, _ref.acc_dtype(qkv.dtype))
         k("rope_")(qkv, c, sn, cfg.num_heads, cfg.num_kv_heads, False)
     o, lse = k("attention_fwd")(qkv, key_mask, cfg.num_heads, cfg.num_kv_heads, cfg.causal, cfg.scale,
                                 *_drop(cfg, seed, s))
-    out = output_projection(cfg, x, o, p["wo"], p["bo"], seed, lc)
-    return out, {"n": n, "mean": mean, "rstd": rstd, "qkv": qkv, "o": o, "lse": lse}
+    st = {"n": n, "mean": mean, "rstd": rstd, "qkv": qkv, "o": o, "lse": lse, "raw": raw if cfg.qk_norm else None,
+          "qr": qr, "kr": kr, "y": None, "prstd": None}
+    out = output_projection(cfg, x, o, p["wo"], p["bo"], seed, lc, p.get("pw"), st)
+    return out, st
 
 
 def _rows(t: Tensor, b: int, s: int) -> Tensor:
@@ -215,21 +287,36 @@ def qkv_params(qkv_weight, qkv_bias) -> tuple:
     return (qkv_weight, None, None, qkv_bias, None, None)
 
 
-def output_projection(cfg: AttnConfig, x: Tensor, o: Tensor, wo, bo, seed, lc=None) -> Tensor:
-    """[x +] dropout(o @ wo^T + bo) as (B*S, D); the same kernels whether in the forward or when a
-    block's backward rebuilds its MLP input, so both are bit-identical."""
+def output_projection(cfg: AttnConfig, x: Tensor, o: Tensor, wo, bo, seed, lc=None, pw=None, st=None) -> Tensor:
+    """[x +] dropout([post_norm](o @ wo^T + bo)) as (B*S, D); the same kernels whether in the
+    forward or when a block's backward rebuilds its MLP input, so both are bit-identical. With a
+    post-norm its input y and row statistics go into `st` (when given)."""
     b, s, d = x.shape
     if seed is None:  # not kept when p == 0: the kernels still take one
         seed = torch.zeros(1, dtype=torch.int64, device=x.device)
-    o2 = o.view(b * s, o.shape[-1])
-    return residual_dropout(cfg, _lora.add(lc, "wo", o2, F.linear(o2, wo, bo)), x.view(b * s, d), seed)
+    y = _out_linear(o, wo, bo, lc)
+    if cfg.post_norm:
+        z, prstd = rms_rows(cfg, y, pw, cfg.post_eps)
+        if st is not None:
+            st["y"], st["prstd"] = y, prstd
+        y = z
+    return residual_dropout(cfg, y, x.view(b * s, d), seed)
+
+
+def _out_linear(o: Tensor, wo, bo, lc=None) -> Tensor:
+    """The output projection (+ its adapter) of o (B, S, H*hd) as (B*S, D)."""
+    o2 = o.reshape(-1, o.shape[-1])
+    return _lora.add(lc, "wo", o2, F.linear(o2, wo, bo))
 
 
 def segment_keep(cfg: AttnConfig, plan: _Plan, x, p: dict, st: dict, key_mask, cos, sin, seed) -> dict:
     """What the segment keeps for backward at cfg.level (None = not kept)."""
-    lvl, has_norm = cfg.level, cfg.norm is not None
+    lvl, has_norm, qkn = cfg.level, cfg.norm is not None, cfg.qk_norm is not None
     keep_o = lvl != "full" and plan.o
-    keep_qkv = lvl in ("selective", "none") and plan.qkv
+    # with a q/k norm "selective" keeps the projection output before norm + RoPE (rebuilt
+    # elementwise), "none" both it and qkv after them (+ the q/k row statistics)
+    keep_qkv = (lvl == "none" or (lvl == "selective" and not qkn)) and plan.qkv
+    keep_raw = qkn and lvl in ("selective", "none") and plan.qkv
     keep_n = lvl == "none" and plan.n and has_norm
     rebuild_n = has_norm and not keep_n and (plan.n or (plan.norm_bwd and lvl != "none"))
     replay_qkv = lvl in ("full", "keep_attn") and plan.qkv
@@ -248,8 +335,17 @@ def segment_keep(cfg: AttnConfig, plan: _Plan, x, p: dict, st: dict, key_mask, c
         "nb": p["nb"] if rebuild_n else None,
         **{w: p[w] if (plan.dn or replay_qkv) else None for w in ("wq", "wk", "wv")},
         **{bn: p[bn] if replay_qkv else None for bn in ("bq", "bk", "bv")},
-        "wo": p["wo"] if plan.up else None,
+        "wo": p["wo"] if (plan.up or (plan.y and lvl in ("full", "keep_attn"))) else None,
+        "bo": p["bo"] if (plan.y and lvl in ("full", "keep_attn")) else None,
         "seed": seed if (cfg.p > 0.0 or cfg.attn_p > 0.0) else None,
+        "raw": st["raw"] if keep_raw else None,
+        "qr": st["qr"] if (keep_raw and lvl == "none" and plan.up) else None,
+        "kr": st["kr"] if (keep_raw and lvl == "none" and plan.up) else None,
+        "qw": p["qw"] if qkn and plan.qkv else None,
+        "kw": p["kw"] if qkn and plan.qkv else None,
+        "y": st["y"] if (plan.y and lvl in ("selective", "none")) else None,
+        "prstd": st["prstd"] if (plan.y and lvl == "none") else None,
+        "pw": p["pw"] if plan.y else None,
     }
 
 
@@ -263,15 +359,25 @@ def segment_replay(cfg: AttnConfig, plan: _Plan, t: dict, shape, lc=None) -> dic
     if t["n"] is None and (plan.n or (plan.norm_bwd and t["rstd"] is None)):
         t["n"], t["mean"], t["rstd"] = _norm_fwd(cfg, x2d, t["nw"], t["nb"])
     if t["qkv"] is None and plan.qkv:
-        qkv = _rope_buffer(_rows(_qkv_linear(mm(cfg, t["n"]), t, lc), b, s), cfg)
-        if cfg.rope:  # in place on our own replayed buffer, never on a kept tensor
+        raw = t["raw"] if t["raw"] is not None else _rows(_qkv_linear(mm(cfg, t["n"]), t, lc), b, s)
+        qkv, t["qr"], t["kr"] = _qk_norm(cfg, raw, t)
+        if cfg.qk_norm is not None:
+            t["raw"] = raw
+        qkv = _rope_buffer(qkv, cfg)
+        if cfg.rope:  # in place on our own replayed buffer (or the q/k norms' fresh one), never on a kept tensor
             c, sn = _tables(cfg, t["cos"], t["sin"], s, qkv.shape[-1] // (cfg.num_heads + 2 * cfg.num_kv_heads),
                             qkv.device, _ref.acc_dtype(qkv.dtype))
             k("rope_")(qkv, c, sn, cfg.num_heads, cfg.num_kv_heads, False)
         t["qkv"] = qkv
-    if t["o"] is None:
+    elif cfg.qk_norm is not None and plan.up and t["qr"] is None:  # "selective" + q/k norm: kept raw
+        _, t["qr"], t["kr"] = _qk_norm(cfg, t["raw"], t)
+    if t["o"] is None and plan.o:
         t["o"], t["lse"] = k("attention_fwd")(t["qkv"], t["key_mask"], cfg.num_heads, cfg.num_kv_heads,
                                               cfg.causal, cfg.scale, *_drop(cfg, t["seed"], s))
+    if plan.y and t["y"] is None:  # "full"/"keep_attn": replay the output projection (one more GEMM)
+        t["y"] = _out_linear(t["o"], t["wo"], t["bo"], lc)
+    if plan.y and t["prstd"] is None:  # the forward's own norm kernel: bit-identical statistics
+        t["prstd"] = rms_rows(cfg, t["y"], t["pw"], cfg.post_eps)[1]
     return t
 
 
@@ -284,10 +390,16 @@ def segment_backward(cfg: AttnConfig, plan: _Plan, need, dout: Tensor, t: dict, 
     dout = dout.contiguous()
     grads = [None] * (1 + len(PARAMS))
     dy = _backend.kernel("mlp", cfg.backend, "dropout_bwd")(dout, t["seed"], cfg.p) if cfg.p > 0.0 else dout
-    if need[_IDX["bo"]]:
-        grads[_IDX["bo"]] = dy.sum(0)
     if need[0] and cfg.residual and not plan.dn:
         grads[0] = dout
+    if cfg.post_norm:
+        if not plan.y:
+            return grads
+        t = segment_replay(cfg, plan, t, shape, lc)
+        dy, grads[_IDX["pw"]] = rms_rows_bwd(cfg, dy, t["y"], t["pw"], t["prstd"], bool(need[_IDX["pw"]]))
+        _autograd.release(_autograd.can_release(), t["y"])  # the output projection's result: our own
+    if need[_IDX["bo"]]:
+        grads[_IDX["bo"]] = dy.sum(0)
     if not plan.o:
         return grads
     t = segment_replay(cfg, plan, t, shape, lc)
@@ -302,20 +414,31 @@ def segment_backward(cfg: AttnConfig, plan: _Plan, need, dout: Tensor, t: dict, 
     do2 = dyc @ t["wo"]
     dl = _lora.input_grad(lc, "wo", du, do2.dtype)
     do = _rows(do2 if dl is None else do2 + dl, b, s)
+    del do2, dl
     dqkv = k("attention_bwd")(do, t["qkv"], t["o"], t["lse"], t["key_mask"], cfg.num_heads, cfg.num_kv_heads,
                               cfg.causal, cfg.scale, *_drop(cfg, t["seed"], s))
+    del do
+    free = _autograd.can_release()  # qkv, o, lse, n: this segment's own intermediates (kept or replayed)
+    _autograd.release(free, t["qkv"], t["o"], t["lse"])
     if cfg.rope:  # RoPE's transpose, in place on the fresh gradient
         c, sn = _tables(cfg, t["cos"], t["sin"], s, dqkv.shape[-1] // (cfg.num_heads + 2 * cfg.num_kv_heads),
                         dqkv.device, _ref.acc_dtype(dqkv.dtype))
         k("rope_")(dqkv, c, sn, cfg.num_heads, cfg.num_kv_heads, True)
+    if cfg.qk_norm is not None:
+        dqkv = _qk_norm_backward(cfg, dqkv, t, need, grads)
+        _autograd.release(free, t["raw"])  # the projection's output before the q/k norms: our own
     n = mm(cfg, t["n"]) if t["n"] is not None else None
     dn = _qkv_backward(cfg, dqkv.view(b * s, dqkv.shape[-1]), n, t, need, grads, plan.dn, lc)
+    del dqkv, n
+    if cfg.norm is not None:
+        _autograd.release(free, t["n"])  # the norm's output, not x
     if not plan.dn:
         return grads
     x2d = t["x"].view(b * s, d) if t["x"] is not None else None
     dx = norm_backward(cfg, dn, x2d, t["nw"], t["mean"], t["rstd"], need[:3], grads)
+    del dn
     if need[0]:
-        grads[0] = dx + dout if cfg.residual else dx
+        grads[0] = add_residual_grad(dx, dout, free) if cfg.residual else dx
     return grads
 
 
@@ -330,8 +453,8 @@ class AttentionFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, nw, nb, wq, wk, wv, bq, bk, bv, wo, bo, key_mask, cos, sin, seed, cfg: AttnConfig):
-        p_in = {"x": x, **dict(zip(PARAMS, (nw, nb, wq, wk, wv, bq, bk, bv, wo, bo)))}
+    def forward(ctx, x, nw, nb, wq, wk, wv, bq, bk, bv, wo, bo, qw, kw, pw, key_mask, cos, sin, seed, cfg: AttnConfig):
+        p_in = {"x": x, **dict(zip(PARAMS, (nw, nb, wq, wk, wv, bq, bk, bv, wo, bo, qw, kw, pw)))}
         p = _amp.cast_inputs(cfg.amp, p_in)  # autocast: cast here, save the originals (ckpt_ops._amp)
         xc = p.pop("x")
         out, st = segment_forward(cfg, xc, p, key_mask, cos, sin, seed)
@@ -380,7 +503,10 @@ def attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor], out_wei
               norm_eps: Optional[float] = None, rope: bool = False, rope_theta: float = 10000.0,
               rope_cos: Optional[Tensor] = None, rope_sin: Optional[Tensor] = None, dropout: float = 0.0,
               training: bool = True, residual: bool = False, recompute: str = "full",
-              backend: Optional[str] = None, attn_dropout: float = 0.0, sliding_window: Optional[int] = None,
+              backend: Optional[str] = None, attn_dropout: float = 0.0, qk_norm: Optional[str] = None,
+              q_norm_weight: Optional[Tensor] = None, k_norm_weight: Optional[Tensor] = None,
+              qk_norm_eps: Optional[float] = None, post_norm_weight: Optional[Tensor] = None,
+              post_norm_eps: Optional[float] = None, sliding_window: Optional[int] = None,
               softcap: Optional[float] = None) -> Tensor:
     """Fused checkpointed attention segment ``[x +] dropout(out(attn(rope(qkv(norm(x))))))``.
 
@@ -403,6 +529,11 @@ def attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor], out_wei
             are off unless ``training``; the seed is drawn from torch's default generator (so
             torch.manual_seed reproduces a step).
         recompute: "full" | "keep_attn" | "selective" | "none" (see the module docstring).
+        qk_norm, q_norm_weight, k_norm_weight, qk_norm_eps: RMSNorms of q and k after the QKV
+            projection, before RoPE: "head" (weights (hd,), each head's hd values: Qwen3, Gemma3) or
+            "proj" (weights (H*hd,) and (KV*hd,), over the whole projection: OLMo2); None: off.
+        post_norm_weight, post_norm_eps: a post-sublayer RMSNorm (weight (d_model,)) of the output
+            projection, before dropout and the residual add (Gemma2/3, OLMo2).
         sliding_window: a positive int w (needs causal=True): query i attends keys j with
             i - w < j <= i (transformers' sliding-window convention); None = no window.
         softcap: a positive float c: attention logits c * tanh(scale * q.k / c) (Gemma2's
@@ -414,7 +545,9 @@ def attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor], out_wei
                                   norm_eps=norm_eps, rope=rope, rope_theta=rope_theta, rope_cos=rope_cos,
                                   rope_sin=rope_sin, dropout=dropout, training=training, residual=residual,
                                   recompute=recompute, backend=backend, attn_dropout=attn_dropout,
-                                  sliding_window=sliding_window, softcap=softcap)
+                                  qk_norm=qk_norm, q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight,
+                                  qk_norm_eps=qk_norm_eps, post_norm_weight=post_norm_weight,
+                                  post_norm_eps=post_norm_eps, sliding_window=sliding_window, softcap=softcap)
     b, s, d = x.shape
     if cfg.p > 0.0 or cfg.attn_p > 0.0:
         seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=x.device)
@@ -423,7 +556,8 @@ def attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor], out_wei
     # torch.autocast: x and the parameters go into the Function in their own dtypes; it casts them
     # itself, so that it saves them and not weight-sized cast copies (see ckpt_ops._amp).
     out_dtype = None if cfg.amp is None else _amp.out_dtype(x.dtype, cfg.amp, cfg.residual)
-    params = [norm_weight, norm_bias, *qkv_params(qkv_weight, qkv_bias), out_weight, out_bias]
+    params = [norm_weight, norm_bias, *qkv_params(qkv_weight, qkv_bias), out_weight, out_bias,
+              q_norm_weight, k_norm_weight, post_norm_weight]
     xc = x.contiguous()
     args = (xc, *params, mask, cos, sin, seed)
     with _amp.off(x.device.type):
@@ -456,7 +590,8 @@ def check_window_softcap(sliding_window, softcap, causal) -> tuple:
 
 def prepare(x, qkv_weight, qkv_bias, out_weight, out_bias, *, num_heads, num_kv_heads, attention_mask, causal,
             scale, norm, norm_weight, norm_bias, norm_eps, rope, rope_theta, rope_cos, rope_sin, dropout, training,
-            residual, recompute, backend, attn_dropout=0.0, sliding_window=None, softcap=None):
+            residual, recompute, backend, attn_dropout=0.0, qk_norm=None, q_norm_weight=None, k_norm_weight=None,
+            qk_norm_eps=None, post_norm_weight=None, post_norm_eps=None, sliding_window=None, softcap=None):
     """Validate the arguments of :func:`attention` (raising before any kernel runs) and return
     (AttnConfig, mask, cos, sin)."""
     x = _validate.float_tensor(x, "x")
@@ -519,13 +654,27 @@ def prepare(x, qkv_weight, qkv_bias, out_weight, out_bias, *, num_heads, num_kv_
         _validate.param_like(norm_bias, "norm_bias", (d,), x)
         eps = (1e-5 if norm == "layernorm" else default_rms_eps(x.dtype)) if norm_eps is None \
             else _validate.eps(norm_eps, "norm_eps")
+    qk_eps = None
+    if qk_norm not in (None, "head", "proj"):
+        raise ValueError(f"qk_norm must be None, 'head' or 'proj'; got {qk_norm!r}")
+    if qk_norm is None:
+        if q_norm_weight is not None or k_norm_weight is not None or qk_norm_eps is not None:
+            raise ValueError("q_norm_weight/k_norm_weight/qk_norm_eps given without qk_norm")
+    else:
+        for w, name, r in ((q_norm_weight, "q_norm_weight", h), (k_norm_weight, "k_norm_weight", kv)):
+            if w is None:
+                raise TypeError(f"{name} must be a tensor with qk_norm={qk_norm!r}")
+            _validate.param_like(w, name, (hd,) if qk_norm == "head" else (r * hd,), x)
+        qk_eps = default_rms_eps(x.dtype) if qk_norm_eps is None else _validate.eps(qk_norm_eps, "qk_norm_eps")
+    post_eps = post_norm_prepare(post_norm_weight, post_norm_eps, d, x)
     p = float(dropout) if training else 0.0
     be = _backend.resolve("attention", x.device, backend)
     _validate.backend_dtype(be, x, "x")
     cfg = AttnConfig(h, kv, bool(causal), float(scale) if scale is not None else hd ** -0.5, norm, eps, bool(rope),
                      float(rope_theta), p, bool(residual), recompute, be,
                      (h * hd, kv * hd, kv * hd) if split else None, _amp.gemm_dtype(x),
-                     float(attn_dropout) if training else 0.0, window, cap)
+                     float(attn_dropout) if training else 0.0, qk_norm, qk_eps, post_norm_weight is not None,
+                     post_eps, window, cap)
     cos = rope_cos.contiguous() if rope_cos is not None else None
     sin = rope_sin.contiguous() if rope_sin is not None else None
     return cfg, mask, cos, sin

@@ -21,6 +21,17 @@ level          keeps for backward                            recomputes in backw
 The backward of "full" replays the attention half once and reuses that replay both to rebuild h1
 and for the attention backward (qkv, O, LSE), so no work is done twice.
 
+Post-sublayer norms and q/k norms (ckpt_ops.attention / ckpt_ops.mlp docstrings):
+
+    h1  = x  + dropout(post1(attn(qk_norm, pre1(x))))      (pre1 optional: OLMo2 has none)
+    out = h1 + dropout(post2(mlp(pre2(h1))))
+
+The rebuild of h1 at "full"/"keep_attn" runs post1 on the replayed output projection, whose input
+and rstd the attention backward then reuses (no GEMM added there); the MLP at "full" replays fc2
+for post2's backward (one GEMM more, "full"/"keep_attn" only); "keep_mlp" replays the output
+projection for post1 (one GEMM); "selective"/"none" keep the post-norms' inputs (+ rstd at
+"none"). Each level's keep list is otherwise the table's: "full" still keeps x (+ mask, seeds).
+
 LoRA (``lora=`` of :func:`transformer_block`; PEFT wrappers through ckpt_ops.convert): adapters on
 any of the block's projections are computed inside the segment, in forward, in every replay and in
 backward (ckpt_ops.lora: ``y = x W^T + b + (drop(x) A^T) B^T * scale``). Every level keeps what it
@@ -114,7 +125,7 @@ class BlockFunction(torch.autograd.Function):
         rebuild_h1 = cfg.level in ("full", "keep_attn") and mkeep["x"] is not None
         if rebuild_h1:  # h1 = x + dropout(out_proj(O)): keep what that takes instead of h1
             mkeep["x"] = None
-            akeep.update(x=x, wo=ap["wo"], bo=ap["bo"],
+            akeep.update(x=x, wo=ap["wo"], bo=ap["bo"], pw=ap["pw"],
                          seed=seed_a if (cfg.attn.p > 0.0 or cfg.attn.attn_p > 0.0) else None)
         if cfg.attn.amp is not None:  # keep the inputs themselves, never their cast copies
             akeep = _amp.originals(akeep, {"x": x, **ap}, {"x": x_in, **ap_in})
@@ -148,8 +159,12 @@ class BlockFunction(torch.autograd.Function):
                             {}) if cfg.lora else None
         if ctx.rebuild_h1:
             ta = _attn.segment_replay(cfg.attn, _replay_plan(cfg, aplan), ta, ctx.shape, lc)
-            tm["x"] = _attn.output_projection(cfg.attn, ta["x"], ta["o"], ta["wo"], ta["bo"], ta["seed"], lc)
+            # (with a post-norm its input y and statistics land in ta: the attention backward reuses them)
+            tm["x"] = _attn.output_projection(cfg.attn, ta["x"], ta["o"], ta["wo"], ta["bo"], ta["seed"], lc,
+                                              ta["pw"], ta)
         mgrads = _mlp.segment_backward(cfg.mlp, mplan, mneed, dout.reshape(b * s, d), tm, lc)
+        # h1 (the MLP's input: kept or rebuilt) is the block's own intermediate: free it now
+        _autograd.release(_autograd.can_release(), tm["x"])
         if need_h1:
             agrads = _attn.segment_backward(cfg.attn, aplan, aneed, mgrads[0], ta, ctx.shape, lc)
         else:
@@ -192,7 +207,9 @@ def transformer_block(x: Tensor, attn_params: dict, mlp_params: dict, attn_cfg: 
     # itself, so that it saves them and not weight-sized cast copies (see ckpt_ops._amp).
     out_dtype = None if cfg.attn.amp is None else _amp.out_dtype(x.dtype, cfg.attn.amp, True)
     x = x.contiguous()
-    args = ([attn_params[k] for k in _attn.PARAMS] + [mlp_params[k] for k in _mlp.PARAMS])
+    attn_params = {k: attn_params.get(k) for k in _attn.PARAMS}  # the q/k/post-norm weights may be absent
+    mlp_params = {k: mlp_params.get(k) for k in _mlp.PARAMS}
+    args = ([attn_params.get(k) for k in _attn.PARAMS] + [mlp_params.get(k) for k in _mlp.PARAMS])
     with _amp.off(x.device.type):
         if torch.is_grad_enabled() and (x.requires_grad or any(t is not None and t.requires_grad
                                                                for t in (*args, *lt))):

@@ -36,7 +36,13 @@ torch.utils.checkpoint(use_reentrant=True)             8             12
 =====================================================  ============  ===========
 
 (forward: fc1, [gate], fc2; backward: fc2 dgrad + wgrad, fc1 dgrad + wgrad, [gate dgrad + wgrad];
-``"full"`` adds the fc1 [and gate] replay.) Only what ``ctx.needs_input_grad`` requires is saved
+``"full"`` adds the fc1 [and gate] replay.)
+
+Post-norm (``post_norm_weight``; Gemma2/3, OLMo2): out = [x +] dropout(rms(y)), y = fc2(a), by the
+fused rms_norm kernel (``rms_rows``; under autocast in fp32 on the GEMM-dtype y, cast back). Its
+backward needs y: ``"full"`` replays it (fc2 once more: 8 / 12 GEMMs) and its rstd, keeping nothing
+more; ``"selective"`` keeps y (M x D) and recomputes the rstd; ``"none"`` keeps y and its rstd
+(M floats). Only what ``ctx.needs_input_grad`` requires is saved
 and computed: frozen weights skip their weight gradients, a frozen fc2 skips the activation
 output, an input without grad skips dx, and under ``torch.no_grad()`` nothing is saved.
 """
@@ -61,7 +67,7 @@ NORMS = (None, "layernorm", "rmsnorm")
 _backend.register_family(
     "mlp",
     {
-        "cpu": {k: f"torch.ops.ckpt_ops.{k}" for k in ("act_fwd", "act_bwd", "dropout_fwd", "dropout_bwd")},
+        "cpu": {k: f"torch.ops.ckpt_ops.{k}" for k in ("act_fwd", "act_bwd", "act_bwd_", "dropout_fwd", "dropout_bwd")},
         "cuda": {k: f"torch.ops.ckpt_ops.{k}" for k in ("act_fwd", "act_bwd", "dropout_fwd", "dropout_bwd")},
         "triton": {k: f"torch.ops.ckpt_ops.{k}_triton" for k in ("act_fwd", "act_bwd", "dropout_fwd", "dropout_bwd")},
         "reference": {k: getattr(_ref, k) for k in ("act_fwd", "act_bwd", "dropout_fwd", "dropout_bwd")},
@@ -82,6 +88,9 @@ class MLPConfig(NamedTuple):
     level: str
     backend: str
     amp: Optional[torch.dtype] = None  # autocast: the GEMM dtype (ckpt_ops._amp), else None
+    # post-sublayer norm: out = [x +] dropout(rmsnorm(fc2(...))) (Gemma2/3, OLMo2), weight PARAMS "pw"
+    post_norm: bool = False
+    post_eps: Optional[float] = None
 
 
 def mm(cfg, t: Tensor) -> Tensor:
@@ -121,6 +130,26 @@ def _norm_fwd(cfg: MLPConfig, x, nw, nb):
     return x, None, None
 
 
+def rms_rows(cfg, x: Tensor, w: Tensor, eps: float):
+    """RMSNorm of x over rows of width w.numel() (x's last dim or a divisor of it: per-head q/k
+    norms) by the backend's fused rms_norm kernel: the q/k norms and the post-sublayer norms.
+    Returns (n in x's dtype and shape, rstd per row). Under autocast x is a GEMM output in the GEMM
+    dtype and w is fp32: x is normalised in fp32 (as HF's RMSNorms upcast) and n cast back."""
+    x2 = x.reshape(-1, w.shape[0])
+    xin = x2 if x2.dtype == w.dtype else x2.to(w.dtype)
+    n, rstd = _backend.kernel("rms_norm", cfg.backend, "fwd")(xin.contiguous(), _contig(w), eps)
+    return n.to(x.dtype).view(x.shape), rstd
+
+
+def rms_rows_bwd(cfg, dn: Tensor, x: Tensor, w: Tensor, rstd: Tensor, need_w: bool):
+    """Backward of :func:`rms_rows`: (dx in x's dtype and shape, dw or None)."""
+    x2 = x.reshape(-1, w.shape[0])
+    xin = x2 if x2.dtype == w.dtype else x2.to(w.dtype)
+    dn2 = dn.reshape(-1, w.shape[0]).to(w.dtype).contiguous()
+    dx, dw = _backend.kernel("rms_norm", cfg.backend, "bwd")(dn2, xin.contiguous(), _contig(w), rstd, True, need_w)
+    return dx.to(x.dtype).view(x.shape), (dw if need_w else None)
+
+
 class _Plan(NamedTuple):
     """What backward must produce and therefore what forward keeps (from ctx.needs_input_grad)."""
     up: bool          # anything upstream of fc2's input trains: da = dy @ w2 and dh are needed
@@ -128,19 +157,23 @@ class _Plan(NamedTuple):
     n: bool           # n is needed in backward: for fc1/gate weight gradients or the fc1 replay
     norm_bwd: bool    # the norm's backward runs (dx or the norm's own parameters train)
     dn: bool          # dn = dh @ w1 (+ dg @ wg) is needed (dx or norm parameters)
+    y: bool = False   # the post-norm's backward runs: its input y = fc2(a) is needed
 
 
 def _plan(cfg: MLPConfig, need) -> _Plan:
-    need_x, need_nw, need_nb, need_w1, need_b1, need_wg, need_bg, need_w2 = need[:8]
+    need_x, need_nw, need_nb, need_w1, need_b1, need_wg, need_bg, need_w2, need_b2 = need[:9]
+    need_pw = len(need) > 9 and need[9]
     dn = need_x or need_nw or need_nb
     up = dn or need_w1 or need_b1 or need_wg or need_bg
     h = up or need_w2
+    y = cfg.post_norm and (h or need_b2 or need_pw)
+    h = h or (y and cfg.level == "full")  # "full" replays y = fc2(act(fc1(n))): h (and n) are needed
     n = need_w1 or need_wg or (h and cfg.level == "full")
-    return _Plan(up, h, n, cfg.norm is not None and dn, dn)
+    return _Plan(up, h, n, cfg.norm is not None and dn, dn, y)
 
 
 # Parameter names of the segment, in the order of the Function's inputs after x.
-PARAMS = ("nw", "nb", "w1", "b1", "wg", "bg", "w2", "b2")
+PARAMS = ("nw", "nb", "w1", "b1", "wg", "bg", "w2", "b2", "pw")
 
 
 def _fc(lc, nm: Tensor, t: dict, w: str, b: str) -> Tensor:
@@ -158,8 +191,10 @@ def segment_forward(cfg: MLPConfig, x: Tensor, p: dict, seed: Tensor, lc=None):
     h = _fc(lc, nm, p, "w1", "b1")
     g = _fc(lc, nm, p, "wg", "bg") if cfg.gated else None
     a = k("act_fwd")(h, g, cfg.activation)
-    out = residual_dropout(cfg, _fc(lc, a, p, "w2", "b2"), x, seed)
-    return out, {"n": n, "mean": mean, "rstd": rstd, "h": h, "g": g, "a": a}
+    y = _fc(lc, a, p, "w2", "b2")
+    z, prstd = rms_rows(cfg, y, p["pw"], cfg.post_eps) if cfg.post_norm else (y, None)
+    out = residual_dropout(cfg, z, x, seed)
+    return out, {"n": n, "mean": mean, "rstd": rstd, "h": h, "g": g, "a": a, "y": y, "prstd": prstd}
 
 
 def segment_keep(cfg: MLPConfig, plan: _Plan, need, x: Tensor, p: dict, st: dict, seed: Tensor) -> dict:
@@ -185,7 +220,11 @@ def segment_keep(cfg: MLPConfig, plan: _Plan, need, x: Tensor, p: dict, st: dict
         "b1": p["b1"] if replay_h else None,
         "wg": p["wg"] if (plan.dn or replay_h) else None,
         "bg": p["bg"] if replay_h else None,
-        "w2": p["w2"] if plan.up else None,
+        "w2": p["w2"] if (plan.up or (plan.y and lvl == "full")) else None,
+        "b2": p["b2"] if (plan.y and lvl == "full") else None,
+        "y": st["y"] if (plan.y and lvl != "full") else None,       # post-norm input: kept below "full"
+        "prstd": st["prstd"] if (plan.y and lvl == "none") else None,
+        "pw": p["pw"] if plan.y else None,
         "seed": seed if cfg.p > 0.0 else None,
     }
 
@@ -199,41 +238,79 @@ def segment_backward(cfg: MLPConfig, plan: _Plan, need, dout: Tensor, t: dict, l
     k = lambda name: _backend.kernel("mlp", cfg.backend, name)  # noqa: E731
     x, n, h, g, a, mean, rstd = t["x"], t["n"], t["h"], t["g"], t["a"], t["mean"], t["rstd"]
     dout = dout.contiguous()
-    grads = [None] * 9
+    grads = [None] * (1 + len(PARAMS))
     dy = k("dropout_bwd")(dout, t["seed"], cfg.p) if cfg.p > 0.0 else dout
-    if need[8]:
-        grads[8] = dy.sum(0)
     if need[0] and cfg.residual and not plan.dn:
         grads[0] = dout
+    nm = None  # n in the GEMM dtype (autocast: cast once for the replay and the weight gradients)
+
+    def replay_nh():
+        nonlocal n, mean, rstd, h, g, nm
+        if n is None and (plan.n or (plan.norm_bwd and rstd is None)):
+            if cfg.norm is None:
+                n = x
+            else:  # the forward's own norm kernel: n, mean and rstd bit-identical to the forward's
+                n, mean, rstd = _norm_fwd(cfg, x, t["nw"], t["nb"])
+        if h is None and (plan.up or a is None):  # "full": replay fc1 (and gate), bit-identical
+            nm = mm(cfg, n)
+            h = _fc(lc, nm, t, "w1", "b1")
+            g = _fc(lc, nm, t, "wg", "bg") if cfg.gated else None
+
+    if cfg.post_norm:  # dy = the post-norm's backward, from its input y = fc2(a) (kept, or replayed at "full")
+        if not plan.y:
+            return grads
+        y, prstd = t["y"], t["prstd"]
+        if y is None:  # "full": replay fc2 on the replayed activation (one more GEMM)
+            replay_nh()
+            if a is None:
+                a = k("act_fwd")(h, g, cfg.activation)
+            y = _fc(lc, a, t, "w2", "b2")
+        if prstd is None:  # the forward's own norm kernel: bit-identical statistics
+            prstd = rms_rows(cfg, y, t["pw"], cfg.post_eps)[1]
+        dy, grads[9] = rms_rows_bwd(cfg, dy, y, t["pw"], prstd, bool(need[9]))
+        _autograd.release(_autograd.can_release(), y)  # fc2's output: this segment's own
+        del y
+    if need[8]:
+        grads[8] = dy.sum(0)
     if not plan.h:
         return grads
-
-    if n is None and (plan.n or (plan.norm_bwd and rstd is None)):
-        if cfg.norm is None:
-            n = x
-        else:  # the forward's own norm kernel: n, mean and rstd bit-identical to the forward's
-            n, mean, rstd = _norm_fwd(cfg, x, t["nw"], t["nb"])
-    nm = None  # n in the GEMM dtype (autocast: cast once for the replay and the weight gradients)
-    if h is None and (plan.up or a is None):  # "full": replay fc1 (and gate), bit-identical
-        nm = mm(cfg, n)
-        h = _fc(lc, nm, t, "w1", "b1")
-        g = _fc(lc, nm, t, "wg", "bg") if cfg.gated else None
+    replay_nh()
 
     lw2 = _lora.trains(lc, "w2")
     rebuild_a = (need[7] or lw2) and a is None
     dyc = mm(cfg, dy)  # autocast: fc2's backward GEMMs in the GEMM dtype, like eager's
     du2 = _lora.dus(lc, "w2", dyc) if (plan.up or lw2) else {}
+    free = _autograd.can_release()  # h, g, a, n below: this segment's own intermediates
+    if a is not None:  # kept ("none"): fc2's weight gradient first, then `a` can go (as eager's order)
+        if need[7]:
+            grads[7] = dyc.t() @ a
+        _lora.weight_grads(lc, "w2", dyc, du2, a)
+        _autograd.release(free, a)
+        a = None
+        w2_done = True
+    else:
+        w2_done = False
     if plan.up:
         da = dyc @ t["w2"]
         dl = _lora.input_grad(lc, "w2", du2, da.dtype)
-        a_re, dh, dg = k("act_bwd")(da if dl is None else da + dl, h, g, cfg.activation, rebuild_a)
+        da = da if dl is None else da.add_(dl)  # da: a fresh product of this backward
+        if cfg.backend == "cpu" and not torch.compiler.is_compiling():
+            a_re, dg = k("act_bwd_")(da, h, g, cfg.activation, rebuild_a)  # dh written into da (one
+            dh = da                                   # activation-sized allocation fewer than eager)
+        else:
+            a_re, dh, dg = k("act_bwd")(da, h, g, cfg.activation, rebuild_a)
+        del da, dl
         if rebuild_a:
             a = a_re
+        del a_re
+        _autograd.release(free, h, g)
     elif rebuild_a:
         a = k("act_fwd")(h, g, cfg.activation)
-    if need[7]:
-        grads[7] = dyc.t() @ a
-    _lora.weight_grads(lc, "w2", dyc, du2, a)
+    if not w2_done:
+        if need[7]:
+            grads[7] = dyc.t() @ a
+        _lora.weight_grads(lc, "w2", dyc, du2, a)
+        _autograd.release(free, a)
     if not plan.up:
         return grads
 
@@ -251,17 +328,30 @@ def segment_backward(cfg: MLPConfig, plan: _Plan, need, dout: Tensor, t: dict, l
         grads[5] = dg.t() @ nm
     if cfg.gated and need[6]:
         grads[6] = dg.sum(0)
+    if cfg.norm is not None:
+        _autograd.release(free, n)  # the norm's output (kept or replayed), not x
+    del nm
     if not plan.dn:
         return grads
     dn = dh @ t["w1"]
     for dl in (_lora.input_grad(lc, "w1", du1, dn.dtype), _lora.input_grad(lc, "wg", dug, dn.dtype)):
         dn = dn if dl is None else dn + dl
     if cfg.gated:
-        dn = dn + dg @ t["wg"]
+        dn = dn.add_(dg @ t["wg"]) if free else dn + dg @ t["wg"]
+    del dh, dg
     dx = norm_backward(cfg, dn, x, t["nw"], mean, rstd, need[:3], grads)
+    del dn
     if need[0]:
-        grads[0] = dx + dout if cfg.residual else dx
+        grads[0] = add_residual_grad(dx, dout, free) if cfg.residual else dx
     return grads
+
+
+def add_residual_grad(dx: Tensor, dout: Tensor, inplace: bool) -> Tensor:
+    """dx + dout for a residual segment; into dx (a fresh gradient of the segment's own) when
+    `inplace` (eager backward, see ckpt_ops._autograd.can_release) and the dtypes agree."""
+    if inplace and dx.dtype == dout.dtype and dx.shape == dout.shape:
+        return dx.add_(dout)
+    return dx + dout
 
 
 def norm_backward(cfg, dn: Tensor, x: Tensor, nw, mean, rstd, need3, grads: list) -> Tensor:
@@ -297,12 +387,12 @@ def load(ctx) -> dict:
 class MLPFunction(torch.autograd.Function):
     """The MLP segment (see the module docstring for the saved/recomputed table and GEMM counts).
 
-    forward(x (M, D) contiguous, norm_weight, norm_bias, w1, b1, wg, bg, w2, b2, seed, cfg).
+    forward(x (M, D) contiguous, norm_weight, norm_bias, w1, b1, wg, bg, w2, b2, post_norm_weight, seed, cfg).
     """
 
     @staticmethod
-    def forward(ctx, x, nw, nb, w1, b1, wg, bg, w2, b2, seed, cfg: MLPConfig):
-        p_in = {"x": x, **dict(zip(PARAMS, (nw, nb, w1, b1, wg, bg, w2, b2)))}
+    def forward(ctx, x, nw, nb, w1, b1, wg, bg, w2, b2, pw, seed, cfg: MLPConfig):
+        p_in = {"x": x, **dict(zip(PARAMS, (nw, nb, w1, b1, wg, bg, w2, b2, pw)))}
         p = _amp.cast_inputs(cfg.amp, p_in)  # autocast: cast here, save the originals (ckpt_ops._amp)
         xc = p.pop("x")
         out, st = segment_forward(cfg, xc, p, seed)
@@ -341,7 +431,8 @@ def mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: T
         gate_bias: Optional[Tensor] = None, norm: Optional[str] = None, norm_weight: Optional[Tensor] = None,
         norm_bias: Optional[Tensor] = None, norm_eps: Optional[float] = None, dropout: float = 0.0,
         training: bool = True, residual: bool = False, recompute: str = "full",
-        backend: Optional[str] = None) -> Tensor:
+        backend: Optional[str] = None, post_norm_weight: Optional[Tensor] = None,
+        post_norm_eps: Optional[float] = None) -> Tensor:
     """Fused checkpointed MLP segment ``[x +] dropout(fc2(act(fc1(norm(x)))))``.
 
     Args:
@@ -360,10 +451,13 @@ def mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: T
         residual: add x to the output.
         recompute: "full" | "selective" | "none" (see the module docstring).
         backend: see ``ckpt_ops.backend_info()``.
+        post_norm_weight, post_norm_eps: a post-sublayer RMSNorm (weight (d_model,)) of the fc2
+            output, before dropout and the residual add (Gemma2/3, OLMo2): ``[x +] dropout(rms(fc2(.)))``.
     """
     cfg = prepare(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation=activation, gate_weight=gate_weight,
                   gate_bias=gate_bias, norm=norm, norm_weight=norm_weight, norm_bias=norm_bias, norm_eps=norm_eps,
-                  dropout=dropout, training=training, residual=residual, recompute=recompute, backend=backend)
+                  dropout=dropout, training=training, residual=residual, recompute=recompute, backend=backend,
+                  post_norm_weight=post_norm_weight, post_norm_eps=post_norm_eps)
     d_model = x.shape[-1]
     # torch.autocast: x and the parameters go into the Function in their own dtypes; it casts them
     # itself, so that it saves them and not weight-sized cast copies (see ckpt_ops._amp).
@@ -374,7 +468,8 @@ def mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: T
         seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=x.device)
     else:
         seed = torch.zeros(1, dtype=torch.int64, device=x.device)
-    args = (x2d, norm_weight, norm_bias, fc1_weight, fc1_bias, gate_weight, gate_bias, fc2_weight, fc2_bias)
+    args = (x2d, norm_weight, norm_bias, fc1_weight, fc1_bias, gate_weight, gate_bias, fc2_weight, fc2_bias,
+            post_norm_weight)
     with _amp.off(x.device.type):
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
             out = MLPFunction.apply(*args, seed, cfg)
@@ -387,7 +482,8 @@ def mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: T
 
 
 def prepare(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, activation, gate_weight, gate_bias, norm,
-            norm_weight, norm_bias, norm_eps, dropout, training, residual, recompute, backend) -> MLPConfig:
+            norm_weight, norm_bias, norm_eps, dropout, training, residual, recompute, backend,
+            post_norm_weight=None, post_norm_eps=None) -> MLPConfig:
     """Validate the arguments of :func:`mlp` (raising before any kernel runs); return the config."""
     x = _validate.float_tensor(x, "x", min_dim=1)
     if not isinstance(activation, str) or activation not in ACTIVATIONS:
@@ -426,4 +522,17 @@ def prepare(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, activation, gate_w
     p = float(dropout) if training else 0.0
     be = _backend.resolve("mlp", x.device, backend)
     _validate.backend_dtype(be, x, "x")
-    return MLPConfig(norm, eps, code, gated, p, bool(residual), recompute, be, _amp.gemm_dtype(x))
+    post_eps = post_norm_prepare(post_norm_weight, post_norm_eps, d_model, x)
+    return MLPConfig(norm, eps, code, gated, p, bool(residual), recompute, be, _amp.gemm_dtype(x),
+                     post_norm_weight is not None, post_eps)
+
+
+def post_norm_prepare(weight, eps, d_model: int, x: Tensor) -> Optional[float]:
+    """Validate a post-sublayer RMSNorm's weight (d_model,) (None: no post-norm; eps then unused);
+    returns its eps (default as ``norm_eps``)."""
+    if weight is None:
+        if eps is not None:
+            raise ValueError("post_norm_eps given without post_norm_weight")
+        return None
+    _validate.param_like(weight, "post_norm_weight", (d_model,), x)
+    return default_rms_eps(x.dtype) if eps is None else _validate.eps(eps, "post_norm_eps")

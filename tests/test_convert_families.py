@@ -96,8 +96,6 @@ LEFT = {
                          vocab_size=97), "T5Block", "relative position bias", False),
     "gpt_neox": (lambda: _tiny("GPTNeoXConfig", "GPTNeoXForCausalLM", **ENC), "GPTNeoXLayer",
                  "parallel residual and partial rotary", True),
-    "qwen3": (lambda: _tiny("Qwen3Config", "Qwen3ForCausalLM", **DECODER, head_dim=16), "Qwen3DecoderLayer",
-              "per-head q/k RMSNorm", False),
 }
 
 

@@ -106,6 +106,25 @@ def test_act_matches_contract(act, gated, dtype, shape):
         assert_low_precision_ok(o, e, t, f"{ACTS[act]} {name} vs eager {dtype}")
 
 
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+@pytest.mark.parametrize("act", list(ACTS), ids=ACTS.get)
+@pytest.mark.parametrize("need_a", [False, True], ids=["no_a", "a"])
+def test_act_bwd_in_place_equals_act_bwd(act, gated, dtype, shape, need_a):
+    """act_bwd_ writes dh into da (the CPU backward's allocation saver): bitwise act_bwd's
+    results, h and g untouched, da's storage reused."""
+    h, g, da = make_act(shape, dtype, gated, seed=len(shape) * 11 + shape[-1])
+    a, dh, dg = ops.act_bwd(da, h, g, act, need_a)
+    h0, g0 = h.clone(), None if g is None else g.clone()
+    buf = da.clone()
+    ptr = buf.data_ptr()
+    a2, dg2 = ops.act_bwd_(buf, h, g, act, need_a)
+    assert buf.data_ptr() == ptr
+    assert torch.equal(buf, dh) and torch.equal(a2, a) and torch.equal(dg2, dg)
+    assert torch.equal(h, h0) and (g is None or torch.equal(g, g0))
+
+
 @pytest.mark.parametrize("act", list(ACTS), ids=ACTS.get)
 def test_act_special_values(act):
     """Large |x| (saturated tanh / exp overflow in the sigmoid) and exact zeros stay finite and

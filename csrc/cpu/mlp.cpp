@@ -242,6 +242,9 @@ void dropout(const at::Tensor& y, const at::Tensor* residual, const at::Tensor& 
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(ckpt_ops, CPU, m) { mlp::register_ops<act_fwd, act_bwd, dropout>(m); }
+TORCH_LIBRARY_IMPL(ckpt_ops, CPU, m) {
+  mlp::register_ops<act_fwd, act_bwd, dropout>(m);
+  mlp::register_inplace_bwd<act_bwd>(m);
+}
 
 }  // namespace ckpt_ops

@@ -94,6 +94,24 @@ void register_ops(torch::Library& m) {
   });
 }
 
+// act_bwd_ (dh written into da) on a device whose ActBwd launcher reads da[i] before it writes
+// dh[i] in the same element step (the CPU loops; not the CUDA kernel, whose pointers are
+// __restrict__).
+template <auto ActBwd>
+void register_inplace_bwd(torch::Library& m) {
+  m.impl("act_bwd_", [](at::Tensor& da, const at::Tensor& h, const c10::optional<at::Tensor>& g,
+                        int64_t activation, bool need_a) {
+    check_elementwise(h, "h");
+    check_like(da, h, "da");
+    check_gate(g, h);
+    check_activation(activation);
+    ActBwdOut o{need_a ? at::empty_like(h) : at::empty({0}, h.options()), da,
+                g.has_value() ? at::empty_like(h) : at::empty({0}, h.options())};
+    if (h.numel() > 0) ActBwd(da, h, g.has_value() ? &*g : nullptr, static_cast<int>(activation), o);
+    return std::make_tuple(o.a, o.dg);
+  });
+}
+
 // f(std::integral_constant<int, activation>{}) for a runtime activation code.
 template <typename F>
 void dispatch_activation(int activation, F&& f) {
