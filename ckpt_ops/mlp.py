@@ -330,7 +330,7 @@ def segment_backward(cfg: MLPConfig, plan: _Plan, need, dout: Tensor, t: dict, l
         grads[6] = dg.sum(0)
     if cfg.norm is not None:
         _autograd.release(free, n)  # the norm's output (kept or replayed), not x
-    del nm
+    nm = None  # (a closure cell of replay_nh: assigned, not `del`, which torch.compile cannot trace)
     if not plan.dn:
         return grads
     dn = dh @ t["w1"]
