@@ -382,7 +382,10 @@ class Family:
     post_norms: Optional[Tuple[str, str]] = None
     qk_norm: Optional[str] = None                    # "head" (Qwen3, Gemma3) | "proj" (OLMo2): self_attn.q_norm/k_norm
     act: str = "hidden_act"                          # the config attribute naming the MLP activation
-    softcap: bool = False                            # config.attn_logit_softcapping: fused only when None
+    # config.attn_logit_softcapping: "kernel" = the attention caps its scores (Gemma2 passes softcap= to its
+    # attention): fused with the kernels' cap; "unservable" = transformers 5.24 stores it but its attention
+    # never applies it (Gemma3): Unservable when set (not verified against another version)
+    softcap: Optional[str] = None
     layer_args: Tuple[str, ...] = ("hidden_states", "attention_mask", "position_ids", "cache", "use_cache",
                                    "position_embeddings")  # the layer's positional arguments
 
@@ -405,9 +408,9 @@ FAMILIES = (
     # Gemma2/3: (1 + w) norms around both sublayers, query_pre_attn_scalar (attn.scaling), alternating
     # sliding/global layers (each layer gets its own rotary tables as position_embeddings)
     Family("gemma2", "Gemma2", norm_offset=1.0, sliding_window="layer", pre_norms=_GEMMA_PRE, post_norms=_POST,
-           act="hidden_activation", softcap=True, layer_args=_GEMMA_ARGS),
+           act="hidden_activation", softcap="kernel", layer_args=_GEMMA_ARGS),
     Family("gemma3", "Gemma3", norm_offset=1.0, sliding_window="layer", pre_norms=_GEMMA_PRE, post_norms=_POST,
-           qk_norm="head", act="hidden_activation", softcap=True, layer_args=_GEMMA_ARGS),
+           qk_norm="head", act="hidden_activation", softcap="unservable", layer_args=_GEMMA_ARGS),
 )
 
 
@@ -474,9 +477,13 @@ class LlamaLikeAdapter(_BlockAdapter):
         fill = _check_cache(module, cache, attn.layer_idx, can_fill=self.rope is not None)
         if not getattr(attn, "is_causal", True):
             raise Unservable("bidirectional attention (use_bidirectional_attention)")
-        if fam.softcap and getattr(attn.config, "attn_logit_softcapping", None) is not None:
-            raise Unservable(f"attention logit soft-capping ({attn.config.attn_logit_softcapping}): no fused "
-                             "soft-capping yet")
+        # Gemma2's eager attention caps the scaled scores: softcap * tanh(scores / softcap) (fused kernels)
+        cap = getattr(attn.config, "attn_logit_softcapping", None) if fam.softcap else None
+        if cap is not None and fam.softcap == "unservable":
+            raise Unservable(f"attention logit soft-capping ({cap}) set but not applied by {type(attn).__name__}: "
+                             "not served fused")
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap > 0):
+            raise Unservable(f"attention logit soft-capping {cap!r} (not a positive float)")
         # attention_dropout: fused in the attention kernels; HF applies it when the attention module
         # trains (`dropout=0.0 if not self.training else self.attention_dropout`).
         p_probs = float(attn.attention_dropout) if attn.training else 0.0
@@ -522,7 +529,8 @@ class LlamaLikeAdapter(_BlockAdapter):
         attn_kw = dict(num_heads=cfg.num_attention_heads, num_kv_heads=cfg.num_key_value_heads, scale=attn.scaling,
                        norm=None if n1 is None else "rmsnorm", norm_weight=nw1, norm_bias=None,
                        norm_eps=None if n1 is None else _eps(n1), rope=True, rope_theta=10000.0, dropout=p_attn,
-                       residual=True, attn_dropout=p_probs, qk_norm=fam.qk_norm, q_norm_weight=qw, k_norm_weight=kw,
+                       residual=True, attn_dropout=p_probs, softcap=None if cap is None else float(cap),
+                       qk_norm=fam.qk_norm, q_norm_weight=qw, k_norm_weight=kw,
                        qk_norm_eps=_eps(attn.q_norm) if fam.qk_norm else None, post_norm_weight=pw1,
                        post_norm_eps=None if pn1 is None else _eps(pn1))
         mlp_kw = dict(activation=_ACTS_GATED[getattr(cfg, fam.act)], norm=None if n2 is None else "rmsnorm",
