@@ -201,25 +201,33 @@ TileKeys tile_keys(int64_t q0, int64_t m, bool causal, int64_t window, int64_t S
 }
 
 // Scores of one row in place (raw dot products -> scale, cap), -inf outside
-// [jlo, nk) and on padding; `tt` receives the tanh when capped.
+// [jlo, nk) and on padding; `tt` receives the tanh when capped. The scale/cap
+// loops are branch-free (`omp simd`), the masking a separate pass.
 template <typename T>
 inline void row_scores(T* row, T* tt, const uint8_t* ok, int64_t kbeg, int64_t jlo, int64_t nk, int64_t kend,
                        T scale, T cap) {
-  for (int64_t j = kbeg; j < kend; ++j) {
-    T* r = row + (j - kbeg);
-    if (j < jlo || j >= nk || !ok[j]) {
-      *r = -std::numeric_limits<T>::infinity();
-      continue;
-    }
-    const T raw = *r * scale;
-    if (cap > T(0)) {
-      T t;
-      *r = attn_window::capped(raw, cap, &t);
-      if (tt != nullptr) tt[j - kbeg] = t;
+  T* r = row - kbeg;  // r[j]: key j
+  if (cap > T(0)) {
+    const T inv = scale / cap;
+    if (tt != nullptr) {
+      T* u = tt - kbeg;
+#pragma omp simd
+      for (int64_t j = jlo; j < nk; ++j) r[j] = attn_window::capped(r[j], inv, cap, &u[j]);
     } else {
-      *r = raw;
+#pragma omp simd
+      for (int64_t j = jlo; j < nk; ++j) {
+        T t;
+        r[j] = attn_window::capped(r[j], inv, cap, &t);
+      }
     }
+  } else {
+#pragma omp simd
+    for (int64_t j = jlo; j < nk; ++j) r[j] *= scale;
   }
+  const T ninf = -std::numeric_limits<T>::infinity();
+  for (int64_t j = kbeg; j < jlo; ++j) r[j] = ninf;
+  for (int64_t j = jlo; j < nk; ++j) r[j] = ok[j] ? r[j] : ninf;
+  for (int64_t j = nk; j < kend; ++j) r[j] = ninf;
 }
 
 template <typename T>

@@ -14,6 +14,9 @@
 #include <cstdint>
 
 #include "ckpt_ops/macros.h"
+#if !defined(__CUDA_ARCH__)
+#include "ckpt_ops/host_math.h"
+#endif
 
 namespace ckpt_ops {
 namespace attn_window {
@@ -23,13 +26,20 @@ CKPT_HD_INLINE int64_t first_key(int64_t q, int64_t window) {
   return (window > 0 && q - window + 1 > 0) ? q - window + 1 : 0;
 }
 
-CKPT_HD_INLINE float tanh_acc(float x) { return tanhf(x); }
+// tanh in the accumulation dtype: libm on the device and for fp64; on the host in fp32 host_math's
+// branch-free tanh (~2 ulp), which `omp simd` vectorises (libm's tanhf keeps the score loop scalar).
 CKPT_HD_INLINE double tanh_acc(double x) { return tanh(x); }
+#if defined(__CUDA_ARCH__)
+CKPT_HD_INLINE float tanh_acc(float x) { return tanhf(x); }
+#else
+inline float tanh_acc(float x) { return host_math::tanh_(x); }
+#endif
 
-// The capped score c * tanh(raw / c); t receives the tanh (for the backward).
+// The capped score c * tanh(dot * inv) of a raw dot product q.k, inv = scale / c
+// (= c * tanh(scale q.k / c)); t receives the tanh (for the backward).
 template <typename acc>
-CKPT_HD_INLINE acc capped(acc raw, acc cap, acc* t) {
-  *t = tanh_acc(raw / cap);
+CKPT_HD_INLINE acc capped(acc dot, acc inv, acc cap, acc* t) {
+  *t = tanh_acc(dot * inv);
   return cap * *t;
 }
 
