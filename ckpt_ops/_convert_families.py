@@ -38,31 +38,34 @@ def _hf_class(module_path: str, name: str):
 # ------------------------------------------------------------------------------------------------
 # Call checks shared by the block adapters
 # ------------------------------------------------------------------------------------------------
-_MASK_CACHE: Dict[str, Any] = {"ref": None, "version": None, "out": None}
+_MASK_CACHE: Dict[str, Any] = {"ref": None, "version": None, "window": None, "out": None}
 
 
-def key_mask_from_hf(mask: Optional[torch.Tensor], b: int, s: int, causal: bool) -> Optional[torch.Tensor]:
+def key_mask_from_hf(mask: Optional[torch.Tensor], b: int, s: int, causal: bool,
+                     window: int = 0) -> Optional[torch.Tensor]:
     """The (B, S) key-padding mask equivalent to a Hugging Face 4-D attention mask, or Unservable.
 
     HF passes None (plain causal), a bool (B, 1, S, S) mask (True = attend, sdpa) or an additive
     float one (0 = attend, finfo.min = masked, eager). The conversion is accepted only if the 4-D
-    mask equals exactly causal & padding; one mask object serves every layer of a forward, so the
-    check runs once per forward (cached on the tensor's identity and version). Under torch.compile
-    see :func:`_traced_mask`."""
+    mask equals exactly causal & padding (``window`` w > 0: sliding-window causal & padding, query i
+    sees keys i - w < j <= i: transformers' sliding_window_causal_mask_function); one mask object
+    serves every layer of a forward, so the check runs once per forward and window (cached on the
+    tensor's identity and version). Under torch.compile see :func:`_traced_mask`."""
     if mask is None:
         return None
     if torch.compiler.is_compiling():
-        return _traced_mask(mask, b, s, causal)
-    if _MASK_CACHE["ref"] is not None and _MASK_CACHE["ref"]() is mask and _MASK_CACHE["version"] == mask._version:
+        return _traced_mask(mask, b, s, causal, window)
+    if _MASK_CACHE["ref"] is not None and _MASK_CACHE["ref"]() is mask and _MASK_CACHE["version"] == mask._version \
+            and _MASK_CACHE["window"] == window:
         out = _MASK_CACHE["out"]
         if isinstance(out, Unservable):
             raise out
         return out
     try:
-        out = _convert_mask(mask, b, s, causal)
+        out = _convert_mask(mask, b, s, causal, window)
     except Unservable as e:
         out = e
-    _MASK_CACHE.update(ref=weakref.ref(mask), version=mask._version, out=out)
+    _MASK_CACHE.update(ref=weakref.ref(mask), version=mask._version, window=window, out=out)
     if isinstance(out, Unservable):
         raise out
     return out
@@ -77,7 +80,22 @@ NOT_CAUSAL_PADDING = ("attention mask is not exactly causal & key padding (packe
                       "or fully masked rows unmasked by the attention implementation)")
 
 
-def _convert_mask(mask: torch.Tensor, b: int, s: int, causal: bool) -> Optional[torch.Tensor]:
+def _keys_of(valid: torch.Tensor, causal: bool, window: int) -> torch.Tensor:
+    """The key-padding candidate of a (B, S, S) bool mask: under causal the last row (which sees every
+    key); with a window the diagonal (key j is seen by query j unless padded); else any row."""
+    if window > 0:
+        return torch.diagonal(valid, dim1=-2, dim2=-1)
+    return valid[:, -1, :] if causal else valid.any(dim=1)
+
+
+def _not_expected(window: int) -> str:
+    if window > 0:
+        return (f"attention mask is not exactly sliding-window ({window}) causal & key padding (packed "
+                "sequences, another window, or fully masked rows unmasked by the attention implementation)")
+    return NOT_CAUSAL_PADDING
+
+
+def _convert_mask(mask: torch.Tensor, b: int, s: int, causal: bool, window: int = 0) -> Optional[torch.Tensor]:
     _check_mask_shape(mask, b, s)
     if mask.dtype == torch.bool:
         valid = mask[:, 0]
@@ -92,10 +110,10 @@ def _convert_mask(mask: torch.Tensor, b: int, s: int, causal: bool) -> Optional[
             raise Unservable("additive mask with rows that attend to no key (left padding under eager attention)")
     else:
         raise Unservable(f"attention mask of dtype {mask.dtype}")
-    keys = valid[:, -1, :] if causal else valid.any(dim=1)
-    expected = attention_valid(keys, valid.shape[0], s, causal, mask.device)[:, 0]
+    keys = _keys_of(valid, causal, window)
+    expected = attention_valid(keys, valid.shape[0], s, causal, mask.device, window)[:, 0]
     if not torch.equal(expected, valid):
-        raise Unservable(NOT_CAUSAL_PADDING)
+        raise Unservable(_not_expected(window))
     if bool(keys.all()):
         return None
     return keys.expand(b, s).contiguous() if keys.shape[0] != b else keys.contiguous()
@@ -111,7 +129,7 @@ def require(ok: torch.Tensor, why: str) -> None:
                             "ckpt_ops.unconvert it")
 
 
-def _traced_mask(mask: torch.Tensor, b: int, s: int, causal: bool) -> torch.Tensor:
+def _traced_mask(mask: torch.Tensor, b: int, s: int, causal: bool, window: int = 0) -> torch.Tensor:
     """key_mask_from_hf under torch.compile: no Python bool of a tensor. Shape and dtype decide at
     trace time (they are static to the graph); a bool mask's causal & padding form is asserted in
     the graph (:func:`require`); an additive float mask (eager attention) is served only where
@@ -122,9 +140,9 @@ def _traced_mask(mask: torch.Tensor, b: int, s: int, causal: bool) -> torch.Tens
         raise Unservable(f"under torch.compile: a {mask.dtype} additive attention mask (eager attention) needs a "
                          "check of its values (rows attending to no key) that a compiled graph cannot branch on")
     valid = mask[:, 0]
-    keys = valid[:, -1, :] if causal else valid.any(dim=1)
-    expected = attention_valid(keys, valid.shape[0], s, causal, mask.device)[:, 0]
-    require((expected == valid).all(), NOT_CAUSAL_PADDING)
+    keys = _keys_of(valid, causal, window)
+    expected = attention_valid(keys, valid.shape[0], s, causal, mask.device, window)[:, 0]
+    require((expected == valid).all(), _not_expected(window))
     return keys.expand(b, s).contiguous() if keys.shape[0] != b else keys.contiguous()
 
 
@@ -266,11 +284,12 @@ class _BlockAdapter(Adapter):
     is_block = True
 
     def _run(self, module, state, x, mask4d, attn_p: dict, mlp_p: dict, attn_kw: dict, mlp_kw: dict,
-             cos=None, sin=None, loras=(), parallel: bool = False):
+             cos=None, sin=None, loras=(), parallel: bool = False, window: int = 0):
         """`parallel`: out = x + attn(x) + mlp(x) (GPT-NeoX's use_parallel_residual): the attention
         segment (residual) and the MLP segment (no residual) on the same x, as two segment Functions
         at the levels the block level maps to (ckpt_ops.block._ATTN_LEVEL/_MLP_LEVEL); both keep the
-        same x, which ckpt_ops.saved_bytes (and autograd) holds once. Without LoRA only."""
+        same x, which ckpt_ops.saved_bytes (and autograd) holds once. Without LoRA only. `window`:
+        the layer's sliding window (0: none), for the mask check and the attention kernels."""
         if x.dim() != 3:
             raise Unservable(f"hidden states of shape {tuple(x.shape)}")
         _check_dtypes(x, module)
@@ -278,7 +297,7 @@ class _BlockAdapter(Adapter):
                                                             for t in (a, b)):
             raise Unservable("PEFT LoRA adapters in a dtype autocast does not cast (e.g. fp64) under torch.autocast")
         b, s, _ = x.shape
-        key_mask = key_mask_from_hf(mask4d, b, s, causal=True)
+        key_mask = key_mask_from_hf(mask4d, b, s, causal=True, window=window)
         level = state.call_level or state.recompute  # HF's checkpointing flags (ckpt_ops._convert_hf)
         qkv_w = attn_p["wq"] if attn_p["wk"] is None else (attn_p["wq"], attn_p["wk"], attn_p["wv"])
         qkv_b = attn_p["bq"] if attn_p["wk"] is None else (
@@ -288,7 +307,8 @@ class _BlockAdapter(Adapter):
                 raise Unservable("PEFT LoRA adapters on a parallel-residual layer are not served fused")
             a = _attn.attention(x, qkv_w, qkv_b, attn_p["wo"], attn_p["bo"], attention_mask=key_mask, causal=True,
                                 rope_cos=cos, rope_sin=sin, training=module.training,
-                                recompute=_block._ATTN_LEVEL[level], backend=state.backend, **attn_kw)
+                                recompute=_block._ATTN_LEVEL[level], backend=state.backend,
+                                sliding_window=window or None, **attn_kw)
             m = _mlp.mlp(x, mlp_p["w1"], mlp_p["b1"], mlp_p["w2"], mlp_p["b2"], gate_weight=mlp_p["wg"],
                          gate_bias=mlp_p["bg"], training=module.training, recompute=_block._MLP_LEVEL[level],
                          backend=state.backend, residual=False, **mlp_kw)
@@ -296,7 +316,7 @@ class _BlockAdapter(Adapter):
         acfg, mask, c, sn = _attn.prepare(
             x, qkv_w, qkv_b, attn_p["wo"], attn_p["bo"], attention_mask=key_mask, causal=True,
             rope_cos=cos, rope_sin=sin, training=module.training, recompute=_block._ATTN_LEVEL[level],
-            backend=state.backend, **attn_kw)
+            backend=state.backend, sliding_window=window or None, **attn_kw)
         mcfg = _mlp.prepare(x, mlp_p["w1"], mlp_p["b1"], mlp_p["w2"], mlp_p["b2"], gate_weight=mlp_p["wg"],
                             gate_bias=mlp_p["bg"], training=module.training, recompute=_block._MLP_LEVEL[level],
                             backend=state.backend, residual=True, **mlp_kw)
@@ -454,7 +474,12 @@ class Family:
     qkv: Tuple[str, ...] = ("q_proj", "k_proj", "v_proj")  # or one packed name, rows [q | k | v]
     gate_up: Tuple[str, ...] = ("gate_proj", "up_proj")     # or one packed name, rows [gate | up]
     resid_dropout: Optional[Tuple[str, str]] = None  # nn.Dropout after attention / MLP (residual dropout)
-    sliding_window: bool = False                     # attention may have a window: fused when >= S
+    # attention may have a window: "config" = config.sliding_window on every layer (Mistral, Phi3 in
+    # transformers 5.24: the attention passes getattr(config, "sliding_window") and the model builds
+    # the sliding-window mask whenever it is set); "layer" = the attention's own sliding_window, set
+    # from config.layer_types (Qwen2: use_sliding_window / max_window_layers decide layer_types; Qwen3,
+    # Gemma2/3: layer_types' "sliding_attention" layers)
+    sliding_window: Optional[str] = None
     norm_offset: float = 0.0                         # Gemma: RMSNorm scales by (offset + weight)
     # the norms before attention / before the MLP (None: no pre-norm, OLMo2) and after them (Gemma2/3,
     # OLMo2: out = x + post(sublayer(pre(x)))), submodule names in the layer
@@ -462,7 +487,10 @@ class Family:
     post_norms: Optional[Tuple[str, str]] = None
     qk_norm: Optional[str] = None                    # "head" (Qwen3, Gemma3) | "proj" (OLMo2): self_attn.q_norm/k_norm
     act: str = "hidden_act"                          # the config attribute naming the MLP activation
-    softcap: bool = False                            # config.attn_logit_softcapping: fused only when None
+    # config.attn_logit_softcapping: "kernel" = the attention caps its scores (Gemma2 passes softcap= to its
+    # attention): fused with the kernels' cap; "unservable" = transformers 5.24 stores it but its attention
+    # never applies it (Gemma3): Unservable when set (not verified against another version)
+    softcap: Optional[str] = None
     layer_args: Tuple[str, ...] = ("hidden_states", "attention_mask", "position_ids", "cache", "use_cache",
                                    "position_embeddings")  # the layer's positional arguments
 
@@ -475,19 +503,19 @@ _GEMMA_PRE = ("input_layernorm", "pre_feedforward_layernorm")
 _GEMMA_ARGS = ("hidden_states", "position_embeddings", "attention_mask", "position_ids", "cache")
 FAMILIES = (
     Family("llama", "Llama"),
-    Family("mistral", "Mistral", sliding_window=True),
-    Family("qwen2", "Qwen2", sliding_window=True),  # q/k/v biases: the split projections take them
+    Family("mistral", "Mistral", sliding_window="config"),
+    Family("qwen2", "Qwen2", sliding_window="layer"),  # q/k/v biases: the split projections take them
     Family("phi3", "Phi3", qkv=("qkv_proj",), gate_up=("gate_up_proj",),
-           resid_dropout=("resid_attn_dropout", "resid_mlp_dropout"), sliding_window=True),
+           resid_dropout=("resid_attn_dropout", "resid_mlp_dropout"), sliding_window="config"),
     Family("gemma", "Gemma", norm_offset=1.0),  # GeGLU (tanh GELU) via hidden_act; embed scaling is outside
-    Family("qwen3", "Qwen3", sliding_window=True, qk_norm="head"),
+    Family("qwen3", "Qwen3", sliding_window="layer", qk_norm="head"),
     Family("olmo2", "Olmo2", pre_norms=(None, None), post_norms=_POST, qk_norm="proj"),
     # Gemma2/3: (1 + w) norms around both sublayers, query_pre_attn_scalar (attn.scaling), alternating
     # sliding/global layers (each layer gets its own rotary tables as position_embeddings)
-    Family("gemma2", "Gemma2", norm_offset=1.0, sliding_window=True, pre_norms=_GEMMA_PRE, post_norms=_POST,
-           act="hidden_activation", softcap=True, layer_args=_GEMMA_ARGS),
-    Family("gemma3", "Gemma3", norm_offset=1.0, sliding_window=True, pre_norms=_GEMMA_PRE, post_norms=_POST,
-           qk_norm="head", act="hidden_activation", softcap=True, layer_args=_GEMMA_ARGS),
+    Family("gemma2", "Gemma2", norm_offset=1.0, sliding_window="layer", pre_norms=_GEMMA_PRE, post_norms=_POST,
+           act="hidden_activation", softcap="kernel", layer_args=_GEMMA_ARGS),
+    Family("gemma3", "Gemma3", norm_offset=1.0, sliding_window="layer", pre_norms=_GEMMA_PRE, post_norms=_POST,
+           qk_norm="head", act="hidden_activation", softcap="unservable", layer_args=_GEMMA_ARGS),
 )
 
 
@@ -554,17 +582,17 @@ class LlamaLikeAdapter(_BlockAdapter):
         fill = _check_cache(module, cache, attn.layer_idx, can_fill=self.rope is not None)
         if not getattr(attn, "is_causal", True):
             raise Unservable("bidirectional attention (use_bidirectional_attention)")
-        if fam.softcap and getattr(attn.config, "attn_logit_softcapping", None) is not None:
-            raise Unservable(f"attention logit soft-capping ({attn.config.attn_logit_softcapping}): no fused "
-                             "soft-capping yet")
+        # Gemma2's eager attention caps the scaled scores: softcap * tanh(scores / softcap) (fused kernels)
+        cap = getattr(attn.config, "attn_logit_softcapping", None) if fam.softcap else None
+        if cap is not None and fam.softcap == "unservable":
+            raise Unservable(f"attention logit soft-capping ({cap}) set but not applied by {type(attn).__name__}: "
+                             "not served fused")
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap > 0):
+            raise Unservable(f"attention logit soft-capping {cap!r} (not a positive float)")
         # attention_dropout: fused in the attention kernels; HF applies it when the attention module
         # trains (`dropout=0.0 if not self.training else self.attention_dropout`).
         p_probs = float(attn.attention_dropout) if attn.training else 0.0
-        if fam.sliding_window and x.dim() == 3:
-            w = getattr(attn, "sliding_window", getattr(attn.config, "sliding_window", None))
-            if w is not None and w < x.shape[1]:
-                raise Unservable(f"sliding window {w} shorter than the sequence ({x.shape[1]}): no fused "
-                                 "window mask yet")
+        window = self._window(attn, x, call.get("attention_mask"))
         pe = call.get("position_embeddings")
         if pe is None:
             raise Unservable("no position_embeddings passed (older transformers call convention)")
@@ -606,17 +634,42 @@ class LlamaLikeAdapter(_BlockAdapter):
         attn_kw = dict(num_heads=cfg.num_attention_heads, num_kv_heads=cfg.num_key_value_heads, scale=attn.scaling,
                        norm=None if n1 is None else "rmsnorm", norm_weight=nw1, norm_bias=None,
                        norm_eps=None if n1 is None else _eps(n1), rope=True, rope_theta=10000.0, dropout=p_attn,
-                       residual=True, attn_dropout=p_probs, qk_norm=fam.qk_norm, q_norm_weight=qw, k_norm_weight=kw,
+                       residual=True, attn_dropout=p_probs, softcap=None if cap is None else float(cap),
+                       qk_norm=fam.qk_norm, q_norm_weight=qw, k_norm_weight=kw,
                        qk_norm_eps=_eps(attn.q_norm) if fam.qk_norm else None, post_norm_weight=pw1,
                        post_norm_eps=None if pn1 is None else _eps(pn1))
         mlp_kw = dict(activation=_ACTS_GATED[getattr(cfg, fam.act)], norm=None if n2 is None else "rmsnorm",
                       norm_weight=nw2, norm_bias=None, norm_eps=None if n2 is None else _eps(n2), dropout=p_mlp,
                       post_norm_weight=pw2, post_norm_eps=None if pn2 is None else _eps(pn2))
         out = self._run(module, state, x, call.get("attention_mask"), attn_p, mlp_p, attn_kw, mlp_kw, cos, sin,
-                        loras)
+                        loras, window)
         if fill:
             self._fill_cache(module, x, pe, cache, call)
         return out
+
+    def _window(self, attn, x, mask4d) -> int:
+        """The sliding window this layer's attention applies (0: none, or one >= S, which hides nothing),
+        by the family's rule (Family.sliding_window); the 4-D mask is then checked against it."""
+        rule = self.fam.sliding_window
+        if rule is None or x.dim() != 3:
+            return 0
+        if rule == "layer":
+            if not hasattr(attn, "sliding_window"):
+                raise Unservable(f"{type(attn).__name__} without a per-layer sliding_window attribute (another "
+                                 "transformers version)")
+            w = attn.sliding_window
+        else:
+            w = getattr(attn.config, "sliding_window", None)
+        if w is None:
+            return 0
+        if isinstance(w, bool) or not isinstance(w, int) or w <= 0:
+            raise Unservable(f"sliding window {w!r} (not a positive int)")
+        if w >= x.shape[1]:
+            return 0
+        if mask4d is None:
+            raise Unservable(f"sliding window {w} shorter than the sequence ({x.shape[1]}) with no 4-D mask (the "
+                             "attention implementation would apply the window itself)")
+        return w
 
     _ATTN_OWN = ("hidden_states", "attention_mask", "cache", "past_key_values", "position_embeddings")
 

@@ -64,11 +64,13 @@ def rope_(qkv, cos, sin, num_heads, num_kv_heads, inverse):
     return None
 
 
-def attention_fwd(qkv, key_mask, num_heads, num_kv_heads, causal, scale, dropout_p=0.0, seed=None):
+def attention_fwd(qkv, key_mask, num_heads, num_kv_heads, causal, scale, dropout_p=0.0, seed=None, window=0,
+                  softcap=0.0):
     b, s, width = qkv.shape
     hd = width // (num_heads + 2 * num_kv_heads)
     return qkv.new_empty(b, s, num_heads * hd), qkv.new_empty(b, num_heads, s, dtype=acc_dtype(qkv.dtype))
 
 
-def attention_bwd(do, qkv, o, lse, key_mask, num_heads, num_kv_heads, causal, scale, dropout_p=0.0, seed=None):
+def attention_bwd(do, qkv, o, lse, key_mask, num_heads, num_kv_heads, causal, scale, dropout_p=0.0, seed=None,
+                  window=0, softcap=0.0):
     return torch.empty_like(qkv, memory_format=torch.contiguous_format)

@@ -135,6 +135,9 @@ class AttnConfig(NamedTuple):
     post_eps: Optional[float] = None
     rotary_dim: Optional[int] = None  # RoPE width r (even, <= hd) of the standalone tables; None: hd
     qkv_layout: str = "packed"  # QKV GEMM output columns: "packed" [q|k|v] or "head_interleaved" [q_h|k_h|v_h]_h
+    # --- sliding window / logit soft-capping (attnfeat) -- keep these the LAST fields ---
+    window: int = 0       # causal sliding window: query i sees keys i - window < j <= i; 0 = none
+    softcap: float = 0.0  # scores softcap * tanh(scale q.k / softcap); 0 = none
 
 
 class _Plan(NamedTuple):
@@ -166,12 +169,16 @@ def _plan(cfg: AttnConfig, need) -> _Plan:
 _ATTN_SEED_BIT = 1 << 62  # seeds are drawn in [0, 2**62): the attention core's key space is disjoint
 
 
-def _drop(cfg: AttnConfig, seed) -> tuple:
-    """The trailing (dropout_p, seed) arguments of attention_fwd/bwd: none when attn_p == 0 (the
-    no-dropout call, unchanged), else the probabilities' own Philox key derived from the seed."""
-    if cfg.attn_p == 0.0:
-        return ()
-    return (cfg.attn_p, seed + _ATTN_SEED_BIT)
+def _drop(cfg: AttnConfig, seed, seq_len: int) -> tuple:
+    """The trailing (dropout_p, seed[, window, softcap]) arguments of attention_fwd/bwd: none when
+    attn_p == 0 and there is neither a window shorter than the sequence nor a cap (the plain call,
+    unchanged), else the probabilities' own Philox key derived from the seed (dropout) and the window
+    (0 when >= seq_len: it hides nothing) and cap."""
+    window = cfg.window if 0 < cfg.window < seq_len else 0
+    drop = () if cfg.attn_p == 0.0 else (cfg.attn_p, seed + _ATTN_SEED_BIT)
+    if window == 0 and cfg.softcap == 0.0:
+        return drop
+    return (*(drop or (0.0, None)), window, cfg.softcap)
 
 
 def _tables(cfg: AttnConfig, cos, sin, seq_len: int, head_dim: int, device, dtype=torch.float32):
@@ -290,7 +297,7 @@ def segment_forward(cfg: AttnConfig, x: Tensor, p: dict, key_mask, cos, sin, see
         c, sn = _tables(cfg, cos, sin, s, hd, x.device, _ref.acc_dtype(qkv.dtype))
         k("rope_")(qkv, c, sn, cfg.num_heads, cfg.num_kv_heads, False)
     o, lse = k("attention_fwd")(qkv, key_mask, cfg.num_heads, cfg.num_kv_heads, cfg.causal, cfg.scale,
-                                *_drop(cfg, seed))
+                                *_drop(cfg, seed, s))
     st = {"n": n, "mean": mean, "rstd": rstd, "qkv": qkv, "o": o, "lse": lse, "raw": raw if cfg.qk_norm else None,
           "qr": qr, "kr": kr, "y": None, "prstd": None}
     out = output_projection(cfg, x, o, p["wo"], p["bo"], seed, lc, p.get("pw"), st)
@@ -396,7 +403,7 @@ def segment_replay(cfg: AttnConfig, plan: _Plan, t: dict, shape, lc=None) -> dic
         _, t["qr"], t["kr"] = _qk_norm(cfg, t["raw"], t)
     if t["o"] is None and plan.o:
         t["o"], t["lse"] = k("attention_fwd")(t["qkv"], t["key_mask"], cfg.num_heads, cfg.num_kv_heads,
-                                              cfg.causal, cfg.scale, *_drop(cfg, t["seed"]))
+                                              cfg.causal, cfg.scale, *_drop(cfg, t["seed"], s))
     if plan.y and t["y"] is None:  # "full"/"keep_attn": replay the output projection (one more GEMM)
         t["y"] = _out_linear(t["o"], t["wo"], t["bo"], lc)
     if plan.y and t["prstd"] is None:  # the forward's own norm kernel: bit-identical statistics
@@ -439,7 +446,7 @@ def segment_backward(cfg: AttnConfig, plan: _Plan, need, dout: Tensor, t: dict, 
     do = _rows(do2 if dl is None else do2 + dl, b, s)
     del do2, dl
     dqkv = k("attention_bwd")(do, t["qkv"], t["o"], t["lse"], t["key_mask"], cfg.num_heads, cfg.num_kv_heads,
-                              cfg.causal, cfg.scale, *_drop(cfg, t["seed"]))
+                              cfg.causal, cfg.scale, *_drop(cfg, t["seed"], s))
     del do
     free = _autograd.can_release()  # qkv, o, lse, n: this segment's own intermediates (kept or replayed)
     _autograd.release(free, t["qkv"], t["o"], t["lse"])
@@ -533,7 +540,8 @@ def attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor], out_wei
               q_norm_weight: Optional[Tensor] = None, k_norm_weight: Optional[Tensor] = None,
               qk_norm_eps: Optional[float] = None, post_norm_weight: Optional[Tensor] = None,
               post_norm_eps: Optional[float] = None, rotary_dim: Optional[int] = None,
-              qkv_layout: str = "packed") -> Tensor:
+              qkv_layout: str = "packed", sliding_window: Optional[int] = None,
+              softcap: Optional[float] = None) -> Tensor:
     """Fused checkpointed attention segment ``[x +] dropout(out(attn(rope(qkv(norm(x))))))``.
 
     Args:
@@ -567,6 +575,10 @@ def attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor], out_wei
             "proj" (weights (H*hd,) and (KV*hd,), over the whole projection: OLMo2); None: off.
         post_norm_weight, post_norm_eps: a post-sublayer RMSNorm (weight (d_model,)) of the output
             projection, before dropout and the residual add (Gemma2/3, OLMo2).
+        sliding_window: a positive int w (needs causal=True): query i attends keys j with
+            i - w < j <= i (transformers' sliding-window convention); None = no window.
+        softcap: a positive float c: attention logits c * tanh(scale * q.k / c) (Gemma2's
+            attn_logit_softcapping); None = no cap.
     """
     cfg, mask, cos, sin = prepare(x, qkv_weight, qkv_bias, out_weight, out_bias, num_heads=num_heads,
                                   num_kv_heads=num_kv_heads, attention_mask=attention_mask, causal=causal,
@@ -576,7 +588,8 @@ def attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor], out_wei
                                   recompute=recompute, backend=backend, attn_dropout=attn_dropout,
                                   qk_norm=qk_norm, q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight,
                                   qk_norm_eps=qk_norm_eps, post_norm_weight=post_norm_weight,
-                                  post_norm_eps=post_norm_eps, rotary_dim=rotary_dim, qkv_layout=qkv_layout)
+                                  post_norm_eps=post_norm_eps, rotary_dim=rotary_dim, qkv_layout=qkv_layout,
+                                  sliding_window=sliding_window, softcap=softcap)
     b, s, d = x.shape
     if cfg.p > 0.0 or cfg.attn_p > 0.0:
         seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=x.device)
@@ -599,10 +612,29 @@ def attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor], out_wei
     return out if out_dtype is None else out.to(out_dtype)
 
 
+def check_window_softcap(sliding_window, softcap, causal) -> tuple:
+    """(window, softcap) of AttnConfig from the API arguments: sliding_window None or a positive int
+    (needs causal), softcap None or a positive finite float; ValueError otherwise."""
+    window = 0
+    if sliding_window is not None:
+        if isinstance(sliding_window, bool) or not isinstance(sliding_window, int) or sliding_window <= 0:
+            raise ValueError(f"sliding_window must be None or a positive int; got {sliding_window!r}")
+        if not causal:
+            raise ValueError("sliding_window needs causal=True (a causal sliding window)")
+        window = int(sliding_window)
+    cap = 0.0
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not (0.0 < softcap < float("inf")):
+            raise ValueError(f"softcap must be None or a positive finite float; got {softcap!r}")
+        cap = float(softcap)
+    return window, cap
+
+
 def prepare(x, qkv_weight, qkv_bias, out_weight, out_bias, *, num_heads, num_kv_heads, attention_mask, causal,
             scale, norm, norm_weight, norm_bias, norm_eps, rope, rope_theta, rope_cos, rope_sin, dropout, training,
             residual, recompute, backend, attn_dropout=0.0, qk_norm=None, q_norm_weight=None, k_norm_weight=None,
-            qk_norm_eps=None, post_norm_weight=None, post_norm_eps=None, rotary_dim=None, qkv_layout="packed"):
+            qk_norm_eps=None, post_norm_weight=None, post_norm_eps=None, rotary_dim=None, qkv_layout="packed",
+            sliding_window=None, softcap=None):
     """Validate the arguments of :func:`attention` (raising before any kernel runs) and return
     (AttnConfig, mask, cos, sin)."""
     x = _validate.float_tensor(x, "x")
@@ -674,6 +706,7 @@ def prepare(x, qkv_weight, qkv_bias, out_weight, out_bias, *, num_heads, num_kv_
     if isinstance(attn_dropout, bool) or not isinstance(attn_dropout, (int, float)) \
             or not (0.0 <= attn_dropout < 1.0):
         raise ValueError(f"attn_dropout must be a float in [0, 1); got {attn_dropout!r}")
+    window, cap = check_window_softcap(sliding_window, softcap, causal)
     if norm not in (None, "layernorm", "rmsnorm"):
         raise ValueError(f"norm must be None, 'layernorm' or 'rmsnorm'; got {norm!r}")
     eps = None
@@ -702,7 +735,8 @@ def prepare(x, qkv_weight, qkv_bias, out_weight, out_bias, *, num_heads, num_kv_
                      float(rope_theta), p, bool(residual), recompute, be,
                      (h * hd, kv * hd, kv * hd) if split else None, _amp.gemm_dtype(x),
                      float(attn_dropout) if training else 0.0, qk_norm, qk_eps, post_norm_weight is not None,
-                     post_eps, None if rotary_dim is None or rotary_dim == hd else int(rotary_dim), qkv_layout)
+                     post_eps, None if rotary_dim is None or rotary_dim == hd else int(rotary_dim), qkv_layout,
+                     window, cap)
     cos = rope_cos.contiguous() if rope_cos is not None else None
     sin = rope_sin.contiguous() if rope_sin is not None else None
     return cfg, mask, cos, sin

@@ -157,6 +157,8 @@ class Attention(torch.nn.Module):
     regenerated in backward, never stored). Both are off in eval mode.
     RoPE positions are 0..S-1 ("rotate half", base ``rope_theta``); ``rotary_dim`` (even, <= head_dim,
     default head_dim) rotates only the first rotary_dim dims of each q/k head (partial rotary).
+    ``sliding_window`` (a positive int, causal only): query i attends keys i - w < j <= i;
+    ``softcap`` (a positive float c): logits c * tanh(scale q.k / c). None: off.
     """
 
     recompute = _Recompute(_attn.LEVELS)
@@ -164,10 +166,13 @@ class Attention(torch.nn.Module):
     def __init__(self, d_model: int, num_heads: int, num_kv_heads: Optional[int] = None, causal: bool = True,
                  bias: bool = True, dropout: float = 0.0, norm: Optional[str] = None, rope: bool = False,
                  rope_theta: float = 10000.0, residual: bool = False, recompute: str = "full", device=None,
-                 dtype=None, attn_dropout: float = 0.0, rotary_dim: Optional[int] = None):
+                 dtype=None, attn_dropout: float = 0.0, rotary_dim: Optional[int] = None,
+                 sliding_window: Optional[int] = None, softcap: Optional[float] = None):
         super().__init__()
         _positive_int(d_model, "d_model")
         _positive_int(num_heads, "num_heads")
+        _attn.check_window_softcap(sliding_window, softcap, causal)
+        self.sliding_window, self.softcap = sliding_window, softcap
         kv = num_heads if num_kv_heads is None else num_kv_heads
         _positive_int(kv, "num_kv_heads")
         if d_model % num_heads:
@@ -205,7 +210,8 @@ class Attention(torch.nn.Module):
                   norm_eps=self.norm.eps if nk else None, rope=self.rope, rope_theta=self.rope_theta,
                   rope_cos=rope_cos, rope_sin=rope_sin, dropout=self.dropout, training=self.training,
                   residual=self.residual, recompute=recompute or self.recompute, backend=self.backend,
-                  attn_dropout=self.attn_dropout, rotary_dim=self.rotary_dim)
+                  attn_dropout=self.attn_dropout, rotary_dim=self.rotary_dim, sliding_window=self.sliding_window,
+                  softcap=self.softcap)
         return pos, kw
 
     def forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -216,7 +222,9 @@ class Attention(torch.nn.Module):
         return (f"d_model={self.d_model}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
                 f"causal={self.causal}, rope={self.rope}, dropout={self.dropout}, attn_dropout={self.attn_dropout}, "
                 f"residual={self.residual}, "
-                f"recompute={self.recompute!r}")
+                + (f"sliding_window={self.sliding_window}, " if self.sliding_window is not None else "")
+                + (f"softcap={self.softcap}, " if self.softcap is not None else "")
+                + f"recompute={self.recompute!r}")
 
 
 class TransformerBlock(torch.nn.Module):
@@ -241,7 +249,8 @@ class TransformerBlock(torch.nn.Module):
     def __init__(self, d_model: int, num_heads: int, d_hidden: Optional[int] = None, style: str = "gpt2",
                  recompute: str = "full", num_kv_heads: Optional[int] = None, dropout: float = 0.0,
                  causal: bool = True, rope_theta: float = 10000.0, device=None, dtype=None,
-                 attn_dropout: float = 0.0, rotary_dim: Optional[int] = None):
+                 attn_dropout: float = 0.0, rotary_dim: Optional[int] = None, sliding_window: Optional[int] = None,
+                 softcap: Optional[float] = None):
         super().__init__()
         if style not in ("gpt2", "llama"):
             raise ValueError(f"style must be 'gpt2' or 'llama'; got {style!r}")
@@ -257,7 +266,7 @@ class TransformerBlock(torch.nn.Module):
         self.attn = Attention(d_model, num_heads, num_kv_heads if llama else num_kv_heads, causal=causal,
                               bias=not llama, dropout=dropout, norm="rmsnorm" if llama else "layernorm",
                               rope=llama, rope_theta=rope_theta, residual=True, attn_dropout=attn_dropout,
-                              rotary_dim=rotary_dim, **factory)
+                              rotary_dim=rotary_dim, sliding_window=sliding_window, softcap=softcap, **factory)
         self.mlp = MLP(d_model, d_hidden, activation="swiglu" if llama else "gelu_tanh", bias=not llama,
                        dropout=dropout, norm="rmsnorm" if llama else "layernorm", residual=True, **factory)
 

@@ -303,11 +303,16 @@ def _split_heads(qkv: Tensor, num_heads: int, num_kv_heads: int):
     return q, k, v, hd
 
 
-def attention_valid(key_mask: Optional[Tensor], b: int, s: int, causal: bool, device) -> Tensor:
-    """(B or 1, 1, S, S) bool: may query i attend key j."""
+def attention_valid(key_mask: Optional[Tensor], b: int, s: int, causal: bool, device, window: int = 0) -> Tensor:
+    """(B or 1, 1, S, S) bool: may query i attend key j. ``window`` w > 0 (causal only): additionally
+    i - j < w, transformers' ``sliding_window_overlay`` (kv_idx > q_idx - w): w = 1 sees only the diagonal."""
     ok = torch.ones(1, 1, s, s, dtype=torch.bool, device=device)
     if causal:
         ok = torch.tril(ok)
+    if window > 0:
+        if not causal:
+            raise ValueError("window needs causal=True")
+        ok = ok & ~torch.tril(ok, diagonal=-window)
     if key_mask is not None:
         ok = ok & key_mask.to(torch.bool)[:, None, None, :]
     return ok
@@ -337,8 +342,29 @@ def _check_attn_dropout(dropout_p: float, seed: Optional[Tensor], device) -> boo
     return True
 
 
+def _check_window_softcap(window: int, softcap: float, causal: bool) -> None:
+    """window: int >= 0 (0 = none; > 0 needs causal); softcap: float >= 0 (0 = none)."""
+    if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+        raise ValueError(f"window must be an int >= 0 (0 = no window); got {window!r}")
+    if window > 0 and not causal:
+        raise ValueError("window > 0 needs causal=True (a causal sliding window)")
+    if not (float(softcap) >= 0.0) or softcap != softcap or float(softcap) == float("inf"):
+        raise ValueError(f"softcap must be a finite float >= 0 (0 = none); got {softcap!r}")
+
+
+def _scores(q: Tensor, k: Tensor, scale: float, softcap: float) -> Tuple[Tensor, Optional[Tensor]]:
+    """(scores, tanh) : scale q k^T, or with softcap c > 0 c * tanh(scale q k^T / c) (Gemma2's eager
+    attention) and the tanh (for the backward's 1 - tanh^2)."""
+    raw = (q @ k.transpose(-1, -2)) * scale
+    if softcap > 0.0:
+        t = torch.tanh(raw / softcap)
+        return t * softcap, t
+    return raw, None
+
+
 def attention_fwd(qkv: Tensor, key_mask: Optional[Tensor], num_heads: int, num_kv_heads: int, causal: bool,
-                  scale: float, dropout_p: float = 0.0, seed: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+                  scale: float, dropout_p: float = 0.0, seed: Optional[Tensor] = None, window: int = 0,
+                  softcap: float = 0.0) -> Tuple[Tensor, Tensor]:
     """Kernel contract of ``ckpt_ops::attention_fwd``: softmax attention of the packed qkv.
 
     key_mask: (B, S) bool/integer, nonzero = attend (padding mask), or None. Returns o (B, S, H*hd)
@@ -349,15 +375,20 @@ def attention_fwd(qkv: Tensor, key_mask: Optional[Tensor], num_heads: int, num_k
     dropout_p > 0 (with a 1-element int64 ``seed``): dropout on the attention probabilities,
     O = (P * keep / (1 - p)) V with keep = :func:`attention_dropout_keep` (p applied after the
     softmax, before P V; the LSE is that of the undropped softmax). The mask is never returned or
-    stored: attention_bwd regenerates it from the same seed."""
+    stored: attention_bwd regenerates it from the same seed.
+
+    window w > 0 (causal only): query i sees key j iff j <= i and i - j < w (:func:`attention_valid`).
+    softcap c > 0: scores s = c * tanh(scale * q.k / c) before masking and softmax; lse is that of
+    the capped scores."""
+    _check_window_softcap(window, softcap, causal)
     drop = _check_attn_dropout(dropout_p, seed, qkv.device)
     b, s, _ = qkv.shape
     acc = acc_dtype(qkv.dtype)
     q, k, v, hd = _split_heads(qkv, num_heads, num_kv_heads)
     rep = num_heads // num_kv_heads
     q, k, v = q.to(acc), k.to(acc).repeat_interleave(rep, 1), v.to(acc).repeat_interleave(rep, 1)
-    scores = (q @ k.transpose(-1, -2)) * scale
-    ok = attention_valid(key_mask, b, s, causal, qkv.device)
+    scores, _ = _scores(q, k, scale, softcap)
+    ok = attention_valid(key_mask, b, s, causal, qkv.device, window)
     scores = scores.masked_fill(~ok, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)                       # -inf on empty rows
     empty = torch.isneginf(lse)
@@ -372,7 +403,7 @@ def attention_fwd(qkv: Tensor, key_mask: Optional[Tensor], num_heads: int, num_k
 
 def attention_bwd(do: Tensor, qkv: Tensor, o: Tensor, lse: Tensor, key_mask: Optional[Tensor], num_heads: int,
                   num_kv_heads: int, causal: bool, scale: float, dropout_p: float = 0.0,
-                  seed: Optional[Tensor] = None) -> Tensor:
+                  seed: Optional[Tensor] = None, window: int = 0, softcap: float = 0.0) -> Tensor:
     """Kernel contract of ``ckpt_ops::attention_bwd``: the gradient dqkv (B, S, (H+2KV)*hd) of
     the packed qkv, from do (B, S, H*hd), the forward's o and lse (probabilities are rebuilt as
     exp(scale * q k^T - lse), never stored); dk/dv are summed over the query heads of a group:
@@ -383,7 +414,12 @@ def attention_bwd(do: Tensor, qkv: Tensor, o: Tensor, lse: Tensor, key_mask: Opt
     With dropout (dropout_p > 0, the forward's seed): Z = keep / (1 - p) regenerated from the seed,
         dV = (P * Z)^T dO,  dP = (dO V^T) * Z,  delta = rowsum(dO * O) = rowsum(P * dP),
     and dS, dQ, dK as above.
+
+    window: the forward's mask. softcap c > 0: P rebuilt from the capped scores c * t, t = tanh(scale
+    q k^T / c) (recomputed, never stored), and the score gradient taken through the cap:
+    dS = P * (dP - delta) * (1 - t^2) before dQ, dK.
     """
+    _check_window_softcap(window, softcap, causal)
     drop = _check_attn_dropout(dropout_p, seed, qkv.device)
     b, s, _ = qkv.shape
     acc = acc_dtype(qkv.dtype)
@@ -392,8 +428,8 @@ def attention_bwd(do: Tensor, qkv: Tensor, o: Tensor, lse: Tensor, key_mask: Opt
     q, k, v = q.to(acc), k.to(acc).repeat_interleave(rep, 1), v.to(acc).repeat_interleave(rep, 1)
     dO = do.view(b, s, num_heads, hd).transpose(1, 2).to(acc)
     O = o.view(b, s, num_heads, hd).transpose(1, 2).to(acc)
-    ok = attention_valid(key_mask, b, s, causal, qkv.device)
-    scores = (q @ k.transpose(-1, -2)) * scale
+    ok = attention_valid(key_mask, b, s, causal, qkv.device, window)
+    scores, t = _scores(q, k, scale, softcap)
     p = torch.exp(scores - lse.to(acc)[..., None]).masked_fill(~ok, 0.0)
     dp = dO @ v.transpose(-1, -2)
     if drop:
@@ -405,6 +441,8 @@ def attention_bwd(do: Tensor, qkv: Tensor, o: Tensor, lse: Tensor, key_mask: Opt
         dv = p.transpose(-1, -2) @ dO
     delta = (dO * O).sum(-1, keepdim=True)
     ds = p * (dp - delta)
+    if t is not None:
+        ds = ds * (1.0 - t * t)
     dq = (ds @ k) * scale
     dk = (ds.transpose(-1, -2) @ q) * scale
     dk = dk.view(b, num_kv_heads, rep, s, hd).sum(2)

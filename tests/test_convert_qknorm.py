@@ -91,30 +91,55 @@ def test_gemma3_layers_get_their_own_rotary_tables():
     assert not torch.allclose(pe[0][0], pe[1][0])  # local vs global theta
 
 
-def test_gemma3_window_shorter_than_the_sequence_falls_back_exactly():
+def test_gemma3_window_shorter_than_the_sequence_trains_fused():
+    """Alternating layers: the sliding layer (0) runs the window kernels (its mask checked against
+    sliding-window causal & padding), the global one (1) plain causal; both fused, exact."""
     ref = make("gemma3", sliding_window=4)
     conv = ckpt_ops.convert(copy.deepcopy(ref))
     ids, am, labels = batch(b=2, s=10)
-    assert_same_step(conv, ref, ids, am, labels)
+    loss = assert_same_step(conv, ref, ids, am, labels)
     rep = ckpt_ops.conversion_report(conv)
-    # only the sliding layer (0) falls back; the global one runs fused
-    assert rep["fallbacks"] == {"Gemma3DecoderLayer: sliding window 4 shorter than the sequence (10): no fused "
-                                "window mask yet": 1}, rep
-    assert rep["fused_calls"]["Gemma3DecoderLayer"] == 1
-    ids, am, labels = batch(b=2, s=4)  # a call no longer than the window runs fused
+    assert not rep["fallbacks"] and rep["fused_calls"]["Gemma3DecoderLayer"] == 2, rep
+    assert [m.self_attn.sliding_window for m in ref.model.layers] == [4, None]
+    assert not torch.allclose(train_step(make("gemma3", sliding_window=64), ids, am, labels)[0], loss)
+    ids, am, labels = batch(b=2, s=4)  # a call no longer than the window: no window
     train_step(conv, ids, am, labels)
-    assert ckpt_ops.conversion_report(conv)["fused_calls"]["Gemma3DecoderLayer"] == 3
+    assert ckpt_ops.conversion_report(conv)["fused_calls"]["Gemma3DecoderLayer"] == 4
 
 
-@pytest.mark.parametrize("family", ["gemma3", "gemma2"])
-def test_attention_logit_softcapping_falls_back_exactly(family):
-    ref = make(family, attn_logit_softcapping=30.0, attn_implementation="eager")
+def test_gemma3_softcapping_setting_falls_back_exactly():
+    """Gemma3's config carries attn_logit_softcapping but its attention (transformers 5.24) never
+    applies it: such calls stay on the original forward (exact, reported)."""
+    ref = make("gemma3", attn_logit_softcapping=30.0, attn_implementation="eager")
     conv = ckpt_ops.convert(copy.deepcopy(ref))
     ids, am, labels = batch(b=2, s=10)
     assert_same_step(conv, ref, ids, am, labels)
     rep = ckpt_ops.conversion_report(conv)
-    assert rep["fallbacks"] == {f"{kind(ref)}: attention logit soft-capping (30.0): no fused soft-capping yet": 2}, rep
+    assert rep["fallbacks"] == {"Gemma3DecoderLayer: attention logit soft-capping (30.0) set but not applied by "
+                                "Gemma3Attention: not served fused": 2}, rep
     assert not rep["fused_calls"].get(kind(ref))
+
+
+@pytest.mark.parametrize("family", ["gemma2"])
+def test_attention_logit_softcapping_trains_fused(family):
+    """attn_logit_softcapping (Gemma2): the fused kernels cap the scores as HF's eager attention
+    does, softcap * tanh(scores / softcap); a small cap that bites (the step differs without it),
+    with a short window on the sliding layer as well."""
+    def sharp(model):  # scores of a few units, so that a cap of 2 changes them
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.q_proj.weight.mul_(40.0)
+                layer.self_attn.k_proj.weight.mul_(40.0)
+        return model
+
+    ref = sharp(make(family, attn_logit_softcapping=2.0, sliding_window=4, attn_implementation="eager"))
+    conv = ckpt_ops.convert(copy.deepcopy(ref))
+    ids, am, labels = batch(b=2, s=10)
+    loss = assert_same_step(conv, ref, ids, am, labels)
+    rep = ckpt_ops.conversion_report(conv)
+    assert not rep["fallbacks"] and rep["fused_calls"].get(kind(ref)) == 2, rep
+    nocap = sharp(make(family, attn_logit_softcapping=None, sliding_window=4, attn_implementation="eager"))
+    assert not torch.allclose(train_step(nocap, ids, am, labels)[0], loss)
 
 
 @pytest.mark.parametrize("family", THREE)

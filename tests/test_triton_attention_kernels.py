@@ -471,3 +471,145 @@ def test_opcheck():
         warnings.simplefilter("ignore", RuntimeWarning)
         for op, args in cases:
             torch.library.opcheck(op, args)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# sliding window and logit soft-capping (the WINDOW / SOFTCAP variants)
+# ----------------------------------------------------------------------------------------------------------
+# (B, S, H, KV, hd, window, softcap, mask, dropout): windows 1, 3, S-1 and one between the tiles; caps alone,
+# with a window, with dropout; GQA/MQA with padding; S 40 spans several interpreter tiles (16 / 32).
+WINDOW_CASES = [
+    (2, 7, 4, 2, 16, 1, 0.0, "right", 0.0),
+    (2, 40, 4, 2, 16, 3, 0.0, "left", 0.0),
+    (1, 40, 4, 1, 16, 39, 0.0, None, 0.0),
+    (2, 40, 4, 2, 16, 20, 2.0, "one_empty", 0.0),
+    (2, 33, 2, 2, 16, 0, 1.5, "right", 0.0),
+    (2, 40, 4, 1, 16, 5, 3.0, "right", 0.2),
+]
+
+
+def _wid(c):
+    return "B{}-S{}-H{}-KV{}-hd{}-w{}-cap{}-{}-p{}".format(*c)
+
+
+def _window_run_and_truth(c, dtype, seed):
+    b, s, h, kv, hd, w, cap, mk, p = c
+    case = (b, s, h, kv, hd, True, mk)
+    qkv, do, km, scale = _inputs(case, dtype, seed=seed)
+    sd = torch.tensor([1234], device=DEVICE) if p else None
+    o, lse = OPS.attention_fwd_triton(qkv, km, h, kv, True, scale, p, sd, w, cap)
+    dqkv = OPS.attention_bwd_triton(do, qkv, o, lse, km, h, kv, True, scale, p, sd, w, cap)
+    kmc = None if km is None else km.cpu()
+    sdc = None if sd is None else sd.cpu()
+    o_t, lse_t = ref.attention_fwd(qkv.double().cpu(), kmc, h, kv, True, scale, p, sdc, w, cap)
+    d_t = ref.attention_bwd(do.double().cpu(), qkv.double().cpu(), o_t, lse_t, kmc, h, kv, True, scale, p, sdc, w,
+                            cap)
+    return case, (qkv, do, km, scale, sd), (o, lse, dqkv), (o_t, lse_t, d_t)
+
+
+@pytest.mark.parametrize("c", WINDOW_CASES, ids=[_wid(c) for c in WINDOW_CASES])
+def test_attention_window_softcap_fp32(c):
+    case, inp, (o, lse, dqkv), (o_t, lse_t, d_t) = _window_run_and_truth(c, torch.float32, seed=2)
+    empty = _check_empty_rows(case, inp[2], o.cpu(), lse.cpu(), dqkv.cpu(), lse_t)
+    _assert_fp32("o", o.cpu(), o_t)
+    _assert_fp32("lse", lse.cpu()[~empty], lse_t[~empty])
+    h, kv, hd = c[2], c[3], c[4]
+    for (name, x), t in zip(_parts(dqkv.cpu(), h, kv, hd).items(), _parts(d_t, h, kv, hd).values()):
+        _assert_fp32(name, x, t, like=d_t)
+
+
+@pytest.mark.parametrize("c", WINDOW_CASES[1:5], ids=[_wid(c) for c in WINDOW_CASES[1:5]])
+def test_attention_window_softcap_fp16(c):
+    """fp16: within 2x of the contract evaluated on the same fp16 inputs (as test_attention_16bit)."""
+    case, (qkv, do, km, scale, sd), (o, lse, dqkv), (o_t, lse_t, d_t) = _window_run_and_truth(c, torch.float16, 3)
+    _, _, h, kv, hd, w, cap, _, p = c
+    o_p, lse_p = ref.attention_fwd(qkv, km, h, kv, True, scale, p, sd, w, cap)
+    d_p = ref.attention_bwd(do, qkv, o_p, lse_p, km, h, kv, True, scale, p, sd, w, cap)
+    _check_empty_rows(case, km, o.cpu(), lse.cpu(), dqkv.cpu(), lse_t)
+    for name, x, peer, truth in (("o", o, o_p, o_t), ("dqkv", dqkv, d_p, d_t)):
+        ours, theirs = _rel(x.cpu(), truth), _rel(peer.cpu(), truth)
+        assert ours <= 2 * theirs + 1e-6, f"{name}: relative error {ours:.3g} > 2 x the contract's {theirs:.3g}"
+
+
+def test_window_block_skipping():
+    """With a window, the forward and dq kernels never read key blocks left of the window, the dk/dv kernel
+    never reads query blocks right of it: NaN in k/v of keys < R leaves o/lse (and dq) of the query blocks whose
+    first key block starts at or after R exactly equal to the clean run; NaN in q/dO of rows >= R2 leaves dk/dv
+    of the key blocks whose last query block ends before R2 exactly equal. (A loaded NaN would leak through
+    0 * NaN; without window block skipping every row would be NaN.)"""
+    b, s, h, kv, hd, w = 1, 96, 2, 1, 16, 5
+    case = (b, s, h, kv, hd, True, None)
+    qkv, do, _, scale = _inputs(case, torch.float32, seed=4)
+    tiles = ta._tiles(hd, torch.float32, qkv.device)
+    o, lse = OPS.attention_fwd_triton(qkv, None, h, kv, True, scale, 0.0, None, w, 0.5)
+    dqkv = OPS.attention_bwd_triton(do, qkv, o, lse, None, h, kv, True, scale, 0.0, None, w, 0.5)
+
+    def first_key_block(start_m, block_n):
+        return (max(start_m - w + 1, 0) // block_n) * block_n
+
+    r = 32
+    poisoned = qkv.clone()
+    poisoned[:, :r, h * hd:] = float("nan")
+    o_n, lse_n = OPS.attention_fwd_triton(poisoned, None, h, kv, True, scale, 0.0, None, w, 0.5)
+    bm, bn = tiles["fwd"][:2]
+    clean = min(m for m in range(0, s, bm) if first_key_block(m, bn) >= r)
+    assert clean < s
+    assert torch.equal(o_n[:, clean:], o[:, clean:]) and torch.equal(lse_n[..., clean:], lse[..., clean:])
+    assert o_n[:, :r].isnan().any()  # the poison is real
+    dq_n = OPS.attention_bwd_triton(do, poisoned, o, lse, None, h, kv, True, scale, 0.0, None, w, 0.5)
+    bm, bn = tiles["dq"][:2]
+    clean = min(m for m in range(0, s, bm) if first_key_block(m, bn) >= r)
+    assert clean < s and torch.equal(dq_n[:, clean:, :h * hd], dqkv[:, clean:, :h * hd])
+
+    r2 = 64
+    poisoned = qkv.clone()
+    poisoned[:, r2:, :h * hd] = float("nan")
+    do_n = do.clone()
+    do_n[:, r2:] = float("nan")
+    lse_p = lse.clone()
+    lse_p[..., r2:] = float("nan")
+    dkv_n = OPS.attention_bwd_triton(do_n, poisoned, o, lse_p, None, h, kv, True, scale, 0.0, None, w, 0.5)
+    bm, bn = tiles["dkdv"][:2]
+    ok_n = [n for n in range(0, s, bn) if -(-min(s, n + bn + w - 1) // bm) * bm <= r2]
+    assert ok_n
+    upto = ok_n[-1] + bn
+    assert torch.equal(dkv_n[:, :upto, h * hd:], dqkv[:, :upto, h * hd:])
+    assert dkv_n[:, r2:, h * hd:].isnan().any()
+
+
+def test_window_softcap_launch_tiles():
+    """WINDOW launches (recorded on meta tensors for sm_90) use the plain tiles, SOFTCAP ones the softcap entry
+    (its dq takes 8 warps at hd 64 in 16-bit, where 4 spilled; the AOT sweep checks neither spills); a window
+    >= S is no window (the plain kernel); no window/cap: the flags stay off."""
+    b, s, h, kv, hd = 2, 256, 4, 2, 64
+    meta = torch.device("meta")
+    qkv = torch.empty(b, s, (h + 2 * kv) * hd, dtype=torch.bfloat16, device=meta)
+    o, lse = torch.empty(b, s, h * hd, dtype=torch.bfloat16, device=meta), torch.empty(b, h, s, device=meta)
+    lim = ARCH_LIMITS[90]
+    names = {"_attn_fwd_kernel": "fwd", "_attn_bwd_dkdv_kernel": "dkdv", "_attn_bwd_dq_kernel": "dq"}
+    for w, cap, flags in ((0, 0.0, (False, False)), (64, 0.0, (True, False)), (0, 30.0, (False, True)),
+                          (64, 30.0, (True, True)), (256, 0.0, (False, False))):
+        with recording(lim) as launches:
+            ta.attention_fwd(qkv, None, h, kv, True, 0.125, 0.0, None, w, cap)
+            ta.attention_bwd(o, qkv, o, lse, None, h, kv, True, 0.125, 0.0, None, w, cap)
+        got = {names[ln.kernel.__name__]: (ln.meta["BLOCK_M"], ln.meta["BLOCK_N"], ln.meta["num_warps"],
+                                           ln.meta["num_stages"]) for ln in launches if ln.kernel.__name__ in names}
+        want = ta.attention_tiles(hd, torch.bfloat16, lim.smem, softcap=cap > 0)
+        assert got == {k: want[k] for k in names.values()}
+        for ln in launches:
+            if ln.kernel.__name__ in names:
+                assert (bool(ln.meta.get("WINDOW", False)), bool(ln.meta.get("SOFTCAP", False))) == flags, (w, cap)
+    plain, capped = ta.attention_tiles(hd, torch.bfloat16, lim.smem), ta.attention_tiles(hd, torch.bfloat16, lim.smem,
+                                                                                            softcap=True)
+    assert capped["dq"] == (64, 32, 8, 3) and plain["dq"] == (64, 32, 4, 3)
+    assert {k: capped[k] for k in ("fwd", "dkdv")} == {k: plain[k] for k in ("fwd", "dkdv")}
+
+
+def test_window_softcap_bad_inputs():
+    qkv = torch.randn(1, 4, 3 * 16, device=DEVICE)
+    for kw, match in ((dict(window=-1), "window"), (dict(softcap=-1.0), "softcap"),
+                      (dict(softcap=float("nan")), "softcap")):
+        with pytest.raises(ValueError, match=match):
+            ta.attention_fwd(qkv, None, 1, 1, True, 0.5, **kw)
+    with pytest.raises(ValueError, match="causal"):
+        ta.attention_fwd(qkv, None, 1, 1, False, 0.5, window=2)

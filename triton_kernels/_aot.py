@@ -126,6 +126,15 @@ def _attention_cases(full):
                 yield "attention", f"attention_bwd dropout {label}", dn, (
                     lambda q=qkv, o=o, lse=lse, m=mask, h=h, kv=kv, sd=sd: attention.attention_bwd(
                         o, q, o, lse, m, h, kv, True, 0.125, 0.1, sd))
+                # sliding window (Mistral/Qwen2; window < S) and logit soft-capping (Gemma2): the WINDOW / SOFTCAP
+                # variants, alone and together (Gemma2's sliding layers)
+                for vname, win, cap in (("window", 512, 0.0), ("softcap", 0, 50.0), ("window+softcap", 512, 50.0)):
+                    yield "attention", f"attention_fwd {vname} {label}", dn, (
+                        lambda q=qkv, m=mask, h=h, kv=kv, w=win, c=cap: attention.attention_fwd(
+                            q, m, h, kv, True, 0.125, 0.0, None, w, c))
+                    yield "attention", f"attention_bwd {vname} {label}", dn, (
+                        lambda q=qkv, o=o, lse=lse, m=mask, h=h, kv=kv, w=win, c=cap: attention.attention_bwd(
+                            o, q, o, lse, m, h, kv, True, 0.125, 0.0, None, w, c))
     for hd in (64, 128, 256) if full else (128,):
         for dn in DTYPES if full else ("bf16",):
             qkv = _t(2, 2048, 48 * hd, dtype=DTYPES[dn])
@@ -272,7 +281,8 @@ def _declared_smem(row):
     """smem_needed of the attention._GPU_TILES entry that ``attention_tiles`` picks for this row's limit."""
     block_d = int(re.search(r"D=(\d+)", row["config"]).group(1))
     width = 4 if row["dtype"] == "fp32" else 2
-    for need, _ in attention.tile_entries(block_d, width, "DROPOUT" in row["config"].split()):
+    flags = row["config"].split()
+    for need, _ in attention.tile_entries(block_d, width, "DROPOUT" in flags, "SOFTCAP" in flags):
         if need <= row["smem_limit"]:
             return need
     return 0

@@ -26,6 +26,15 @@ the reference's (``reference.attention_dropout_keep``). z = 1 / (1 - p); with Z 
     backward: dV = (P Z)^T dO,  dS = P * ((dO V^T) Z - delta)      (delta = rowsum(dO * O) as without dropout)
 Each kernel regenerates the bits of its own tiles from the seed (a 1-element int64 tensor read on the device);
 nothing is stored.
+Sliding window (WINDOW, constexpr; runtime ``window`` w, causal only) and logit soft-capping (SOFTCAP; runtime
+cap_scale = scale / c, cap_log2 = c log2 e): the kernels without them are unchanged (the AOT table's rows of the
+plain kernels compile to the same resources).
+    window: valid &= i - j < w (transformers' sliding_window_overlay); the forward and dq kernels start their
+            key loop at the block holding key start_m - w + 1, the dk/dv kernel stops its query loop after the
+            block holding query start_n + BLOCK_N + w - 2: blocks outside the window are never loaded
+    softcap: s = c log2(e) tanh(scale q k^T / c) (base 2, as the scores above), lse of the capped scores;
+            backward: t = tanh(...) recomputed from the same dot, dS = P * (dP - delta) * (1 - t^2)
+A window >= S is no window (the plain kernels run).
 The dk/dv kernel owns one KV head's key block and loops over the H/KV query heads of its group (and the query
 blocks, from the diagonal on under causal), so GQA/MQA sums happen in registers: no atomics, one store.
 
@@ -113,18 +122,50 @@ def _key_ok(KMASK, b, offs_n, S, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
+def _tanh(x):
+    """tanh in fp32 from exp2 (odd: sign(x) (1 - e) / (1 + e), e = 2^(-2 |x| log2 e) in (0, 1], no overflow);
+    absolute error ~1 ulp of 1, which is what the capped softmax sees."""
+    e = tl.math.exp2(-2.8853900817779268 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _capped(dot, qk_scale, cap_scale, cap_log2, SOFTCAP: tl.constexpr):
+    """Base-2 scores of a raw dot-product tile and the tanh of the cap (for the backward's 1 - t^2):
+    without SOFTCAP dot * qk_scale (t unused); with it c log2(e) tanh(scale dot / c) (cap_scale = scale / c,
+    cap_log2 = c log2 e)."""
+    if SOFTCAP:
+        t = _tanh(dot * tl.cast(cap_scale, tl.float32))
+        return t * tl.cast(cap_log2, tl.float32), t
+    else:
+        return dot * qk_scale, dot
+
+
+@triton.jit
+def _in_window(rows, cols, window, WINDOW: tl.constexpr):
+    """rows - cols < window (sliding window, on top of causal) for broadcast row/column index tiles."""
+    return (rows - cols) < window
+
+
+@triton.jit
 def _key_block(base, q, offs_m, offs_n, S, stride_s, k_col, v_col, offs_d, HD, KMASK, b, qk_scale,
-               HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr):
-    """One key block seen from a query block: (k, v, scaled scores q k^T * qk_scale, valid), valid
-    = key not padded (and j <= i when causal). Shared by the forward and the dq kernel so both
+               HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr,
+               window=0, cap_scale=1.0, cap_log2=1.0, WINDOW: tl.constexpr = False,
+               SOFTCAP: tl.constexpr = False):
+    """One key block seen from a query block: (k, v, scaled scores q k^T * qk_scale, valid, t), valid
+    = key not padded (and j <= i when causal; and i - j < window with WINDOW); SOFTCAP: scores
+    c log2(e) tanh(scale q k^T / c) and t the tanh. Shared by the forward and the dq kernel so both
     mask exactly the same entries."""
     k = _load_rows(base, offs_n, S, stride_s, k_col, offs_d, HD, DOT_FP32)
     v = _load_rows(base, offs_n, S, stride_s, v_col, offs_d, HD, DOT_FP32)
     valid = _key_ok(KMASK, b, offs_n, S, HAS_MASK)[None, :]
     if CAUSAL:
         valid = valid & (offs_m[:, None] >= offs_n[None, :])
-    s = _dot(q, tl.trans(k), None) * qk_scale
-    return k, v, s, valid
+    if WINDOW:
+        valid = valid & _in_window(offs_m[:, None], offs_n[None, :], window, WINDOW)
+    s, t = _capped(_dot(q, tl.trans(k), None), qk_scale, cap_scale, cap_log2, SOFTCAP)
+    return k, v, s, valid, t
 
 
 @triton.jit
@@ -143,9 +184,11 @@ def _attn_fwd_kernel(
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr, RTNE_BF16: tl.constexpr,
     SEED=None, threshold=0, dscale=1.0, DROPOUT: tl.constexpr = False,  # probability dropout (module docstring)
+    window=0, cap_scale=1.0, cap_log2=1.0, WINDOW: tl.constexpr = False, SOFTCAP: tl.constexpr = False,
 ):
     """Grid (cdiv(S, BLOCK_M) * B * H,) (``_split_pid``). One query block of one head, online softmax over
-    the key blocks (math in the module docstring); stores o and lse for its rows."""
+    the key blocks (math in the module docstring); stores o and lse for its rows. WINDOW: the key loop
+    starts at the block holding the first row's first key (start_m - window + 1)."""
     pid_m, pid_bh = _split_pid(S, BLOCK_M)
     b = pid_bh // H
     h = pid_bh % H
@@ -168,11 +211,15 @@ def _attn_fwd_kernel(
         hi = tl.minimum(S, start_m + BLOCK_M)  # causal block skipping: nothing right of the diagonal block
     else:
         hi = S
-    for start_n in range(0, hi, BLOCK_N):
+    if WINDOW:  # window block skipping: nothing left of the block holding key start_m - window + 1
+        lo = (tl.maximum(start_m - window + 1, 0) // BLOCK_N) * BLOCK_N
+    else:
+        lo = 0
+    for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k, v, s, valid = _key_block(base, q, offs_m, offs_n, S, stride_qkv_s, (H + kvh) * HD,
-                                    (H + kv + kvh) * HD, offs_d, HD, KMASK, b, qk_scale, HAS_MASK, CAUSAL,
-                                    DOT_FP32)
+        k, v, s, valid, t = _key_block(base, q, offs_m, offs_n, S, stride_qkv_s, (H + kvh) * HD,
+                                       (H + kv + kvh) * HD, offs_d, HD, KMASK, b, qk_scale, HAS_MASK, CAUSAL,
+                                       DOT_FP32, window, cap_scale, cap_log2, WINDOW, SOFTCAP)
         s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_off = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no valid key yet: p = 2^-inf = 0
@@ -218,12 +265,14 @@ def _attn_bwd_dkdv_kernel(
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr, RTNE_BF16: tl.constexpr,
     SEED=None, threshold=0, dscale=1.0, DROPOUT: tl.constexpr = False,
+    window=0, cap_scale=1.0, cap_log2=1.0, WINDOW: tl.constexpr = False, SOFTCAP: tl.constexpr = False,
 ):
     """Grid (cdiv(S, BLOCK_N) * B * KV,). One key block of one KV head; for each of the GROUP query heads that
     read it and each query block (causal: from the block holding the diagonal on), transposed tiles:
         P^T = 2^(c k q^T - lse log2 e)  (0 on masked entries),   dV += P^T dO,
         dP^T = v dO^T,   dS^T = P^T * (dP^T - delta),            dK += dS^T q
-    and finally dK *= scale; dk, dv stored once into dqkv's k / v columns."""
+    and finally dK *= scale; dk, dv stored once into dqkv's k / v columns. WINDOW: query blocks up to the one
+    holding the last key's last query (start_n + BLOCK_N - 1 + window - 1); SOFTCAP: dS^T *= 1 - t^2."""
     pid_n, pid_bk = _split_pid(S, BLOCK_N)
     kv = H // GROUP
     b = pid_bk // kv
@@ -247,10 +296,14 @@ def _attn_bwd_dkdv_kernel(
         lo = (start_n // BLOCK_M) * BLOCK_M  # earlier query blocks see none of these keys
     else:
         lo = 0
+    if WINDOW:  # later query blocks see none of these keys either
+        hi = tl.minimum(S, start_n + BLOCK_N + window - 1)
+    else:
+        hi = S
     for g in range(0, GROUP):
         h = kvh * GROUP + g
         row0 = (b * H + h) * S  # into lse / delta (B, H, S)
-        for start_m in range(lo, S, BLOCK_M):
+        for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             m_ok = offs_m < S
             q = _load_rows(base, offs_m, S, stride_qkv_s, h * HD, offs_d, HD, DOT_FP32)
@@ -260,7 +313,9 @@ def _attn_bwd_dkdv_kernel(
             valid = key_ok
             if CAUSAL:
                 valid = valid & (offs_m[None, :] >= offs_n[:, None])
-            s_t = _dot(k, tl.trans(q), None) * qk_scale
+            if WINDOW:
+                valid = valid & _in_window(offs_m[None, :], offs_n[:, None], window, WINDOW)
+            s_t, t_t = _capped(_dot(k, tl.trans(q), None), qk_scale, cap_scale, cap_log2, SOFTCAP)
             p_t = tl.where(valid, tl.math.exp2(s_t - lse[None, :] * _LOG2E), 0.0)
             # (the no-dropout path keeps the original instruction order: same registers, docs/gpu_resources.md)
             if DROPOUT:  # transposed tile: rows are keys, columns queries
@@ -273,6 +328,8 @@ def _attn_bwd_dkdv_kernel(
             if DROPOUT:
                 dp_t = tl.where(keep_t, dp_t * dscale, 0.0)
             ds_t = p_t * (dp_t - delta[None, :])
+            if SOFTCAP:
+                ds_t = ds_t * (1.0 - t_t * t_t)
             dk = _dot(_operand(ds_t, QKV.dtype.element_ty, DOT_FP32, RTNE_BF16), q, dk)
     dk = dk * scale
     n_mask = (offs_n[:, None] < S) & (offs_d[None, :] < HD)
@@ -290,9 +347,10 @@ def _attn_bwd_dq_kernel(
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr, RTNE_BF16: tl.constexpr,
     SEED=None, threshold=0, dscale=1.0, DROPOUT: tl.constexpr = False,
+    window=0, cap_scale=1.0, cap_log2=1.0, WINDOW: tl.constexpr = False, SOFTCAP: tl.constexpr = False,
 ):
     """Grid (cdiv(S, BLOCK_M) * B * H,). One query block of one head, over the key blocks (causal: up to the
-    diagonal block):  P = 2^(c q k^T - lse log2 e),  dP = dO v^T,  dS = P * (dP - delta),  dQ += dS k;
+    diagonal block; WINDOW: from the forward's first block; SOFTCAP: dS *= 1 - t^2):  P = 2^(c q k^T - lse log2 e),  dP = dO v^T,  dS = P * (dP - delta),  dQ += dS k;
     dQ *= scale, stored into dqkv's q columns."""
     pid_m, pid_bh = _split_pid(S, BLOCK_M)
     b = pid_bh // H
@@ -319,16 +377,22 @@ def _attn_bwd_dq_kernel(
         hi = tl.minimum(S, start_m + BLOCK_M)
     else:
         hi = S
-    for start_n in range(0, hi, BLOCK_N):
+    if WINDOW:
+        lo = (tl.maximum(start_m - window + 1, 0) // BLOCK_N) * BLOCK_N
+    else:
+        lo = 0
+    for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k, v, s, valid = _key_block(base, q, offs_m, offs_n, S, stride_qkv_s, (H + kvh) * HD,
-                                    (H + kv + kvh) * HD, offs_d, HD, KMASK, b, qk_scale, HAS_MASK, CAUSAL,
-                                    DOT_FP32)
+        k, v, s, valid, t = _key_block(base, q, offs_m, offs_n, S, stride_qkv_s, (H + kvh) * HD,
+                                       (H + kv + kvh) * HD, offs_d, HD, KMASK, b, qk_scale, HAS_MASK, CAUSAL,
+                                       DOT_FP32, window, cap_scale, cap_log2, WINDOW, SOFTCAP)
         p = tl.where(valid, tl.math.exp2(s - lse[:, None] * _LOG2E), 0.0)
         dp = _dot(do, tl.trans(v), None)
         if DROPOUT:
             dp = tl.where(_keep(seed, rows, offs_n[None, :], S, threshold), dp * dscale, 0.0)
         ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)
         dq = _dot(_operand(ds, QKV.dtype.element_ty, DOT_FP32, RTNE_BF16), k, dq)
     dq = dq * scale
     out = DQKV + b * stride_dqkv_b + offs_m.to(tl.int64)[:, None] * stride_dqkv_s + h * HD + offs_d[None, :]
@@ -372,26 +436,36 @@ _DROPOUT_TILES = {
 }
 
 
-def tile_entries(block_d, width, dropout=False):
+# Logit soft-capping (SOFTCAP variants: the tanh tile lives until dS): at hd 64 in 16-bit the dq kernel's 64 x 32
+# tiles with 4 warps spilled 4 B on sm_86 (with WINDOW); 8 warps do not spill on any arch. The forward and dk/dv
+# take the plain tiles. With dropout too, the dropout tiles (not in the AOT sweep).
+_SOFTCAP_TILES = {
+    (64, 2): [(60 << 10, dict(fwd=(64, 64, 4, 3), dkdv=(16, 32, 8, 1), dq=(64, 32, 8, 3))), (20 << 10, _SMALL)],
+}
+
+
+def tile_entries(block_d, width, dropout=False, softcap=False):
     """The ``(smem_needed, tiles)`` entries ``attention_tiles`` chooses from (``._aot`` checks against them)."""
     key = (max(64, block_d), width)
-    return (_DROPOUT_TILES.get(key) if dropout else None) or _GPU_TILES[key]
+    return ((_DROPOUT_TILES.get(key) if dropout else None) or (_SOFTCAP_TILES.get(key) if softcap else None)
+            or _GPU_TILES[key])
 
 
-def attention_tiles(head_dim, dtype, smem_limit, dropout=False):
+def attention_tiles(head_dim, dtype, smem_limit, dropout=False, softcap=False):
     """Every launch's (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and BLOCK_D, for a GPU whose blocks
     may use ``smem_limit`` bytes of shared memory: the largest ``_GPU_TILES`` entry of (BLOCK_D, operand
     bytes) that fits. A pure function of its arguments (unit-tested; ``._aot`` compiles what it returns).
 
     Depending on nothing else (not S, B or the mask) makes the recomputed forward ("full" level) bitwise the
     original: same device, dtype and dropout, so the same tiles and the same reduction order. ``dropout``:
-    the DROPOUT kernel variants, which get their own tiles where the plain ones would spill (_DROPOUT_TILES).
+    the DROPOUT kernel variants, which get their own tiles where the plain ones would spill (_DROPOUT_TILES);
+    ``softcap``: likewise the SOFTCAP variants (_SOFTCAP_TILES). A window takes the plain tiles.
     BLOCK_D = next power of two >= hd (>= 16, tl.dot's minimum), masked on d."""
     block_d = max(16, triton.next_power_of_2(int(head_dim)))
     if block_d > 256:
         raise ValueError(f"head_dim must be <= 256 for the Triton attention kernels, got {head_dim}")
     width = 4 if dtype == torch.float32 else 2
-    entries = tile_entries(block_d, width, dropout)
+    entries = tile_entries(block_d, width, dropout, softcap)
     for need, tiles in entries:
         if need <= smem_limit:
             return dict(tiles, block_d=block_d)
@@ -399,13 +473,13 @@ def attention_tiles(head_dim, dtype, smem_limit, dropout=False):
                      f"memory per block (the smallest needs {entries[-1][0]})")
 
 
-def _tiles(head_dim, dtype, device, dropout=False):
+def _tiles(head_dim, dtype, device, dropout=False, softcap=False):
     """The tiles of a launch on ``device``: ``attention_tiles`` for its shared memory (``device_limits``),
     or the interpreter's small tiles on CPU tensors."""
     limits = device_limits(device)
     if limits is None:
         return dict(_INTERPRETER_TILES, block_d=max(16, triton.next_power_of_2(int(head_dim))))
-    return attention_tiles(head_dim, dtype, limits.smem, dropout)
+    return attention_tiles(head_dim, dtype, limits.smem, dropout, softcap)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -449,11 +523,32 @@ def _dropout_meta(dropout_p, seed, device):
                 DROPOUT=True)
 
 
-def attention_fwd(qkv, key_mask, num_heads, num_kv_heads, causal, scale, dropout_p=0.0, seed=None):
+def _window_meta(window, softcap, causal, seq_len, scale):
+    """Extra launch arguments of a sliding window / logit cap: {} without either (the plain kernels); a window
+    >= seq_len hides nothing and is dropped."""
+    if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+        raise ValueError(f"window must be an int >= 0 (0 = no window); got {window!r}")
+    if window > 0 and not causal:
+        raise ValueError("window > 0 needs causal=True (a causal sliding window)")
+    softcap = float(softcap)
+    if not (0.0 <= softcap < float("inf")):
+        raise ValueError(f"softcap must be a finite float >= 0 (0 = none); got {softcap!r}")
+    meta = {}
+    if 0 < window < seq_len:
+        meta.update(window=int(window), WINDOW=True)
+    if softcap > 0.0:
+        meta.update(cap_scale=float(scale) / softcap, cap_log2=softcap * _LOG2E_PY, SOFTCAP=True)
+    return meta
+
+
+def attention_fwd(qkv, key_mask, num_heads, num_kv_heads, causal, scale, dropout_p=0.0, seed=None, window=0,
+                  softcap=0.0):
     """Returns o (B, S, H*hd) in qkv's dtype and lse (B, H, S) fp32 (+inf on rows with no key); dropout_p > 0:
-    dropout on the probabilities from the seed (module docstring)."""
+    dropout on the probabilities from the seed (module docstring); window > 0: causal sliding window
+    (i - j < window); softcap > 0: scores softcap * tanh(scale q.k / softcap)."""
     hd = _check_heads(qkv, num_heads, num_kv_heads)
     drop = _dropout_meta(dropout_p, seed, qkv.device)
+    drop.update(_window_meta(window, softcap, causal, qkv.shape[1], scale))
     qkv = qkv.contiguous()
     b, s, _ = qkv.shape
     mask = _prep_mask(key_mask, b, s, qkv.device)
@@ -461,7 +556,7 @@ def attention_fwd(qkv, key_mask, num_heads, num_kv_heads, causal, scale, dropout
     lse = qkv.new_empty(b, num_heads, s, dtype=torch.float32)
     if o.numel() == 0:
         return o, lse
-    cfg = _tiles(hd, qkv.dtype, qkv.device, bool(drop))
+    cfg = _tiles(hd, qkv.dtype, qkv.device, bool(drop.get("DROPOUT")), bool(drop.get("SOFTCAP")))
     meta = dict(_meta_for("fwd", qkv, causal, mask, cfg), **drop)
     launch(wrap_triton(_attn_fwd_kernel), (triton.cdiv(s, meta["BLOCK_M"]) * b * num_heads,),
         qkv, mask, o, lse, s, num_heads, num_heads // num_kv_heads, hd,
@@ -469,11 +564,13 @@ def attention_fwd(qkv, key_mask, num_heads, num_kv_heads, causal, scale, dropout
     return o, lse
 
 
-def attention_bwd(do, qkv, o, lse, key_mask, num_heads, num_kv_heads, causal, scale, dropout_p=0.0, seed=None):
+def attention_bwd(do, qkv, o, lse, key_mask, num_heads, num_kv_heads, causal, scale, dropout_p=0.0, seed=None,
+                  window=0, softcap=0.0):
     """Returns dqkv (B, S, (H + 2KV) * hd) in qkv's dtype; dk/dv summed over each KV head's query heads; the
-    forward's dropout bits regenerated from the same seed."""
+    forward's dropout bits regenerated from the same seed; window / softcap as the forward's."""
     hd = _check_heads(qkv, num_heads, num_kv_heads)
     drop = _dropout_meta(dropout_p, seed, qkv.device)
+    drop.update(_window_meta(window, softcap, causal, qkv.shape[1], scale))
     qkv = qkv.contiguous()
     b, s, _ = qkv.shape
     o = _check_like("o", o, (b, s, num_heads * hd), qkv.dtype, qkv.device)
@@ -483,7 +580,7 @@ def attention_bwd(do, qkv, o, lse, key_mask, num_heads, num_kv_heads, causal, sc
     dqkv = torch.empty_like(qkv)
     if dqkv.numel() == 0:
         return dqkv
-    cfg = _tiles(hd, qkv.dtype, qkv.device, bool(drop))
+    cfg = _tiles(hd, qkv.dtype, qkv.device, bool(drop.get("DROPOUT")), bool(drop.get("SOFTCAP")))
     group = num_heads // num_kv_heads
     qk_scale = float(scale) * _LOG2E_PY
     delta = torch.empty_like(lse)
@@ -508,10 +605,11 @@ def attention_bwd(do, qkv, o, lse, key_mask, num_heads, num_kv_heads, causal, sc
 attention_fwd_op = _register(
     "attention_fwd_triton",
     "(Tensor qkv, Tensor? key_mask, int num_heads, int num_kv_heads, bool causal, float scale, "
-    "float dropout_p=0.0, Tensor? seed=None) -> (Tensor o, Tensor lse)",
+    "float dropout_p=0.0, Tensor? seed=None, int window=0, float softcap=0.0) -> (Tensor o, Tensor lse)",
     attention_fwd, _meta.attention_fwd)
 attention_bwd_op = _register(
     "attention_bwd_triton",
     "(Tensor do, Tensor qkv, Tensor o, Tensor lse, Tensor? key_mask, int num_heads, int num_kv_heads, "
-    "bool causal, float scale, float dropout_p=0.0, Tensor? seed=None) -> Tensor dqkv",
+    "bool causal, float scale, float dropout_p=0.0, Tensor? seed=None, int window=0, float softcap=0.0) "
+    "-> Tensor dqkv",
     attention_bwd, _meta.attention_bwd)

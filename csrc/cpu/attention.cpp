@@ -40,9 +40,16 @@
 // No S x S matrix is materialised beyond ATen's own per-tile buffers. Inputs
 // are never written.
 //
-// Attention-probability dropout (dropout_p > 0): ATen's CPU flash kernels have
-// no dropout, so that case runs a kernel of ours (attention_dropout_fwd/_bwd
-// below; bits and per-element math in ckpt_ops/attention_dropout.h):
+// Attention-probability dropout (dropout_p > 0), a sliding window shorter than
+// S (window > 0, causal) and logit soft-capping (softcap > 0): ATen's CPU flash
+// kernels have none of them, so those calls run a kernel of ours
+// (attention_own_fwd/_bwd below; dropout bits and math in
+// ckpt_ops/attention_dropout.h, window and cap math in ckpt_ops/attention_window.h):
+//  * window: a query tile [q0, q1) computes only the keys
+//    [first_key(q0, w), q1): key blocks fully outside the window are never
+//    touched, so the cost is O(S * (w + tile)) instead of O(S^2);
+//  * softcap: s = c * tanh(scale q.k / c) on each valid score; the backward
+//    recomputes tanh from the same dot product (dRaw = dS * (1 - t^2));
 //  * tiles of BM query rows x all the keys they may see (causal: keys < the
 //    tile's last row + 1), never a whole S x S per head; scores and P @ V are
 //    at::mm on the tile in the accumulation dtype (fp32, fp64 for fp64);
@@ -73,6 +80,7 @@
 
 #include "ckpt_ops/attention_dropout.h"
 #include "ckpt_ops/attention_host.h"
+#include "ckpt_ops/attention_window.h"
 
 namespace ckpt_ops {
 namespace {
@@ -122,22 +130,48 @@ std::vector<int64_t> empty_prefix(const c10::optional<at::Tensor>& key_mask, con
 }
 
 
-// ---- attention-probability dropout (kernel of ours) -------------------------
+// ---- kernel of ours: probability dropout, sliding window, soft-capping ------
 constexpr int64_t kDropBlockM = 64;  // query rows per tile
 
-struct DropArgs {
-  int64_t seed;
-  uint32_t threshold;
-  double p;
+// What the own kernel applies beyond plain softmax attention. dropout: p > 0
+// (seed, threshold); window: 0 = none (else causal, i - j < window); softcap:
+// 0 = none (else c * tanh(raw / c)).
+struct OwnArgs {
+  bool drop = false;
+  int64_t seed = 0;
+  uint32_t threshold = 0;
+  double p = 0.0;
+  int64_t window = 0;
+  double softcap = 0.0;
 };
 
-DropArgs check_dropout(double dropout_p, const c10::optional<at::Tensor>& seed, const at::Tensor& qkv) {
+void check_dropout(double dropout_p, const c10::optional<at::Tensor>& seed, const at::Tensor& qkv, OwnArgs& a) {
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "ckpt_ops: dropout_p must be in [0, 1); got ", dropout_p);
+  if (dropout_p == 0.0) return;
   TORCH_CHECK(seed.has_value() && seed->numel() == 1 && seed->scalar_type() == at::kLong &&
                   seed->device() == qkv.device(),
               "ckpt_ops: seed must be a 1-element int64 tensor on ", qkv.device(), " when dropout_p > 0");
-  return {seed->const_data_ptr<int64_t>()[0], philox::dropout_threshold(dropout_p), dropout_p};
+  a.drop = true;
+  a.seed = seed->const_data_ptr<int64_t>()[0];
+  a.threshold = philox::dropout_threshold(dropout_p);
+  a.p = dropout_p;
 }
+
+// Validates window / softcap (and dropout); a window >= S is no window.
+OwnArgs own_args(double dropout_p, const c10::optional<at::Tensor>& seed, int64_t window, double softcap,
+                 bool causal, const attn::QkvShape& sh, const at::Tensor& qkv) {
+  TORCH_CHECK(window >= 0, "ckpt_ops: window must be >= 0 (0 = no window); got ", window);
+  TORCH_CHECK(window == 0 || causal, "ckpt_ops: window > 0 needs causal=True");
+  TORCH_CHECK(softcap >= 0.0 && std::isfinite(softcap), "ckpt_ops: softcap must be a finite float >= 0; got ",
+              softcap);
+  OwnArgs a;
+  check_dropout(dropout_p, seed, qkv, a);
+  a.window = window < sh.S ? window : 0;
+  a.softcap = softcap;
+  return a;
+}
+
+bool needs_own(const OwnArgs& a) { return a.drop || a.window > 0 || a.softcap > 0.0; }
 
 // (B, S, heads, hd) view of a (B, S, heads * hd) tensor converted to acc (no copy when it already is).
 at::Tensor acc4(const at::Tensor& t, const attn::QkvShape& sh, int64_t heads) {
@@ -155,48 +189,95 @@ std::vector<uint8_t> attend_flags(const c10::optional<at::Tensor>& key_mask, con
   return f;
 }
 
+// Key range [kbeg, kend) of the query tile [q0, q0 + m): causal stops at the
+// tile's last row, a window starts at its first row's first key (the key
+// blocks outside are never computed).
+struct TileKeys {
+  int64_t kbeg, kend;
+};
+
+TileKeys tile_keys(int64_t q0, int64_t m, bool causal, int64_t window, int64_t S) {
+  return {attn_window::first_key(q0, window), causal ? q0 + m : S};
+}
+
+// Scores of one row in place (raw dot products -> scale, cap), -inf outside
+// [jlo, nk) and on padding; `tt` receives the tanh when capped. The scale/cap
+// loops are branch-free (`omp simd`), the masking a separate pass.
 template <typename T>
-void drop_fwd_impl(const at::Tensor& qa, const std::vector<uint8_t>& attend, at::Tensor& o, at::Tensor& lse,
-                   const attn::QkvShape& sh, bool causal, T scale, const DropArgs& d) {
+inline void row_scores(T* row, T* tt, const uint8_t* ok, int64_t kbeg, int64_t jlo, int64_t nk, int64_t kend,
+                       T scale, T cap) {
+  T* r = row - kbeg;  // r[j]: key j
+  if (cap > T(0)) {
+    const T inv = scale / cap;
+    if (tt != nullptr) {
+      T* u = tt - kbeg;
+#pragma omp simd
+      for (int64_t j = jlo; j < nk; ++j) r[j] = attn_window::capped(r[j], inv, cap, &u[j]);
+    } else {
+#pragma omp simd
+      for (int64_t j = jlo; j < nk; ++j) {
+        T t;
+        r[j] = attn_window::capped(r[j], inv, cap, &t);
+      }
+    }
+  } else {
+#pragma omp simd
+    for (int64_t j = jlo; j < nk; ++j) r[j] *= scale;
+  }
+  const T ninf = -std::numeric_limits<T>::infinity();
+  for (int64_t j = kbeg; j < jlo; ++j) r[j] = ninf;
+  for (int64_t j = jlo; j < nk; ++j) r[j] = ok[j] ? r[j] : ninf;
+  for (int64_t j = nk; j < kend; ++j) r[j] = ninf;
+}
+
+template <typename T>
+void own_fwd_impl(const at::Tensor& qa, const std::vector<uint8_t>& attend, at::Tensor& o, at::Tensor& lse,
+                  const attn::QkvShape& sh, bool causal, T scale, const OwnArgs& d) {
   const int64_t nblk = (sh.S + kDropBlockM - 1) / kDropBlockM, group = sh.H / sh.KV;
-  const T z = philox::dropout_scale<T>(d.p);
+  const T z = d.drop ? philox::dropout_scale<T>(d.p) : T(1), cap = static_cast<T>(d.softcap);
   T* lse_p = lse.data_ptr<T>();
   const at::Tensor o4 = o.view({sh.B, sh.S, sh.H, sh.hd});
   at::parallel_for(0, sh.B * sh.H * nblk, 1, [&](int64_t begin, int64_t end) {
-    std::vector<uint32_t> buf(4 * (sh.S / 4 + 2));
+    std::vector<uint32_t> buf(d.drop ? 4 * (sh.S / 4 + 2) : 0);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t blk = t % nblk, bh = t / nblk, b = bh / sh.H, h = bh % sh.H, kvh = h / group;
       const int64_t q0 = blk * kDropBlockM, m = std::min(kDropBlockM, sh.S - q0);
-      const int64_t kend = causal ? q0 + m : sh.S;
+      const TileKeys tk = tile_keys(q0, m, causal, d.window, sh.S);
+      const int64_t nkt = tk.kend - tk.kbeg;
       const at::Tensor xb = qa.select(0, b);
-      const at::Tensor k = xb.narrow(0, 0, kend).select(1, sh.H + kvh);
-      const at::Tensor v = xb.narrow(0, 0, kend).select(1, sh.H + sh.KV + kvh);
-      at::Tensor sc = at::mm(xb.narrow(0, q0, m).select(1, h), k.t());  // (m, kend) contiguous
+      const at::Tensor k = xb.narrow(0, tk.kbeg, nkt).select(1, sh.H + kvh);
+      const at::Tensor v = xb.narrow(0, tk.kbeg, nkt).select(1, sh.H + sh.KV + kvh);
+      at::Tensor sc = at::mm(xb.narrow(0, q0, m).select(1, h), k.t());  // (m, nkt) contiguous
       T* s = sc.data_ptr<T>();
       const uint8_t* ok = attend.data() + b * sh.S;
       for (int64_t i = 0; i < m; ++i) {
-        const int64_t q = q0 + i, nk = causal ? q + 1 : kend;
-        T* row = s + i * kend;
+        const int64_t q = q0 + i, nk = causal ? q + 1 : tk.kend, jlo = attn_window::first_key(q, d.window);
+        T* row = s + i * nkt;
+        row_scores<T>(row, nullptr, ok, tk.kbeg, jlo, nk, tk.kend, scale, cap);
         T mx = -std::numeric_limits<T>::infinity();
-        for (int64_t j = 0; j < nk; ++j) {
-          row[j] = ok[j] ? row[j] * scale : -std::numeric_limits<T>::infinity();
-          mx = std::max(mx, row[j]);
-        }
+        for (int64_t j = jlo; j < nk; ++j) mx = std::max(mx, row[j - tk.kbeg]);
         T& l_out = lse_p[bh * sh.S + q];
         if (mx == -std::numeric_limits<T>::infinity()) {  // no key to attend: o = 0, lse = +inf
-          for (int64_t j = 0; j < kend; ++j) row[j] = T(0);
+          for (int64_t j = 0; j < nkt; ++j) row[j] = T(0);
           l_out = std::numeric_limits<T>::infinity();
           continue;
         }
         T l = 0;
-        for (int64_t j = 0; j < nk; ++j) l += std::exp(row[j] - mx);
+        for (int64_t j = jlo; j < nk; ++j) l += std::exp(row[j - tk.kbeg] - mx);
         const T lse_q = mx + std::log(l);
         l_out = lse_q;
-        const uint32_t* bits = attn_dropout::row_bits(d.seed, attn_dropout::row_index(b, h, q, sh.H, sh.S), nk,
-                                                      buf.data());
-        for (int64_t j = 0; j < nk; ++j) row[j] = attn_dropout::dropped(std::exp(row[j] - lse_q), bits[j],
-                                                                        d.threshold, z);
-        for (int64_t j = nk; j < kend; ++j) row[j] = T(0);
+        for (int64_t j = tk.kbeg; j < jlo; ++j) row[j - tk.kbeg] = T(0);
+        if (d.drop) {
+          const uint32_t* bits = attn_dropout::row_bits(d.seed, attn_dropout::row_index(b, h, q, sh.H, sh.S) + jlo,
+                                                        nk - jlo, buf.data());
+          for (int64_t j = jlo; j < nk; ++j) {
+            row[j - tk.kbeg] = attn_dropout::dropped(std::exp(row[j - tk.kbeg] - lse_q), bits[j - jlo],
+                                                     d.threshold, z);
+          }
+        } else {
+          for (int64_t j = jlo; j < nk; ++j) row[j - tk.kbeg] = std::exp(row[j - tk.kbeg] - lse_q);
+        }
+        for (int64_t j = nk; j < tk.kend; ++j) row[j - tk.kbeg] = T(0);
       }
       o4.select(0, b).narrow(0, q0, m).select(1, h).copy_(at::mm(sc, v));
     }
@@ -204,15 +285,16 @@ void drop_fwd_impl(const at::Tensor& qa, const std::vector<uint8_t>& attend, at:
 }
 
 template <typename T>
-void drop_bwd_impl(const at::Tensor& qa, const at::Tensor& doa, const at::Tensor& oa, const at::Tensor& lse,
-                   const std::vector<uint8_t>& attend, at::Tensor& dqkv, const attn::QkvShape& sh, bool causal,
-                   T scale, const DropArgs& d) {
+void own_bwd_impl(const at::Tensor& qa, const at::Tensor& doa, const at::Tensor& oa, const at::Tensor& lse,
+                  const std::vector<uint8_t>& attend, at::Tensor& dqkv, const attn::QkvShape& sh, bool causal,
+                  T scale, const OwnArgs& d) {
   const int64_t nblk = (sh.S + kDropBlockM - 1) / kDropBlockM, group = sh.H / sh.KV;
-  const T z = philox::dropout_scale<T>(d.p);
+  const T z = d.drop ? philox::dropout_scale<T>(d.p) : T(1), cap = static_cast<T>(d.softcap);
   const T* lse_p = lse.const_data_ptr<T>();
   const at::Tensor dx = dqkv.view({sh.B, sh.S, sh.H + 2 * sh.KV, sh.hd});
   at::parallel_for(0, sh.B * sh.KV, 1, [&](int64_t begin, int64_t end) {
-    std::vector<uint32_t> buf(4 * (sh.S / 4 + 2));
+    std::vector<uint32_t> buf(d.drop ? 4 * (sh.S / 4 + 2) : 0);
+    std::vector<T> tt(cap > T(0) ? static_cast<size_t>(sh.S) : 0);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / sh.KV, kvh = t % sh.KV;
       const at::Tensor xb = qa.select(0, b);
@@ -223,32 +305,43 @@ void drop_bwd_impl(const at::Tensor& qa, const at::Tensor& doa, const at::Tensor
         const int64_t h = kvh * group + g, bh = b * sh.H + h;
         for (int64_t blk = 0; blk < nblk; ++blk) {
           const int64_t q0 = blk * kDropBlockM, m = std::min(kDropBlockM, sh.S - q0);
-          const int64_t kend = causal ? q0 + m : sh.S;
-          const at::Tensor q = xb.narrow(0, q0, m).select(1, h), k = kall.narrow(0, 0, kend),
-                           v = vall.narrow(0, 0, kend);
+          const TileKeys tk = tile_keys(q0, m, causal, d.window, sh.S);
+          const int64_t nkt = tk.kend - tk.kbeg;
+          const at::Tensor q = xb.narrow(0, q0, m).select(1, h), k = kall.narrow(0, tk.kbeg, nkt),
+                           v = vall.narrow(0, tk.kbeg, nkt);
           const at::Tensor dob = doa.select(0, b).narrow(0, q0, m).select(1, h);
           const at::Tensor ob = oa.select(0, b).narrow(0, q0, m).select(1, h);
-          at::Tensor pm = at::mm(q, k.t());     // scores -> P (m, kend)
+          at::Tensor pm = at::mm(q, k.t());     // scores -> P (m, nkt)
           at::Tensor dpm = at::mm(dob, v.t());  // dPd -> dS
           const at::Tensor delta = dob.mul(ob).sum(1).contiguous();
-          at::Tensor pd = at::empty_like(pm);   // Pd (dropped P, for dV)
+          at::Tensor pd = d.drop ? at::empty_like(pm) : pm;   // Pd (dropped P, for dV)
           T *P = pm.data_ptr<T>(), *DP = dpm.data_ptr<T>(), *PD = pd.data_ptr<T>();
           const T* dl = delta.const_data_ptr<T>();
           for (int64_t i = 0; i < m; ++i) {
-            const int64_t qi = q0 + i, nk = causal ? qi + 1 : kend;
+            const int64_t qi = q0 + i, nk = causal ? qi + 1 : tk.kend, jlo = attn_window::first_key(qi, d.window);
             const T lse_q = lse_p[bh * sh.S + qi];
-            T *prow = P + i * kend, *dprow = DP + i * kend, *pdrow = PD + i * kend;
-            const uint32_t* bits = attn_dropout::row_bits(d.seed, attn_dropout::row_index(b, h, qi, sh.H, sh.S),
-                                                          nk, buf.data());
-            for (int64_t j = 0; j < nk; ++j) {
-              const T pij = ok[j] ? std::exp(prow[j] * scale - lse_q) : T(0);  // lse = +inf: 0
-              pdrow[j] = attn_dropout::dropped(pij, bits[j], d.threshold, z);
-              dprow[j] = attn_dropout::grad_scores(pij, dprow[j], dl[i], bits[j], d.threshold, z);
+            T *prow = P + i * nkt, *dprow = DP + i * nkt, *pdrow = PD + i * nkt;
+            row_scores<T>(prow, tt.empty() ? nullptr : tt.data(), ok, tk.kbeg, jlo, nk, tk.kend, scale, cap);
+            const uint32_t* bits = d.drop ? attn_dropout::row_bits(
+                d.seed, attn_dropout::row_index(b, h, qi, sh.H, sh.S) + jlo, nk - jlo, buf.data()) : nullptr;
+            for (int64_t j = tk.kbeg; j < jlo; ++j) pdrow[j - tk.kbeg] = prow[j - tk.kbeg] = dprow[j - tk.kbeg] = T(0);
+            for (int64_t j = jlo; j < nk; ++j) {
+              const int64_t c = j - tk.kbeg;
+              const T pij = ok[j] ? std::exp(prow[c] - lse_q) : T(0);  // lse = +inf: 0
+              T ds;
+              if (d.drop) {
+                pdrow[c] = attn_dropout::dropped(pij, bits[j - jlo], d.threshold, z);
+                ds = attn_dropout::grad_scores(pij, dprow[c], dl[i], bits[j - jlo], d.threshold, z);
+              } else {
+                prow[c] = pij;
+                ds = pij * (dprow[c] - dl[i]);
+              }
+              dprow[c] = (cap > T(0) && ok[j]) ? attn_window::cap_grad(ds, tt[c]) : ds;
             }
-            for (int64_t j = nk; j < kend; ++j) pdrow[j] = dprow[j] = T(0);
+            for (int64_t j = nk; j < tk.kend; ++j) pdrow[j - tk.kbeg] = prow[j - tk.kbeg] = dprow[j - tk.kbeg] = T(0);
           }
-          dv.narrow(0, 0, kend).addmm_(pd.t(), dob);
-          dk.narrow(0, 0, kend).addmm_(dpm.t(), q);
+          dv.narrow(0, tk.kbeg, nkt).addmm_(pd.t(), dob);
+          dk.narrow(0, tk.kbeg, nkt).addmm_(dpm.t(), q);
           dx.select(0, b).narrow(0, q0, m).select(1, h).copy_(at::mm(dpm, k).mul_(scale));
         }
       }
@@ -258,34 +351,34 @@ void drop_bwd_impl(const at::Tensor& qa, const at::Tensor& doa, const at::Tensor
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_dropout_fwd(const at::Tensor& qkv, const c10::optional<at::Tensor>& key_mask,
-                                                         const attn::QkvShape& sh, bool causal, double scale,
-                                                         const DropArgs& d) {
+std::tuple<at::Tensor, at::Tensor> attention_own_fwd(const at::Tensor& qkv, const c10::optional<at::Tensor>& key_mask,
+                                                     const attn::QkvShape& sh, bool causal, double scale,
+                                                     const OwnArgs& d) {
   const auto acc = acc_dtype(qkv.scalar_type());
   at::Tensor o = at::empty({sh.B, sh.S, sh.H * sh.hd}, qkv.options());
   at::Tensor lse = at::empty({sh.B, sh.H, sh.S}, qkv.options().dtype(acc));
   const at::Tensor qa = acc4(qkv, sh, sh.H + 2 * sh.KV);
   const std::vector<uint8_t> attend = attend_flags(key_mask, sh);
   if (acc == at::kDouble) {
-    drop_fwd_impl<double>(qa, attend, o, lse, sh, causal, scale, d);
+    own_fwd_impl<double>(qa, attend, o, lse, sh, causal, scale, d);
   } else {
-    drop_fwd_impl<float>(qa, attend, o, lse, sh, causal, static_cast<float>(scale), d);
+    own_fwd_impl<float>(qa, attend, o, lse, sh, causal, static_cast<float>(scale), d);
   }
   return {o, lse};
 }
 
-at::Tensor attention_dropout_bwd(const at::Tensor& dout, const at::Tensor& qkv, const at::Tensor& o,
-                                 const at::Tensor& lse, const c10::optional<at::Tensor>& key_mask,
-                                 const attn::QkvShape& sh, bool causal, double scale, const DropArgs& d) {
+at::Tensor attention_own_bwd(const at::Tensor& dout, const at::Tensor& qkv, const at::Tensor& o,
+                             const at::Tensor& lse, const c10::optional<at::Tensor>& key_mask,
+                             const attn::QkvShape& sh, bool causal, double scale, const OwnArgs& d) {
   const auto acc = acc_dtype(qkv.scalar_type());
   // The kernel writes acc values; one rounding to qkv's dtype at the end (a no-op copy for fp32/fp64).
   at::Tensor dqkv = at::empty({sh.B, sh.S, sh.width()}, qkv.options().dtype(acc));
   const at::Tensor qa = acc4(qkv, sh, sh.H + 2 * sh.KV), doa = acc4(dout, sh, sh.H), oa = acc4(o, sh, sh.H);
   const std::vector<uint8_t> attend = attend_flags(key_mask, sh);
   if (acc == at::kDouble) {
-    drop_bwd_impl<double>(qa, doa, oa, lse, attend, dqkv, sh, causal, scale, d);
+    own_bwd_impl<double>(qa, doa, oa, lse, attend, dqkv, sh, causal, scale, d);
   } else {
-    drop_bwd_impl<float>(qa, doa, oa, lse, attend, dqkv, sh, causal, static_cast<float>(scale), d);
+    own_bwd_impl<float>(qa, doa, oa, lse, attend, dqkv, sh, causal, static_cast<float>(scale), d);
   }
   return dqkv.to(qkv.scalar_type());
 }
@@ -293,7 +386,8 @@ at::Tensor attention_dropout_bwd(const at::Tensor& dout, const at::Tensor& qkv, 
 std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& qkv, const c10::optional<at::Tensor>& key_mask,
                                                  int64_t num_heads, int64_t num_kv_heads, bool causal,
                                                  double scale, double dropout_p,
-                                                 const c10::optional<at::Tensor>& seed) {
+                                                 const c10::optional<at::Tensor>& seed, int64_t window,
+                                                 double softcap) {
   const attn::QkvShape sh = attn::check_qkv(qkv, num_heads, num_kv_heads);
   attn::check_key_mask(key_mask, sh, qkv);
   TORCH_CHECK(qkv.device().is_cpu(), "ckpt_ops: attention_fwd (C++) takes CPU tensors; got ", qkv.device());
@@ -301,7 +395,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& qkv, const c1
     return {at::empty({sh.B, sh.S, sh.H * sh.hd}, qkv.options()),
             at::empty({sh.B, sh.H, sh.S}, qkv.options().dtype(acc_dtype(qkv.scalar_type())))};
   }
-  if (dropout_p != 0.0) return attention_dropout_fwd(qkv, key_mask, sh, causal, scale, check_dropout(dropout_p, seed, qkv));
+  const OwnArgs own = own_args(dropout_p, seed, window, softcap, causal, sh, qkv);
+  if (needs_own(own)) return attention_own_fwd(qkv, key_mask, sh, causal, scale, own);
   const Heads x = split_heads(qkv, sh);
   auto [o4, lse4] = at::_scaled_dot_product_flash_attention_for_cpu(x.q, x.k, x.v, /*dropout_p=*/0.0, causal,
                                                                     additive_mask(key_mask, sh, qkv), scale);
@@ -318,7 +413,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& qkv, const c1
 
 at::Tensor attention_bwd(const at::Tensor& dout, const at::Tensor& qkv, const at::Tensor& o, const at::Tensor& lse,
                          const c10::optional<at::Tensor>& key_mask, int64_t num_heads, int64_t num_kv_heads,
-                         bool causal, double scale, double dropout_p, const c10::optional<at::Tensor>& seed) {
+                         bool causal, double scale, double dropout_p, const c10::optional<at::Tensor>& seed,
+                         int64_t window, double softcap) {
   const attn::QkvShape sh = attn::check_qkv(qkv, num_heads, num_kv_heads);
   attn::check_key_mask(key_mask, sh, qkv);
   TORCH_CHECK(qkv.device().is_cpu(), "ckpt_ops: attention_bwd (C++) takes CPU tensors; got ", qkv.device());
@@ -331,9 +427,8 @@ at::Tensor attention_bwd(const at::Tensor& dout, const at::Tensor& qkv, const at
   TORCH_CHECK(lse.device() == qkv.device() && lse.is_contiguous(), "ckpt_ops: lse must be contiguous on ",
               qkv.device());
   if (sh.B == 0 || sh.S == 0) return at::empty_like(qkv);
-  if (dropout_p != 0.0) {
-    return attention_dropout_bwd(dout, qkv, o, lse, key_mask, sh, causal, scale, check_dropout(dropout_p, seed, qkv));
-  }
+  const OwnArgs own = own_args(dropout_p, seed, window, softcap, causal, sh, qkv);
+  if (needs_own(own)) return attention_own_bwd(dout, qkv, o, lse, key_mask, sh, causal, scale, own);
   const Heads x = split_heads(qkv, sh);
   const at::Tensor& lse_in = lse;  // already the accumulation dtype ATen wants (fp64 for fp64)
   auto [dq, dk, dv] = at::_scaled_dot_product_flash_attention_for_cpu_backward(
