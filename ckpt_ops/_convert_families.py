@@ -284,7 +284,7 @@ class _BlockAdapter(Adapter):
     is_block = True
 
     def _run(self, module, state, x, mask4d, attn_p: dict, mlp_p: dict, attn_kw: dict, mlp_kw: dict,
-             cos=None, sin=None, loras=(), parallel: bool = False, window: int = 0):
+             cos=None, sin=None, loras=(), *, parallel: bool = False, window: int = 0):
         """`parallel`: out = x + attn(x) + mlp(x) (GPT-NeoX's use_parallel_residual): the attention
         segment (residual) and the MLP segment (no residual) on the same x, as two segment Functions
         at the levels the block level maps to (ckpt_ops.block._ATTN_LEVEL/_MLP_LEVEL); both keep the
@@ -642,7 +642,7 @@ class LlamaLikeAdapter(_BlockAdapter):
                       norm_weight=nw2, norm_bias=None, norm_eps=None if n2 is None else _eps(n2), dropout=p_mlp,
                       post_norm_weight=pw2, post_norm_eps=None if pn2 is None else _eps(pn2))
         out = self._run(module, state, x, call.get("attention_mask"), attn_p, mlp_p, attn_kw, mlp_kw, cos, sin,
-                        loras, window)
+                        loras, window=window)
         if fill:
             self._fill_cache(module, x, pe, cache, call)
         return out

@@ -32,6 +32,11 @@ FAMILIES = {
                                                          attn_implementation="eager")),
 }
 THREE = ["qwen3", "olmo2", "gemma3"]
+# Gemma2 as HF configures it: attn_logit_softcapping 50.0 (fused by the kernels' cap), eager attention
+# (HF's sdpa path does not cap), so its masks are additive float ones
+FAMILIES["gemma2_default"] = ("Gemma2Config", "Gemma2ForCausalLM", dict(**GEMMA, sliding_window=32,
+                                                                        attn_implementation="eager"))
+FOUR = THREE + ["gemma2_default"]
 
 
 def make(family, decoder=DECODER, **over):
@@ -61,7 +66,7 @@ def test_training_step_matches_unconverted(family, level):
     assert [s for _, _, s in rep["layers"]] == ["fused"] * 2
 
 
-@pytest.mark.parametrize("family", THREE)
+@pytest.mark.parametrize("family", FOUR)
 def test_full_keeps_less_than_unconverted_and_hf_checkpointing(family):
     ids, am, labels = batch(b=2, s=24)
 
@@ -167,7 +172,7 @@ def test_eval_call_with_grad_fills_the_cache_as_hf(family):
 AMP_DECODER = dict(DECODER, intermediate_size=256, max_position_embeddings=64)
 
 
-@pytest.mark.parametrize("family", THREE)
+@pytest.mark.parametrize("family", FOUR)
 def test_bf16_autocast_error_within_2x_of_unconverted(family):
     ref = make(family, AMP_DECODER, **({"sliding_window": 64} if family == "gemma3" else {}))
     conv = ckpt_ops.convert(copy.deepcopy(ref), strict=True)
@@ -211,5 +216,23 @@ def test_fullgraph_compiled_training_step_matches_unconverted(family):
         before = ckpt_ops.conversion_report(conv)["fused_calls"].get(kind(ref), 0)
         compiled = torch.compile(conv, fullgraph=True, backend="aot_eager")
         assert_compiled_steps(ref, conv, compiled, kind(ref), 2, before)
+    finally:
+        torch._dynamo.reset()
+
+
+def test_gemma2_under_compile_runs_the_original_forward_exactly():
+    """Gemma2 needs eager attention (HF's sdpa path does not cap), whose additive float masks need a
+    value check a compiled graph cannot branch on: compiled, its layers run the original forward
+    (no graph break), answer the unconverted model's, and the report says why."""
+    from test_convert_compile import assert_same, step as cstep
+    torch._dynamo.reset()
+    try:
+        ref = make("gemma2_default")
+        conv = ckpt_ops.convert(copy.deepcopy(ref))
+        ids, am, labels = batch(b=2, s=24)
+        compiled = torch.compile(conv, fullgraph=True, backend="aot_eager")
+        assert_same(conv, ref, cstep(compiled, ids, am, labels), cstep(ref, ids, am, labels))
+        rep = ckpt_ops.conversion_report(conv)
+        assert any("additive attention mask" in k for k in rep["fallbacks"]), rep
     finally:
         torch._dynamo.reset()
