@@ -232,16 +232,20 @@ def test_rope_inverse_undoes_forward(dtype, tol, kind):
     assert_close(x, qkv, rtol=tol, atol=tol * 4, name="inverse(forward(x))")
 
 
-def test_rope_is_the_backward_of_rope():
-    """<rope(x), g> == <x, rope_inverse(g)>: the inverse is the transpose (adjoint)."""
-    h, kv, s, hd = 4, 1, 9, 16
+@pytest.mark.parametrize("kv,hd,r", [(1, 16, 16), (4, 32, 8)], ids=["full-rotary", "partial-r8"])
+def test_rope_is_the_backward_of_rope(kv, hd, r):
+    """<rope(x), g> == <x, rope_inverse(g)>: the inverse is the transpose (adjoint), also with r < hd
+    (partial rotary: the pass-through block is the identity); and it undoes the forward."""
+    h, s = 4, 9
     x, _ = make_inputs(s, hd, h, kv, torch.float64, seed=1)
     g, _ = make_inputs(s, hd, h, kv, torch.float64, seed=2)
-    cos, sin = rope_tables(B, s, hd, "3d", torch.float32)
+    cos, sin = rope_tables(B, s, r, "3d", torch.float32)
     rx, rg = x.clone(), g.clone()
     ops.rope_(rx, cos, sin, h, kv, False)
     ops.rope_(rg, cos, sin, h, kv, True)
     assert abs(float((rx * g).sum() - (x * rg).sum())) < 1e-10 * float(x.abs().sum())
+    ops.rope_(rx, cos, sin, h, kv, True)
+    assert_close(rx, x, rtol=1e-6, atol=1e-6, name="inverse(forward(x))")
 
 
 # ---- partial rotary (GPT-NeoX rotary_pct: r = 2 * cos.shape[-1] < head_dim) ------------------
@@ -299,20 +303,6 @@ def test_partial_rope_kernel_matches_contract(s, hd, h, kv, r, kind, dtype, inve
     assert torch.equal(ours[..., (h + kv) * hd:], qkv[..., (h + kv) * hd:]), "v heads modified"
     if dtype == torch.float32:
         assert_fp32_close(ours, hf_partial_rope_fp64(qkv, cos, sin, h, kv, inverse), "partial rope")
-
-
-def test_partial_rope_inverse_is_the_transpose():
-    """<rope(x), g> == <x, rope_inverse(g)> with r < hd (the pass-through block is the identity)."""
-    h, kv, s, hd, r = 4, 4, 9, 32, 8
-    x, _ = make_inputs(s, hd, h, kv, torch.float64, seed=1)
-    g, _ = make_inputs(s, hd, h, kv, torch.float64, seed=2)
-    cos, sin = rope_tables(B, s, r, "3d", torch.float32)
-    rx, rg = x.clone(), g.clone()
-    ops.rope_(rx, cos, sin, h, kv, False)
-    ops.rope_(rg, cos, sin, h, kv, True)
-    assert abs(float((rx * g).sum() - (x * rg).sum())) < 1e-10 * float(x.abs().sum())
-    ops.rope_(rx, cos, sin, h, kv, True)  # and it undoes the forward
-    assert_close(rx, x, rtol=1e-6, atol=1e-6, name="inverse(forward(x))")
 
 
 def test_partial_rope_bad_width():

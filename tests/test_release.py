@@ -11,17 +11,14 @@ import torch
 
 import ckpt_ops
 from conftest import DEVICE, available_backends
+from test_block import make_block
 
 BACKENDS = available_backends("attention")
 LEVELS = ["full", "keep_attn", "keep_mlp", "selective", "none"]
 
 
 def _block(level, backend, style):
-    torch.manual_seed(0)
-    blk = ckpt_ops.nn.TransformerBlock(32, 4, style=style, num_kv_heads=2 if style == "llama" else None,
-                                       recompute=level, dropout=0.1).to(DEVICE)
-    blk.backend = backend
-    return blk
+    return make_block(style, level, backend, p=0.1)
 
 
 def _run(blk, x, mask, retain=False):

@@ -373,13 +373,28 @@ def test_bad_inputs():
         OPS.attention_fwd_triton(qkv, None, 3, 3, True, 0.25)  # 96 is not (3 + 6) * hd
     with pytest.raises(TypeError, match="key_mask"):
         OPS.attention_fwd_triton(qkv, torch.ones(1, 4, device=DEVICE), 4, 1, True, 0.25)
-    with pytest.raises(ValueError, match="even head_dim"):
-        OPS.rope_triton_(torch.randn(1, 4, 6 * 5, device=DEVICE), torch.ones(4, 2), torch.ones(4, 2), 4, 1, False)
+    with pytest.raises(ValueError, match="even head_dim"):  # head_dim 5: a rotary width r = 6 > 5 (r = 4 would be partial rotary)
+        OPS.rope_triton_(torch.randn(1, 4, 6 * 5, device=DEVICE), torch.ones(4, 3), torch.ones(4, 3), 4, 1, False)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # RoPE
 # ----------------------------------------------------------------------------------------------------------
+def _rope_both_ways(qkv, cos, sin, h, kv, eps):
+    """Forward and inverse Triton RoPE of qkv, each against reference.rope_ of the same input."""
+    x = qkv.clone()
+    OPS.rope_triton_(x, cos, sin, h, kv, False)
+    want = qkv.clone()
+    ref.rope_(want, cos, sin, h, kv, False)
+    torch.testing.assert_close(x, want, rtol=eps, atol=eps)
+    y = x.clone()
+    OPS.rope_triton_(y, cos, sin, h, kv, True)
+    want_inv = x.clone()
+    ref.rope_(want_inv, cos, sin, h, kv, True)
+    torch.testing.assert_close(y, want_inv, rtol=eps, atol=eps)
+    return x, y
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("tables", ["2d", "3d"])
 @pytest.mark.parametrize("shape", [(2, 7, 4, 2, 16), (1, 33, 4, 1, 80), (2, 1, 2, 2, 64)],
@@ -398,20 +413,11 @@ def test_rope(dtype, tables, shape):
         cos = torch.stack([cos[5 * i:5 * i + s] for i in range(b)]).to(dtype)
         sin = torch.stack([sin[5 * i:5 * i + s] for i in range(b)]).to(dtype)
     tabs = (cos.clone(), sin.clone())
-    x = qkv.clone()
-    OPS.rope_triton_(x, cos, sin, h, kv, False)
-    want = qkv.clone()
-    ref.rope_(want, cos, sin, h, kv, False)
     eps = torch.finfo(dtype).eps
-    torch.testing.assert_close(x, want, rtol=eps, atol=eps)
+    x, y = _rope_both_ways(qkv, cos, sin, h, kv, eps)
     nqk = (h + kv) * hd
     assert torch.equal(x[..., nqk:], qkv[..., nqk:]), "v heads modified"
     assert torch.equal(cos, tabs[0]) and torch.equal(sin, tabs[1]), "tables modified"
-    y = x.clone()
-    OPS.rope_triton_(y, cos, sin, h, kv, True)
-    want_inv = x.clone()
-    ref.rope_(want_inv, cos, sin, h, kv, True)
-    torch.testing.assert_close(y, want_inv, rtol=eps, atol=eps)
     # two roundings of the storage dtype (+ the tables' own rounding when they are 16-bit: cos^2 + sin^2 != 1)
     tol = (2 if tables == "2d" or dtype == torch.float32 else 4) * eps
     torch.testing.assert_close(y, qkv, rtol=tol, atol=tol * 2)
@@ -426,20 +432,11 @@ def test_rope_partial_rotary(dtype, shape):
     g = torch.Generator().manual_seed(4)
     qkv = (torch.randn(b, s, (h + 2 * kv) * hd, generator=g) * 2).to(DEVICE, dtype)
     cos, sin = ref.rope_tables(s, r, 10000.0, torch.device(DEVICE))
-    x = qkv.clone()
-    OPS.rope_triton_(x, cos, sin, h, kv, False)
-    want = qkv.clone()
-    ref.rope_(want, cos, sin, h, kv, False)
     eps = torch.finfo(dtype).eps
-    torch.testing.assert_close(x, want, rtol=eps, atol=eps)
+    x, y = _rope_both_ways(qkv, cos, sin, h, kv, eps)
     heads, xh = qkv.view(b, s, h + 2 * kv, hd), x.view(b, s, h + 2 * kv, hd)
     assert torch.equal(xh[..., r:], heads[..., r:]), "pass-through dims modified"
     assert torch.equal(xh[:, :, h + kv:], heads[:, :, h + kv:]), "v heads modified"
-    y = x.clone()
-    OPS.rope_triton_(y, cos, sin, h, kv, True)
-    want_inv = x.clone()
-    ref.rope_(want_inv, cos, sin, h, kv, True)
-    torch.testing.assert_close(y, want_inv, rtol=eps, atol=eps)
     torch.testing.assert_close(y, qkv, rtol=2 * eps, atol=4 * eps)
     z = qkv.clone()  # (1, S, r/2) tables (HF's, for position_ids of shape (1, S)) broadcast over the batch
     OPS.rope_triton_(z, cos[None], sin[None], h, kv, False)
