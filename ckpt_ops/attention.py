@@ -419,6 +419,7 @@ def segment_backward(cfg: AttnConfig, plan: _Plan, need, dout: Tensor, t: dict, 
     b, s, d = shape
     dout = dout.contiguous()
     grads = [None] * (1 + len(PARAMS))
+    free = _autograd.can_release()  # y, qkv, o, lse, raw, n below: this segment's own intermediates
     dy = _backend.kernel("mlp", cfg.backend, "dropout_bwd")(dout, t["seed"], cfg.p) if cfg.p > 0.0 else dout
     if need[0] and cfg.residual and not plan.dn:
         grads[0] = dout
@@ -427,7 +428,7 @@ def segment_backward(cfg: AttnConfig, plan: _Plan, need, dout: Tensor, t: dict, 
             return grads
         t = segment_replay(cfg, plan, t, shape, lc)
         dy, grads[_IDX["pw"]] = rms_rows_bwd(cfg, dy, t["y"], t["pw"], t["prstd"], bool(need[_IDX["pw"]]))
-        _autograd.release(_autograd.can_release(), t["y"])  # the output projection's result: our own
+        _autograd.release(free, t["y"])  # the output projection's result
     if need[_IDX["bo"]]:
         grads[_IDX["bo"]] = dy.sum(0)
     if not plan.o:
@@ -448,7 +449,6 @@ def segment_backward(cfg: AttnConfig, plan: _Plan, need, dout: Tensor, t: dict, 
     dqkv = k("attention_bwd")(do, t["qkv"], t["o"], t["lse"], t["key_mask"], cfg.num_heads, cfg.num_kv_heads,
                               cfg.causal, cfg.scale, *_drop(cfg, t["seed"], s))
     del do
-    free = _autograd.can_release()  # qkv, o, lse, n: this segment's own intermediates (kept or replayed)
     _autograd.release(free, t["qkv"], t["o"], t["lse"])
     if cfg.rope:  # RoPE's transpose, in place on the fresh gradient
         c, sn = _tables(cfg, t["cos"], t["sin"], s, dqkv.shape[-1] // (cfg.num_heads + 2 * cfg.num_kv_heads),

@@ -209,7 +209,7 @@ def transformer_block(x: Tensor, attn_params: dict, mlp_params: dict, attn_cfg: 
     x = x.contiguous()
     attn_params = {k: attn_params.get(k) for k in _attn.PARAMS}  # the q/k/post-norm weights may be absent
     mlp_params = {k: mlp_params.get(k) for k in _mlp.PARAMS}
-    args = ([attn_params.get(k) for k in _attn.PARAMS] + [mlp_params.get(k) for k in _mlp.PARAMS])
+    args = ([attn_params[k] for k in _attn.PARAMS] + [mlp_params[k] for k in _mlp.PARAMS])
     with _amp.off(x.device.type):
         if torch.is_grad_enabled() and (x.requires_grad or any(t is not None and t.requires_grad
                                                                for t in (*args, *lt))):

@@ -239,6 +239,7 @@ def segment_backward(cfg: MLPConfig, plan: _Plan, need, dout: Tensor, t: dict, l
     x, n, h, g, a, mean, rstd = t["x"], t["n"], t["h"], t["g"], t["a"], t["mean"], t["rstd"]
     dout = dout.contiguous()
     grads = [None] * (1 + len(PARAMS))
+    free = _autograd.can_release()  # y, h, g, a, n below: this segment's own intermediates
     dy = k("dropout_bwd")(dout, t["seed"], cfg.p) if cfg.p > 0.0 else dout
     if need[0] and cfg.residual and not plan.dn:
         grads[0] = dout
@@ -268,7 +269,7 @@ def segment_backward(cfg: MLPConfig, plan: _Plan, need, dout: Tensor, t: dict, l
         if prstd is None:  # the forward's own norm kernel: bit-identical statistics
             prstd = rms_rows(cfg, y, t["pw"], cfg.post_eps)[1]
         dy, grads[9] = rms_rows_bwd(cfg, dy, y, t["pw"], prstd, bool(need[9]))
-        _autograd.release(_autograd.can_release(), y)  # fc2's output: this segment's own
+        _autograd.release(free, y)  # fc2's output
         del y
     if need[8]:
         grads[8] = dy.sum(0)
@@ -280,7 +281,6 @@ def segment_backward(cfg: MLPConfig, plan: _Plan, need, dout: Tensor, t: dict, l
     rebuild_a = (need[7] or lw2) and a is None
     dyc = mm(cfg, dy)  # autocast: fc2's backward GEMMs in the GEMM dtype, like eager's
     du2 = _lora.dus(lc, "w2", dyc) if (plan.up or lw2) else {}
-    free = _autograd.can_release()  # h, g, a, n below: this segment's own intermediates
     if a is not None:  # kept ("none"): fc2's weight gradient first, then `a` can go (as eager's order)
         if need[7]:
             grads[7] = dyc.t() @ a

@@ -11,6 +11,7 @@ import torch
 
 import ckpt_ops
 from conftest import DEVICE, available_backends
+from test_attention import make_mask
 from test_block import make_block
 
 BACKENDS = available_backends("attention")
@@ -43,8 +44,7 @@ def _run(blk, x, mask, retain=False):
 def test_backward_frees_only_its_own_intermediates(backend, style, level):
     blk = _block(level, backend, style)
     x = torch.randn(2, 7, 32, device=DEVICE, requires_grad=True)
-    mask = torch.ones(2, 7, dtype=torch.bool, device=DEVICE)
-    mask[1, 5:] = False
+    mask = make_mask(2, 7, "right")
     x0, mask0 = x.detach().clone(), mask.clone()
     packed, g, _ = _run(blk, x, mask)
     user = {t.untyped_storage().data_ptr() for t in (x, mask, *blk.parameters())}
