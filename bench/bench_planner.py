@@ -115,6 +115,9 @@ def verdicts(results: List[Result]) -> List[str]:
             continue
         ours = [r for r in results if r.group == "ckpt_ops" and r.op == p.op]
         head = f"{p.op} | {p.provider} (bytes {p.kept_ratio:.3f}, time {p.ratio_to_eager:.3f}):"
+        if p.invalid:
+            lines.append(f"{head} INVALID peer, not a frontier point: {p.invalid}")
+            continue
         dom = [r for r in ours if r.kept_ratio <= p.kept_ratio and r.ratio_to_eager <= TIME_SLACK * p.ratio_to_eager]
         noise = lambda r: max(ratio_noise(r) or 0.0, ratio_noise(p) or 0.0)  # noqa: E731
         if dom:
@@ -216,13 +219,15 @@ def plot(results: List[Result], path: str, verdict_lines: List[str]) -> None:
                             for v in verdict_lines)
             marker = "X" if r.provider == "eager" else "o" if r.provider.startswith("every") else "^"
             ax.scatter(r.kept_ratio, r.ratio_to_eager, marker=marker, s=60,
-                       color="black" if r.provider == "eager" else ("tab:green" if dominated else "tab:orange"),
-                       edgecolors="black", zorder=4)
-            ax.annotate(r.provider.replace("compile budget", "compile"), (r.kept_ratio, r.ratio_to_eager), fontsize=6,
+                       color="black" if r.provider == "eager" else "lightgray" if r.invalid else
+                       ("tab:green" if dominated else "tab:orange"), edgecolors="black", zorder=4)
+            ax.annotate(r.provider.replace("compile budget", "compile") + (" (wrong grads)" if r.invalid else ""),
+                        (r.kept_ratio, r.ratio_to_eager), fontsize=6,
                         textcoords="offset points", xytext=(4, -9))
         ax.set_xlabel("kept bytes / eager (allocator)")
         ax.set_ylabel("step time / eager (same run)")
-        ax.set_title(f"{op}\npeers: green = dominated by a plan (<= bytes, <= 1.02x time), orange = not", fontsize=9)
+        ax.set_title(f"{op}\npeers: green = dominated by a plan (<= bytes, <= 1.02x time), orange = not, "
+                     "gray = wrong gradients", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()

@@ -39,6 +39,8 @@ class Case:
     inputs: List[torch.Tensor] = dataclasses.field(default_factory=list)  # activations fed in
     params: List[torch.Tensor] = dataclasses.field(default_factory=list)  # excluded from bytes
     group: str = "peer"                          # "eager" | "peer" | "compiled" | "ckpt_ops"
+    reference: Optional[Callable[[], torch.Tensor]] = None  # the forward its gradients must equal
+    invalid: str = ""                            # why its gradients are wrong (check_rng_gradients)
 
     def step(self) -> None:
         """One full training step: forward + backward."""
@@ -55,13 +57,68 @@ def make_case(provider: str, forward: Callable[[], torch.Tensor], dy: torch.Tens
     if group is None:
         group = ("eager" if provider == "eager" else "ckpt_ops" if provider.startswith("ckpt_ops")
                  else "compiled" if provider.startswith("compile") else "peer")
-    return Case(provider, forward, backward, note, list(inputs), list(params), group)
+    return Case(provider, forward, backward, note, list(inputs), list(params), group,
+                getattr(forward, "reference", None))
 
 
 def build_cases(forwards, x: torch.Tensor, dy: torch.Tensor, params: List[torch.Tensor]) -> List[Case]:
     """One Case per (provider, forward(x)) pair, all on the same input, upstream gradient and
-    parameters."""
-    return [make_case(name, (lambda f=f: f(x)), dy, [x], params) for name, f in forwards]
+    parameters (a forward's ``reference``, if it has one, on the same input too)."""
+    cases = [make_case(name, (lambda f=f: f(x)), dy, [x], params) for name, f in forwards]
+    for c, (_, f) in zip(cases, forwards):
+        if getattr(f, "reference", None) is not None:
+            c.reference = lambda r=f.reference: r(x)
+    return cases
+
+
+def _seeded_step(case: Case, forward: Callable[[], torch.Tensor], seed: int):
+    """(output, gradients of the case's inputs and parameters) of one step of `forward` after
+    torch.manual_seed(seed)."""
+    torch.manual_seed(seed)
+    out = forward()
+    case.backward(out)
+    grads = [t.grad.detach().clone() for t in case.inputs + case.params if t.grad is not None]
+    for t in case.inputs + case.params:
+        t.grad = None
+    return out.detach(), grads
+
+
+def check_rng_gradients(cases: List[Case], baseline: str = "eager", seed: int = 1234, tol: float = 0.05) -> None:
+    """Mark the cases whose gradients are wrong: a case with a ``reference`` (a compile-budget peer:
+    the same function compiled at budget 1.0) must give, after the same torch.manual_seed, the
+    reference's output and gradients. Run only when the baseline draws random numbers (two seeds
+    give two outputs): torch 2.14's min-cut partitioner, below budget 1.0, may move a dropout into
+    the backward graph, where it draws a fresh mask (pytorch#190758) -- the gradient is then that
+    of another network, and its bytes (no mask, no seed kept) are not a point on the frontier.
+    Sets ``case.invalid`` (with the relative error) and prints a line per case checked."""
+    todo = [c for c in cases if c.reference is not None]
+    base = next((c for c in cases if c.provider == baseline), None)
+    if not todo or base is None:
+        return
+    with torch.no_grad():
+        outs = []
+        for s in (seed, seed + 1):
+            torch.manual_seed(s)
+            outs.append(base.forward().detach())
+    if torch.equal(outs[0], outs[1]):
+        return  # nothing random: a replayed op gives what it gave in the forward
+    for c in todo:
+        out, grads = _seeded_step(c, c.forward, seed)
+        ref_out, ref_grads = _seeded_step(c, c.reference, seed)
+        scale = ref_out.abs().max().clamp_min(1e-30)
+        if out.shape != ref_out.shape or float((out - ref_out).abs().max() / scale) > tol:
+            print(f"  {c.provider}: gradient check inconclusive (its output differs from budget 1.0's under the "
+                  f"same seed)")
+            continue
+        err = max((float((g - r).abs().max() / r.abs().max().clamp_min(1e-30)) for g, r in zip(grads, ref_grads)),
+                  default=0.0)
+        if len(grads) != len(ref_grads):
+            err = float("inf")
+        if err > tol:
+            c.invalid = (f"wrong gradients: max rel err {err:.2f} vs torch.compile at budget 1.0, same seed and output "
+                         f"(dropout replayed with a fresh mask, pytorch#190758)")
+        print(f"  {c.provider}: gradients {'WRONG' if c.invalid else 'ok'} (max rel err {err:.1e} vs budget 1.0, "
+              f"same seed)")
 
 
 def autocast_case(case: Case, device: torch.device, dtype: torch.dtype) -> Case:
@@ -111,6 +168,7 @@ class Result:
     ratio_p20: Optional[float] = None  # spread of the per-round ratios behind ratio_to_eager
     ratio_p80: Optional[float] = None
     round_ms: Optional[List[float]] = None  # this provider's time in each interleaved round (paired figures)
+    invalid: str = ""              # why this provider's gradients are wrong (check_rng_gradients)
 
 
 @contextlib.contextmanager
@@ -325,6 +383,7 @@ def measure(op: str, config: Dict[str, object], cases: List[Case], device: torch
     cases = warm_up(cases, device)
     if not any(c.provider == baseline for c in cases):
         raise RuntimeError(f"{op}: the baseline {baseline!r} did not run")
+    check_rng_gradients(cases, baseline)
     times = {}
     for mode in modes:
         bar = ProgressBar(f"{op} {mode}", reps)
@@ -358,7 +417,7 @@ def measure(op: str, config: Dict[str, object], cases: List[Case], device: torch
                        kept[c.provider] / base_k, c.note, mode, c.group, fl, fl / base_f if fl is not None else None,
                        peak[c.provider],
                        traffic[c.provider][mode], ratio_p20=_quantile(ratios, 0.2), ratio_p80=_quantile(ratios, 0.8),
-                       round_ms=[t * 1e3 for t in ts])
+                       round_ms=[t * 1e3 for t in ts], invalid=c.invalid)
             if peaks is not None:
                 r.gbs = r.io_bytes / med / 1e9
                 r.tflops = fl / med / 1e12 if fl is not None else None
@@ -419,7 +478,7 @@ def print_table(results: List[Result]) -> None:
                 + (f"{r.flops / 1e9:>8.2f} {r.flops_ratio:>8.3f}" if r.flops is not None else f"{'n/a':>8} {'n/a':>8}"))
         if roof:
             line += (f" {r.tflops:>8.3f}" if r.tflops is not None else f" {'n/a':>8}") + f" {r.gbs:>8.1f} {r.floor_ms:>9.4f}"
-        print(line + (f"   {r.note}" if r.note else ""))
+        print(line + (f"   {r.note}" if r.note else "") + ("   [WRONG GRADIENTS]" if r.invalid else ""))
 
 
 def environment(device: torch.device, dtype: torch.dtype) -> Dict[str, object]:

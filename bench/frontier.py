@@ -59,6 +59,9 @@ def verdicts(results: List[Result]) -> List[str]:
             if p is None:
                 lines.append(f"{head} not measured (skipped in this run)")
                 continue
+            if p.invalid:
+                lines.append(f"{head} INVALID peer, not a frontier point: {p.invalid}")
+                continue
             if not ours:
                 lines.append(f"{head} NOT dominated: no ckpt_ops point was measured")
                 continue
@@ -120,7 +123,8 @@ def plot(results: List[Result], path: str, title: str = "") -> Optional[str]:
                                 linewidth=0)
         for r in rs:
             marker, color = _style(r)
-            ax.scatter(r.kept_bytes / 1e6, r.ratio_to_eager, marker=marker, color=color, s=70, label=r.provider,
+            ax.scatter(r.kept_bytes / 1e6, r.ratio_to_eager, marker=marker, color="lightgray" if r.invalid else color,
+                       s=70, label=r.provider + (" (wrong gradients)" if r.invalid else ""),
                        edgecolors="black" if r.group == "ckpt_ops" else None, zorder=3)
         ax.set_xlim(0, xmax)
         ax.set_ylim(min(r.ratio_to_eager for r in rs) * 0.9, ymax)

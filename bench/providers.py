@@ -8,7 +8,7 @@ import functools
 import importlib.util
 import os
 import types
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.utils.checkpoint as tuc
@@ -42,9 +42,13 @@ def selective(fn: Callable) -> Callable:
 def compiled_with_budget(fn: Callable, budget: float) -> Callable:
     """torch.compile(fn) with torch._functorch.config.activation_memory_budget = budget (the
     min-cut partitioner then recomputes to fit). The budget is read at compile time, so each
-    provider compiles its own copy on first call under the patched config."""
+    provider compiles its own copy on first call under the patched config. Below budget 1.0 the
+    returned function carries ``reference``: the same `fn` compiled at budget 1.0, which
+    ``bench.common.check_rng_gradients`` compares its gradients with (torch 2.14's partitioner
+    can replay dropout in backward with fresh randomness below 1.0: pytorch#190758)."""
     # Dynamo caches compiled code per code object: give each budget its own, or the second
     # provider would silently reuse the first one's partition.
+    orig = fn
     fn = types.FunctionType(fn.__code__.replace(co_name=f"{fn.__code__.co_name}_budget_{budget}".replace(".", "_")),
                             fn.__globals__, None, fn.__defaults__, fn.__closure__)
     compiled = torch.compile(fn)
@@ -57,7 +61,20 @@ def compiled_with_budget(fn: Callable, budget: float) -> Callable:
                 return compiled(*a)
         return compiled(*a)
 
+    if budget < 1.0:  # what bench.common.check_rng_gradients compares this peer's gradients with
+        run.reference = _budget_one(orig)
     return run
+
+
+_REFERENCES: Dict[int, Tuple[Callable, Callable]] = {}
+
+
+def _budget_one(fn: Callable) -> Callable:
+    """torch.compile(fn) at activation_memory_budget 1.0 (the partitioner keeps what it cannot
+    replay exactly, RNG outputs included), one per `fn` however many budgets are compiled."""
+    if id(fn) not in _REFERENCES:
+        _REFERENCES[id(fn)] = (fn, compiled_with_budget(fn, 1.0))  # holds fn: its id stays unique
+    return _REFERENCES[id(fn)][1]
 
 
 COMPILE_BUDGETS = (0.5, 0.1)
@@ -97,9 +114,10 @@ def peer_forwards(layers: Sequence[Callable[[Tensor], Tensor]], device: torch.de
            ("torch.utils.checkpoint", sequential([checkpointed(f) for f in layers])),
            ("selective AC (matmuls)", sequential([selective(f) for f in layers]))]
     reason = skip_reason or (None if with_compile else "--no-compile") or compile_unavailable_reason(device)
+    whole = sequential(layers)  # one function for every budget: one budget-1.0 reference for all
     for budget in COMPILE_BUDGETS:
         if reason is None:
-            out.append((f"compile budget {budget}", compiled_with_budget(sequential(layers), budget)))
+            out.append((f"compile budget {budget}", compiled_with_budget(whole, budget)))
         else:
             print(f"  skipped compile budget {budget}: {reason}")
     return out

@@ -152,6 +152,62 @@ def test_verdicts_dominance_and_noise_flag():
     assert "NOT dominated" in lines["compile budget 0.1"] and "time +9.1%" in lines["compile budget 0.1"]
 
 
+def test_verdicts_set_aside_a_peer_with_wrong_gradients():
+    """A peer marked invalid by the gradient check is reported as such, never as dominated or not."""
+    from bench.frontier import verdicts
+
+    bad = _point("compile budget 0.1", 1.10, 0.11, 0.01)
+    bad.invalid = "wrong gradients: max rel err 1.00"
+    rs = [_point("eager", 1.0, 1.0, group="eager"), bad, _point("ckpt_ops full [cpu]", 1.20, 0.055, 0.01)]
+    line = next(ln for ln in verdicts(rs) if "| compile budget 0.1:" in ln)
+    assert "INVALID peer" in line and "max rel err 1.00" in line and "dominated" not in line
+
+
+def _rng_cases(p_drop: float, budget: float):
+    from bench import providers
+    from bench.common import build_cases, warm_up
+
+    torch.manual_seed(0)
+    w = torch.randn(32, 32, requires_grad=True)
+    x = torch.randn(16, 32, requires_grad=True)
+
+    def f(t):  # the dropout's input is cheap to replay: the min-cut partitioner recomputes it
+        return torch.nn.functional.dropout(torch.sin(t @ w), p_drop, training=True).cos() @ w
+
+    cases = build_cases([("eager", f), (f"compile budget {budget}", providers.compiled_with_budget(f, budget))],
+                        x, torch.randn(16, 32), [w])
+    return warm_up(cases, torch.device("cpu"))
+
+
+def _need_compile():
+    """Inductor on CPU needs a C++ compiler (the bench's TRITON_INTERPRET rule is about timing)."""
+    from torch._inductor import cpp_builder
+
+    try:
+        cpp_builder.get_cpp_compiler()
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"Inductor on CPU needs a C++ compiler ({e})")
+
+
+def test_rng_gradient_check_catches_a_dropout_replayed_with_a_fresh_mask():
+    """torch.compile at budget 0 replays the dropout in backward with a new mask (pytorch#190758):
+    the check sees gradients unlike budget 1.0's under the same seed and output. Without dropout,
+    or against a reference that is the case itself, it finds nothing."""
+    _need_compile()
+    from bench.common import check_rng_gradients
+
+    cases = _rng_cases(0.5, 0.0)
+    assert cases[1].reference is not None
+    check_rng_gradients(cases)
+    assert "wrong gradients" in cases[1].invalid and cases[0].invalid == ""
+    cases[1].invalid, cases[1].reference = "", cases[1].forward  # same function, same seed: equal gradients
+    check_rng_gradients(cases)
+    assert cases[1].invalid == ""
+    clean = _rng_cases(0.0, 0.0)  # p = 0: nothing random, nothing to replay wrongly
+    check_rng_gradients(clean)
+    assert clean[1].invalid == ""
+
+
 def test_paired_ratios_cancel_a_slow_spell():
     """Three rounds, the second one during a spell where the whole machine ran 1.5x slower: the
     per-round ratios see the true 0.9 in every round; the ratio of medians would not."""
