@@ -51,7 +51,10 @@ def parse(argv=None) -> argparse.Namespace:
     sz.add_argument("--vocab", type=int, default=8192, help="vocabulary of --op model")
     sz.add_argument("--family", default="gpt2", choices=("gpt2", "llama", "mistral", "qwen2", "phi3", "gemma"),
                     help="model: the Hugging Face family (Llama-like ones without dropout)")
-    sz.add_argument("--dropout", type=float, default=0.1, help="residual dropout (attention, block, model)")
+    sz.add_argument("--dropout", type=float, nargs="+", default=None,
+                    help="residual dropout: block runs each value (default 0.1 and 0: with dropout the "
+                         "compile-budget peers' gradients are wrong, pytorch#190758, so dropout 0 is where they "
+                         "are valid peers); attention and model take the first (default 0.1)")
     sz.add_argument("--attn-dropout", type=float, default=0.0,
                     help="attention-probability dropout of --op model (GPT-2 attn_pdrop / attention_dropout)")
     sz.add_argument("--dropouts", type=float, nargs="+", default=[0.0, 0.1], help="dropout probabilities (MLP)")
@@ -79,6 +82,8 @@ def parse(argv=None) -> argparse.Namespace:
     m.add_argument("--peak-gbs", type=float, default=None, help="roofline: peak GB/s (default: GPU table)")
     m.add_argument("--out", default=None, help="results folder (default bench/results/)")
     args = p.parse_args(argv)
+    args.block_dropouts = args.dropout or [0.1, 0.0]
+    args.dropout = (args.dropout or [0.1])[0]
     if args.reps is None:
         args.reps = 3 if args.quick else 8
     if args.quick:

@@ -1,5 +1,5 @@
 """The default benchmark: a stack of N GPT-2-small-shaped blocks (d 768, 12 heads, S 512, batch 4;
-pre-LayerNorm, causal attention, gelu_tanh MLP, residual dropout 0.1, residuals), each a
+pre-LayerNorm, causal attention, gelu_tanh MLP, residual dropout 0.1 and 0, residuals), each a
 ``ckpt_ops.nn.TransformerBlock(style="gpt2")`` checkpointed as one segment at each recompute
 level, against the same computation built eagerly from the same parameters
 (``bench.eager.block_forward``): eager, torch.utils.checkpoint per block, selective AC per block,
@@ -32,12 +32,14 @@ def setup(config: Dict[str, object], device: torch.device, dtype: torch.dtype, b
 
 
 def configs(args) -> List[Dict[str, object]]:
-    """S 512 at --batch; with --long also S 2048 at batch 1."""
-    base = {"batch": args.batch, "d_model": args.d_model, "heads": args.heads, "layers": args.layers,
-            "dropout": args.dropout}
-    out = [{**base, "seq": s} for s in (args.seqs or [512])]
-    if args.long:
-        out.append({**base, "seq": 2048, "batch": 1})
+    """S 512 at --batch; with --long also S 2048 at batch 1; each at every --dropout value."""
+    out = []
+    for p in getattr(args, "block_dropouts", [args.dropout]):
+        base = {"batch": args.batch, "d_model": args.d_model, "heads": args.heads, "layers": args.layers,
+                "dropout": p}
+        out += [{**base, "seq": s} for s in (args.seqs or [512])]
+        if args.long:
+            out.append({**base, "seq": 2048, "batch": 1})
     return out
 
 
@@ -45,6 +47,6 @@ def run(args, device, dtype) -> list:
     results = []
     backends = providers.ckpt_backends("attention", device, args.backends)
     for config in configs(args):
-        op = f"block x{config['layers']} S={config['seq']}"
+        op = f"block x{config['layers']} S={config['seq']} p={config['dropout']:g}"
         results += run_cases(op, config, setup(config, device, dtype, backends, not args.no_compile), args, device)
     return results

@@ -243,7 +243,7 @@ def run(args, device, dtype) -> list:
     for kind in ("gpt2", "llama"):
         config = {"stack": kind, "batch": args.batch, "seq": (args.seqs or [512])[0], "d_model": args.d_model,
                   "heads": args.heads, "layers": 8}
-        cases, plans = setup(config, device, dtype, budgets, not args.no_compile, plan_reps=max(3, args.reps))
+        cases, plans = setup(config, device, dtype, budgets, not args.no_compile, plan_reps=max(9, args.reps))
         for budget, p, eager_bytes in plans:
             print(f"  plan {budget}: levels {p.levels}, segments {p.segments}, predicted "
                   f"{p.predicted_bytes / eager_bytes:.3f} of eager's saved bytes, {p.predicted_ms:.1f} ms")
