@@ -122,11 +122,15 @@ def check_rng_gradients(cases: List[Case], baseline: str = "eager", seed: int = 
 
 
 def autocast_case(case: Case, device: torch.device, dtype: torch.dtype) -> Case:
-    """The case with its forward under torch.autocast(device, dtype) (backward outside, as in training)."""
-    def forward(f=case.forward):
-        with torch.autocast(device.type, dtype=dtype):
-            return f()
-    return dataclasses.replace(case, forward=forward)
+    """The case with its forward (and its reference's) under torch.autocast(device, dtype) (backward
+    outside, as in training)."""
+    def under_autocast(f):
+        def forward():
+            with torch.autocast(device.type, dtype=dtype):
+                return f()
+        return forward
+    ref = under_autocast(case.reference) if case.reference is not None else None
+    return dataclasses.replace(case, forward=under_autocast(case.forward), reference=ref)
 
 
 def run_cases(op: str, config: Dict[str, object], cases: List[Case], args, device: torch.device) -> List["Result"]:

@@ -163,9 +163,9 @@ def test_verdicts_set_aside_a_peer_with_wrong_gradients():
     assert "INVALID peer" in line and "max rel err 1.00" in line and "dominated" not in line
 
 
-def _rng_cases(p_drop: float, budget: float):
+def _rng_cases(p_drop: float, budget: float, autocast: bool = False):
     from bench import providers
-    from bench.common import build_cases, warm_up
+    from bench.common import autocast_case, build_cases, warm_up
 
     torch.manual_seed(0)
     w = torch.randn(32, 32, requires_grad=True)
@@ -176,6 +176,8 @@ def _rng_cases(p_drop: float, budget: float):
 
     cases = build_cases([("eager", f), (f"compile budget {budget}", providers.compiled_with_budget(f, budget))],
                         x, torch.randn(16, 32), [w])
+    if autocast:  # as bench.common.run_cases does, before the warm-up step compiles
+        cases = [autocast_case(c, torch.device("cpu"), torch.bfloat16) for c in cases]
     return warm_up(cases, torch.device("cpu"))
 
 
@@ -206,6 +208,9 @@ def test_rng_gradient_check_catches_a_dropout_replayed_with_a_fresh_mask():
     clean = _rng_cases(0.0, 0.0)  # p = 0: nothing random, nothing to replay wrongly
     check_rng_gradients(clean)
     assert clean[1].invalid == ""
+    bf16 = _rng_cases(0.5, 0.0, autocast=True)  # the reference runs under the same autocast
+    check_rng_gradients(bf16)
+    assert "wrong gradients" in bf16[1].invalid and bf16[1].reference().dtype == torch.bfloat16
 
 
 def test_paired_ratios_cancel_a_slow_spell():
