@@ -80,6 +80,7 @@ output projection anyway: its y and rstd are reused, no GEMM is added.
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional
 
 import torch
@@ -183,10 +184,24 @@ def _drop(cfg: AttnConfig, seed, seq_len: int) -> tuple:
 
 def _tables(cfg: AttnConfig, cos, sin, seq_len: int, head_dim: int, device, dtype=torch.float32):
     """RoPE tables: the caller's (positions of a converted model) or, for the standalone module,
-    positions 0..S-1 rebuilt from rope_theta (deterministic, so forward and backward agree)."""
+    positions 0..S-1 from rope_theta -- built once per (S, rotary width, theta, device, dtype) and
+    shared by every layer's forward and backward (``_cached_tables``); rebuilt under torch.compile
+    (traced into the graph) and in inference mode (an inference tensor must not reach a later
+    training step)."""
     if cos is not None:
         return cos, sin
-    return _ref.rope_tables(seq_len, cfg.rotary_dim or head_dim, cfg.rope_theta, device, dtype)
+    dim = cfg.rotary_dim or head_dim
+    if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():
+        return _ref.rope_tables(seq_len, dim, cfg.rope_theta, device, dtype)
+    return _cached_tables(seq_len, dim, float(cfg.rope_theta), torch.device(device), dtype)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_tables(seq_len: int, dim: int, theta: float, device: torch.device, dtype: torch.dtype):
+    """rope_tables, memoised: ~8 small ops a call, which a stack of standalone blocks paid in every
+    layer's forward and again in its backward. Never written to (the kernels read the tables)."""
+    with torch.no_grad():
+        return _ref.rope_tables(seq_len, dim, theta, device, dtype)
 
 
 # The QKV projection is either packed (wq = the whole ((H+2KV)*hd, D) weight, wk = wv = None;

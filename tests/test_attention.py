@@ -281,3 +281,30 @@ def test_module_structure():
     m = ckpt_ops.nn.Attention(64, 8, 2, bias=False, norm="rmsnorm", rope=True)
     assert [n for n, _ in m.named_parameters()] == ["norm.weight", "qkv.weight", "out.weight"]
     assert m.qkv.weight.shape == ((8 + 2 * 2) * 8, 64) and m.out.weight.shape == (64, 64)
+
+
+def test_standalone_rope_tables_are_built_once_per_shape():
+    """A stack of standalone RoPE blocks builds the tables once and reuses them in every layer's
+    forward and backward; they equal freshly built ones bit for bit; inference mode (whose
+    tensors must not reach a training step) bypasses the cache, and a training step after it works."""
+    from ckpt_ops import attention as A
+
+    A._cached_tables.cache_clear()
+    torch.manual_seed(0)
+    blocks = [ckpt_ops.nn.TransformerBlock(64, 4, style="llama", num_kv_heads=2, dropout=0.0) for _ in range(3)]
+    x = torch.randn(2, 12, 64)
+    with torch.inference_mode():
+        for b in blocks:
+            b(x)
+    assert A._cached_tables.cache_info().currsize == 0
+    t = x.clone().requires_grad_()
+    out = t
+    for b in blocks:
+        b.recompute = "full"
+        out = b(out)
+    out.sum().backward()
+    info = A._cached_tables.cache_info()
+    assert info.misses == 1 and info.hits >= 5  # 3 forwards + 3 backward replays, one build
+    cos, sin = A._cached_tables(12, 16, 10000.0, torch.device("cpu"), torch.float32)
+    fresh = R.rope_tables(12, 16, 10000.0, torch.device("cpu"))
+    assert torch.equal(cos, fresh[0]) and torch.equal(sin, fresh[1]) and not cos.is_inference()
