@@ -44,8 +44,8 @@ CKPT_CPU_ALWAYS_INLINE BwdValues<acc> bwd_values(acc da, acc h, acc g) {
   return o;
 }
 
-// fp32 <-> bf16 / fp16 over a block, in loops the compiler vectorises (the
-// bf16 rounding is c10's: round to nearest even, NaN -> 0x7FC0).
+// fp32 <-> bf16 / fp16 over a block (for fp32, a plain copy), in loops the compiler
+// vectorises (the bf16 rounding is c10's: round to nearest even, NaN -> 0x7FC0).
 template <typename scalar_t>
 CKPT_CPU_ALWAYS_INLINE void to_float(const scalar_t* src, float* dst, int64_t n) {
   #pragma omp simd
@@ -68,7 +68,7 @@ CKPT_CPU_ALWAYS_INLINE void from_float(const float* src, scalar_t* dst, int64_t 
 // that wrapper's instruction set. The forward runs fp32 / fp64 in place; bf16 /
 // fp16 are widened to fp32 a block at a time, run through the fp32 loop (so they
 // get the fp32 results, rounded once), and narrowed back. The backward takes fp32
-// through the same L1-resident blocks (copied, not converted): straight over the
+// through the same L1-resident blocks (to_float / from_float copy it): straight over the
 // tensors its loop ran at about half the speed (gelu_tanh 10.0 vs 6.0 ms on
 // 2048 x 3072, AVX-512), the forward's does not gain.
 constexpr int64_t kBlock = 256;
@@ -118,23 +118,9 @@ CKPT_CPU_ALWAYS_INLINE void act_bwd_block(const acc* da, const acc* h, const acc
 template <int kAct, bool kGated, bool kNeedA, typename scalar_t>
 CKPT_CPU_ALWAYS_INLINE void act_bwd_chunk(const scalar_t* da, const scalar_t* h, const scalar_t* g, scalar_t* a,
                                           scalar_t* dh, scalar_t* dg, int64_t begin, int64_t end) {
-  using acc = acc_t<scalar_t>;
   if constexpr (std::is_same_v<scalar_t, double>) {
-    act_bwd_block<kAct, kGated, kNeedA, acc>(da, h, g, a, dh, dg, begin, end);
-  } else if constexpr (std::is_same_v<acc, scalar_t>) {
-    // fp32 through L1-resident blocks too: the loop straight over the tensors ran ~2x slower
-    alignas(64) float dab[kBlock], hb[kBlock], gb[kBlock], ab[kBlock], dhb[kBlock], dgb[kBlock];
-    for (int64_t i0 = begin; i0 < end; i0 += kBlock) {
-      const int64_t n = std::min(kBlock, end - i0);
-      std::copy(da + i0, da + i0 + n, dab);
-      std::copy(h + i0, h + i0 + n, hb);
-      if constexpr (kGated) std::copy(g + i0, g + i0 + n, gb);
-      act_bwd_block<kAct, kGated, kNeedA, float>(dab, hb, gb, ab, dhb, dgb, 0, n);
-      if constexpr (kNeedA) std::copy(ab, ab + n, a + i0);
-      std::copy(dhb, dhb + n, dh + i0);
-      if constexpr (kGated) std::copy(dgb, dgb + n, dg + i0);
-    }
-  } else {
+    act_bwd_block<kAct, kGated, kNeedA, double>(da, h, g, a, dh, dg, begin, end);
+  } else {  // fp32 too (to_float / from_float copy it): the loop straight over the tensors ran ~2x slower
     alignas(64) float dab[kBlock], hb[kBlock], gb[kBlock], ab[kBlock], dhb[kBlock], dgb[kBlock];
     for (int64_t i0 = begin; i0 < end; i0 += kBlock) {
       const int64_t n = std::min(kBlock, end - i0);
