@@ -66,15 +66,15 @@ def compiled_with_budget(fn: Callable, budget: float) -> Callable:
     return run
 
 
-_REFERENCES: Dict[int, Tuple[Callable, Callable]] = {}
+_REFERENCES: Dict[Callable, Callable] = {}  # fn -> fn compiled at budget 1.0 (functions hash by identity)
 
 
 def _budget_one(fn: Callable) -> Callable:
     """torch.compile(fn) at activation_memory_budget 1.0 (the partitioner keeps what it cannot
     replay exactly, RNG outputs included), one per `fn` however many budgets are compiled."""
-    if id(fn) not in _REFERENCES:
-        _REFERENCES[id(fn)] = (fn, compiled_with_budget(fn, 1.0))  # holds fn: its id stays unique
-    return _REFERENCES[id(fn)][1]
+    if fn not in _REFERENCES:
+        _REFERENCES[fn] = compiled_with_budget(fn, 1.0)
+    return _REFERENCES[fn]
 
 
 COMPILE_BUDGETS = (0.5, 0.1)

@@ -19,6 +19,7 @@ from test_convert import assert_same_step, batch, train_step  # noqa: E402
 from conftest import assert_fp32_close  # noqa: E402
 from test_convert_hf_habits import _eval_grad_step  # noqa: E402
 from test_convert_autocast import assert_like_eager_autocast, step, step_bytes  # noqa: E402
+from test_convert_families import assert_keeps_less_than_hf  # noqa: E402
 
 T.logging.set_verbosity_error()
 DECODER = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -69,16 +70,7 @@ def test_training_step_matches_unconverted(family, level):
 @pytest.mark.parametrize("family", FOUR)
 def test_full_keeps_less_than_unconverted_and_hf_checkpointing(family):
     ids, am, labels = batch(b=2, s=24)
-
-    def step_bytes_fp32(model):
-        return ckpt_ops.saved_bytes(model, input_ids=ids, attention_mask=am, labels=labels, use_cache=False)
-
-    conv = ckpt_ops.convert(make(family), strict=True)
-    hf_ckpt = make(family)
-    hf_ckpt.gradient_checkpointing_enable()
-    b_plain, b_hf, b_conv = step_bytes_fp32(make(family)), step_bytes_fp32(hf_ckpt), step_bytes_fp32(conv)
-    assert b_conv <= 0.15 * b_plain, (b_conv, b_plain)
-    assert b_conv <= b_hf, (b_conv, b_hf)
+    assert_keeps_less_than_hf(make, family, ckpt_ops.convert(make(family), strict=True), ids, am, labels)
 
 
 def test_gemma3_layers_get_their_own_rotary_tables():
