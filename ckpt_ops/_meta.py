@@ -52,6 +52,10 @@ def act_bwd_(da, h, g, activation, need_a):
     return a, dg
 
 
+def act_bwd_rebuild_(da, h, g, activation):
+    return None  # a into h, dh into da, dg into g
+
+
 def dropout_fwd(y, residual, seed, p):
     return torch.empty_like(y, memory_format=torch.contiguous_format)
 

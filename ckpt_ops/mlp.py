@@ -67,7 +67,8 @@ NORMS = (None, "layernorm", "rmsnorm")
 _backend.register_family(
     "mlp",
     {
-        "cpu": {k: f"torch.ops.ckpt_ops.{k}" for k in ("act_fwd", "act_bwd", "act_bwd_", "dropout_fwd", "dropout_bwd")},
+        "cpu": {k: f"torch.ops.ckpt_ops.{k}" for k in ("act_fwd", "act_bwd", "act_bwd_", "act_bwd_rebuild_",
+                                                        "dropout_fwd", "dropout_bwd")},
         "cuda": {k: f"torch.ops.ckpt_ops.{k}" for k in ("act_fwd", "act_bwd", "dropout_fwd", "dropout_bwd")},
         "triton": {k: f"torch.ops.ckpt_ops.{k}_triton" for k in ("act_fwd", "act_bwd", "dropout_fwd", "dropout_bwd")},
         "reference": {k: getattr(_ref, k) for k in ("act_fwd", "act_bwd", "dropout_fwd", "dropout_bwd")},
@@ -294,16 +295,21 @@ def segment_backward(cfg: MLPConfig, plan: _Plan, need, dout: Tensor, t: dict, l
         da = dyc @ t["w2"]
         dl = _lora.input_grad(lc, "w2", du2, da.dtype)
         da = da if dl is None else da.add_(dl)  # da: a fresh product of this backward
-        if cfg.backend == "cpu" and not torch.compiler.is_compiling():
-            a_re, dg = k("act_bwd_")(da, h, g, cfg.activation, rebuild_a)  # dh written into da (one
-            dh = da                                   # activation-sized allocation fewer than eager)
+        cpu = cfg.backend == "cpu" and not torch.compiler.is_compiling()
+        if cpu and free and rebuild_a:  # h and g are dead after this: a into h, dh into da, dg
+            k("act_bwd_rebuild_")(da, h, g, cfg.activation)  # into g -- no fresh buffer at all
+            a, dh, dg = h, da, g
         else:
-            a_re, dh, dg = k("act_bwd")(da, h, g, cfg.activation, rebuild_a)
+            if cpu:
+                a_re, dg = k("act_bwd_")(da, h, g, cfg.activation, rebuild_a)  # dh written into da (one
+                dh = da                                   # activation-sized allocation fewer than eager)
+            else:
+                a_re, dh, dg = k("act_bwd")(da, h, g, cfg.activation, rebuild_a)
+            if rebuild_a:
+                a = a_re
+            del a_re
+            _autograd.release(free, h, g)
         del da, dl
-        if rebuild_a:
-            a = a_re
-        del a_re
-        _autograd.release(free, h, g)
     elif rebuild_a:
         a = k("act_fwd")(h, g, cfg.activation)
     if not w2_done:

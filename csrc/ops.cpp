@@ -32,12 +32,17 @@ TORCH_LIBRARY(ckpt_ops, m) {
   //             gated: a = act(g) * h, dh = da * act(g), dg = da * h * act'(g)
   //   act_bwd_: act_bwd writing dh into da (CPU only: one large allocation fewer in a backward;
   //             returns a and dg). Every element reads da[i] before it writes dh[i].
+  //   act_bwd_rebuild_: act_bwd with need_a, every output over an input (CPU only, for a backward
+  //             that may free its saved h/g): dh into da, a into h, dg into g. The fresh
+  //             activation-sized buffer eager's backward does not pay (a, the rebuilt fc2 input)
+  //             is gone too: h is dead once dh exists, so a lives in its pages.
   //   dropout_fwd: out = residual + y * keep / (1 - p)   (keep: Philox >= threshold(p))
   //   dropout_bwd: dy = dout * keep / (1 - p)
   // seed: a 1-element int64 tensor on the tensors' device.
   m.def("act_fwd(Tensor h, Tensor? g, int activation) -> Tensor");
   m.def("act_bwd(Tensor da, Tensor h, Tensor? g, int activation, bool need_a) -> (Tensor a, Tensor dh, Tensor dg)");
   m.def("act_bwd_(Tensor(a!) da, Tensor h, Tensor? g, int activation, bool need_a) -> (Tensor a, Tensor dg)");
+  m.def("act_bwd_rebuild_(Tensor(a!) da, Tensor(b!) h, Tensor(c!)? g, int activation) -> ()");
   m.def("dropout_fwd(Tensor y, Tensor? residual, Tensor seed, float p) -> Tensor");
   m.def("dropout_bwd(Tensor dout, Tensor seed, float p) -> Tensor");
 

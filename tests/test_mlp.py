@@ -234,6 +234,35 @@ def test_retain_graph_twice_and_inputs_untouched(backend, level):
     assert all(torch.equal(p, s) for p, s in zip(m.parameters(), snap[2]))
 
 
+@pytest.mark.skipif(_backend._unavailable_reason("mlp", "cpu", "cpu") is not None,
+                    reason="the cpu backend (extension) is not built")
+@pytest.mark.parametrize("act", ["gelu_tanh", "swiglu"])
+@pytest.mark.parametrize("level", ["full", "selective"])
+def test_freeing_backward_rebuilds_a_over_h(monkeypatch, act, level):
+    """A backward that frees the graph (CPU) rebuilds `a` in h's pages, dh in da's and dg in g's
+    (act_bwd_rebuild_: no fresh activation-sized buffer); bitwise the retain_graph path, which
+    must keep h and so allocates `a`."""
+    calls = []
+    kernel = _backend.kernel
+
+    def counting(family, backend, name):
+        f = kernel(family, backend, name)
+        if name != "act_bwd_rebuild_":
+            return f
+        return lambda *a: (calls.append(name), f(*a))[1]
+
+    monkeypatch.setattr(_backend, "kernel", counting)
+    m = make_mlp(16, 24, act, "layernorm", True, True, 0.0, level, "cpu", dtype=torch.float32)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    dy = torch.randn(3, 5, 16)
+    out = m(x)
+    kept = torch.autograd.grad(out, [x, *m.parameters()], dy, retain_graph=True)
+    assert calls == []
+    freed = torch.autograd.grad(out, [x, *m.parameters()], dy)
+    assert calls == ["act_bwd_rebuild_"]
+    assert all(torch.equal(a, b) for a, b in zip(kept, freed))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sum_backward_zero_stride_grad(backend):
     m = make_mlp(8, 12, "relu", None, True, False, 0.0, "full", backend, dtype=torch.float32)

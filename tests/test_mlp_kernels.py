@@ -125,6 +125,34 @@ def test_act_bwd_in_place_equals_act_bwd(act, gated, dtype, shape, need_a):
     assert torch.equal(h, h0) and (g is None or torch.equal(g, g0))
 
 
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+@pytest.mark.parametrize("act", list(ACTS), ids=ACTS.get)
+def test_act_bwd_rebuild_in_place_equals_act_bwd(act, gated, dtype, shape):
+    """act_bwd_rebuild_ (the CPU backward that may free h and g) leaves every output on its
+    input: a in h, dh in da, dg in g -- bitwise act_bwd's results, no storage moved."""
+    h, g, da = make_act(shape, dtype, gated, seed=len(shape) * 13 + shape[-1])
+    a, dh, dg = ops.act_bwd(da, h, g, act, True)
+    hb, db, gb = h.clone(), da.clone(), None if g is None else g.clone()
+    ptrs = [t.data_ptr() for t in (hb, db, gb) if t is not None]
+    assert ops.act_bwd_rebuild_(db, hb, gb, act) is None
+    assert [t.data_ptr() for t in (hb, db, gb) if t is not None] == ptrs
+    assert torch.equal(hb, a) and torch.equal(db, dh)
+    assert gb is None or torch.equal(gb, dg)
+
+
+def test_act_bwd_rebuild_rejects_overlapping_buffers():
+    """Two outputs on one buffer would be silently wrong: a clear error instead."""
+    h, g, da = make_act((4, 64), torch.float32, True, seed=3)
+    with pytest.raises(RuntimeError, match="memory location"):
+        ops.act_bwd_rebuild_(h, h, None, 0)
+    with pytest.raises(RuntimeError, match="memory location"):
+        ops.act_bwd_rebuild_(da, h, da, 0)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        ops.act_bwd_rebuild_(da.t(), h.t(), None, 0)
+
+
 @pytest.mark.parametrize("act", list(ACTS), ids=ACTS.get)
 def test_act_special_values(act):
     """Large |x| (saturated tanh / exp overflow in the sigmoid) and exact zeros stay finite and

@@ -5,6 +5,7 @@
 // a device's three kernel launchers.
 #pragma once
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -94,7 +95,7 @@ void register_ops(torch::Library& m) {
   });
 }
 
-// act_bwd_ (dh written into da) on a device whose ActBwd launcher reads da[i] before it writes
+// act_bwd_ (dh written into da) and act_bwd_rebuild_ (a into h, dh into da, dg into g) on a device whose ActBwd launcher reads da[i] before it writes
 // dh[i] in the same element step (the CPU loops; not the CUDA kernel, whose pointers are
 // __restrict__).
 template <auto ActBwd>
@@ -109,6 +110,22 @@ void register_inplace_bwd(torch::Library& m) {
                 g.has_value() ? at::empty_like(h) : at::empty({0}, h.options())};
     if (h.numel() > 0) ActBwd(da, h, g.has_value() ? &*g : nullptr, static_cast<int>(activation), o);
     return std::make_tuple(o.a, o.dg);
+  });
+  // The launcher's block loop reads da/h/g of an element block before it writes a/dh/dg of it
+  // (element by element for fp64), so the three outputs may sit on the three inputs.
+  m.impl("act_bwd_rebuild_", [](at::Tensor& da, at::Tensor& h, const c10::optional<at::Tensor>& g,
+                                int64_t activation) {
+    check_elementwise(h, "h");
+    check_like(da, h, "da");
+    check_gate(g, h);
+    check_activation(activation);
+    at::assert_no_overlap(da, h);  // each output sits on its own input, never on another's
+    if (g.has_value()) {
+      at::assert_no_overlap(*g, h);
+      at::assert_no_overlap(*g, da);
+    }
+    ActBwdOut o{h, da, g.has_value() ? *g : at::empty({0}, h.options())};
+    if (h.numel() > 0) ActBwd(da, h, g.has_value() ? &*g : nullptr, static_cast<int>(activation), o);
   });
 }
 
