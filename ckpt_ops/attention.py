@@ -304,7 +304,8 @@ def segment_forward(cfg: AttnConfig, x: Tensor, p: dict, key_mask, cos, sin, see
     b, s, d = x.shape
     x2d = x.view(b * s, d)
     n, mean, rstd = _norm_fwd(cfg, x2d, p["nw"], p["nb"])
-    raw = _rows(_qkv_project(cfg, mm(cfg, n), p, lc), b, s)
+    n = mm(cfg, n)  # only ever a GEMM operand: kept ("none") in the GEMM dtype, as eager's linear keeps it
+    raw = _rows(_qkv_project(cfg, n, p, lc), b, s)
     qkv, qr, kr = _qk_norm(cfg, raw, p)
     qkv = _rope_buffer(qkv, cfg)
     if cfg.rope:

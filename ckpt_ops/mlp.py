@@ -195,7 +195,10 @@ def segment_forward(cfg: MLPConfig, x: Tensor, p: dict, seed: Tensor, lc=None):
     y = _fc(lc, a, p, "w2", "b2")
     z, prstd = rms_rows(cfg, y, p["pw"], cfg.post_eps) if cfg.post_norm else (y, None)
     out = residual_dropout(cfg, z, x, seed)
-    return out, {"n": n, "mean": mean, "rstd": rstd, "h": h, "g": g, "a": a, "y": y, "prstd": prstd}
+    # n is only ever a GEMM operand (the norm's backward reads x, mean and rstd): the state holds
+    # its GEMM-dtype copy, so "none" under autocast keeps n at eager's bytes (the bf16 copy, as
+    # eager's linear saves) and its backward does not cast it again
+    return out, {"n": nm, "mean": mean, "rstd": rstd, "h": h, "g": g, "a": a, "y": y, "prstd": prstd}
 
 
 def segment_keep(cfg: MLPConfig, plan: _Plan, need, x: Tensor, p: dict, st: dict, seed: Tensor) -> dict:

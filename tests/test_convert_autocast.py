@@ -20,6 +20,7 @@ from ckpt_ops import _amp
 T = pytest.importorskip("transformers")
 from conftest import assert_low_precision_ok, rel_err  # noqa: E402
 from test_convert import batch  # noqa: E402
+import eager_ref  # noqa: E402
 
 T.logging.set_verbosity_error()
 B, S = 4, 64
@@ -178,6 +179,27 @@ def test_segment_saves_only_x_under_autocast(name, xdtype):
     out.float().square().sum().backward()
     assert x.grad.dtype == xdtype
     assert all(p.grad.dtype == p.dtype == torch.float32 for p in mod.parameters())
+
+
+def test_none_keeps_the_gemm_operands_in_the_gemm_dtype():
+    """At "none" under autocast the norm's output is kept as the bf16 copy the GEMMs read (as
+    eager's linear keeps it): the norm's backward needs only x and its row statistics, so an fp32
+    copy would be M*D*2 bytes more and a cast more in backward. Exact count, swiglu + RMSNorm:
+    x (fp32) + rstd (fp32 a row) + n (bf16) + h, g, a (bf16)."""
+    torch.manual_seed(0)
+    m = ckpt_ops.nn.MLP(D, 4 * D, activation="swiglu", norm="rmsnorm", residual=True, bias=False,
+                        recompute="none")
+    x = torch.randn(B, S, D, requires_grad=True)
+    M, H = B * S, 4 * D
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ckpt_ops.saved_bytes(m, x) == M * D * 4 + M * 4 + M * D * 2 + 3 * M * H * 2
+        out = m(x)
+    out.float().square().sum().backward()
+    xe, x64 = (x.detach().clone().requires_grad_(), x.detach().double().requires_grad_())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager_ref.mlp(m, xe).float().square().sum().backward()
+    eager_ref.mlp(copy.deepcopy(m).double(), x64).square().sum().backward()
+    assert_low_precision_ok(x.grad, xe.grad, x64.grad, "dx")
 
 
 @pytest.mark.parametrize("cls", [ckpt_ops.nn.LayerNorm, ckpt_ops.nn.RMSNorm])
