@@ -78,3 +78,8 @@ def attention_fwd(qkv, key_mask, num_heads, num_kv_heads, causal, scale, dropout
 def attention_bwd(do, qkv, o, lse, key_mask, num_heads, num_kv_heads, causal, scale, dropout_p=0.0, seed=None,
                   window=0, softcap=0.0):
     return torch.empty_like(qkv, memory_format=torch.contiguous_format)
+
+
+def attention_bwd_(do, qkv, o, lse, key_mask, num_heads, num_kv_heads, causal, scale, dropout_p=0.0, seed=None,
+                   window=0, softcap=0.0):
+    return None  # dqkv written over qkv

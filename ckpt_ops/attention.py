@@ -100,7 +100,7 @@ LEVELS = ("full", "keep_attn", "selective", "none")
 _backend.register_family(
     "attention",
     {
-        "cpu": {k: f"torch.ops.ckpt_ops.{k}" for k in ("rope_", "attention_fwd", "attention_bwd")},
+        "cpu": {k: f"torch.ops.ckpt_ops.{k}" for k in ("rope_", "attention_fwd", "attention_bwd", "attention_bwd_")},
         "triton": {"rope_": "torch.ops.ckpt_ops.rope_triton_", "attention_fwd": "torch.ops.ckpt_ops.attention_fwd_triton",
                    "attention_bwd": "torch.ops.ckpt_ops.attention_bwd_triton"},
         "reference": {k: getattr(_ref, k) for k in ("rope_", "attention_fwd", "attention_bwd")},
@@ -259,7 +259,9 @@ def _qkv_backward(cfg, dqkv2: Tensor, n: Optional[Tensor], t: dict, need, grads:
         du = _lora.dus(lc, wname, d) if (want_dn or _lora.trains(lc, wname)) else {}
         _lora.weight_grads(lc, wname, d, du, n)
         if want_dn:
-            dn = d @ t[wname] if dn is None else dn + d @ t[wname]
+            # dn: this backward's own product, the next projections' accumulated into it by the
+            # GEMM itself (no product buffer, no add pass)
+            dn = d @ t[wname] if dn is None else dn.addmm_(d, t[wname])
             dl = _lora.input_grad(lc, wname, du, dn.dtype)
             dn = dn if dl is None else dn + dl
     return dn
@@ -462,10 +464,16 @@ def segment_backward(cfg: AttnConfig, plan: _Plan, need, dout: Tensor, t: dict, 
     dl = _lora.input_grad(lc, "wo", du, do2.dtype)
     do = _rows(do2 if dl is None else do2 + dl, b, s)
     del do2, dl
-    dqkv = k("attention_bwd")(do, t["qkv"], t["o"], t["lse"], t["key_mask"], cfg.num_heads, cfg.num_kv_heads,
-                              cfg.causal, cfg.scale, *_drop(cfg, t["seed"], s))
-    del do
-    _autograd.release(free, t["qkv"], t["o"], t["lse"])
+    args = (t["o"], t["lse"], t["key_mask"], cfg.num_heads, cfg.num_kv_heads, cfg.causal, cfg.scale,
+            *_drop(cfg, t["seed"], s))
+    if free and cfg.backend == "cpu" and not torch.compiler.is_compiling():
+        k("attention_bwd_")(do, t["qkv"], *args)  # qkv is dead once read: dqkv lands in its pages
+        dqkv = t["qkv"]
+    else:
+        dqkv = k("attention_bwd")(do, t["qkv"], *args)
+        _autograd.release(free, t["qkv"])
+    del do, args
+    _autograd.release(free, t["o"], t["lse"])
     if cfg.rope:  # RoPE's transpose, in place on the fresh gradient
         c, sn = _tables(cfg, t["cos"], t["sin"], s, dqkv.shape[-1] // (cfg.num_heads + 2 * cfg.num_kv_heads),
                         dqkv.device, _ref.acc_dtype(dqkv.dtype))

@@ -351,7 +351,7 @@ def segment_backward(cfg: MLPConfig, plan: _Plan, need, dout: Tensor, t: dict, l
     for dl in (_lora.input_grad(lc, "w1", du1, dn.dtype), _lora.input_grad(lc, "wg", dug, dn.dtype)):
         dn = dn if dl is None else dn + dl
     if cfg.gated:
-        dn = dn.add_(dg @ t["wg"]) if free else dn + dg @ t["wg"]
+        dn = dn.addmm_(dg, t["wg"])  # dn: this backward's own product; accumulated in the GEMM
     del dh, dg
     dx = norm_backward(cfg, dn, x, t["nw"], mean, rstd, need[:3], grads)
     del dn

@@ -66,6 +66,12 @@ TORCH_LIBRARY(ckpt_ops, m) {
       "attention_bwd(Tensor do, Tensor qkv, Tensor o, Tensor lse, Tensor? key_mask, int num_heads, "
       "int num_kv_heads, bool causal, float scale, float dropout_p=0.0, Tensor? seed=None, int window=0, "
       "float softcap=0.0) -> Tensor dqkv");
+  // attention_bwd_: attention_bwd with dqkv written over qkv once it has been read (CPU only, for a
+  // backward that may free qkv: no fresh qkv-sized buffer).
+  m.def(
+      "attention_bwd_(Tensor do, Tensor(a!) qkv, Tensor o, Tensor lse, Tensor? key_mask, int num_heads, "
+      "int num_kv_heads, bool causal, float scale, float dropout_p=0.0, Tensor? seed=None, int window=0, "
+      "float softcap=0.0) -> ()");
 }
 
 namespace {

@@ -233,6 +233,33 @@ def test_retain_graph_twice_and_inputs_untouched(backend, level):
     assert torch.equal(x.detach(), snap[0]) and torch.equal(dy, snap[1])
 
 
+@pytest.mark.skipif(_backend._unavailable_reason("attention", "cpu", "cpu") is not None,
+                    reason="the cpu backend (extension) is not built")
+@pytest.mark.parametrize("level", ["full", "selective", "none"])
+def test_freeing_backward_writes_dqkv_over_qkv(monkeypatch, level):
+    """A backward that frees the graph (CPU) packs dqkv into the dead qkv (attention_bwd_: no
+    fresh qkv-sized buffer); bitwise the retain_graph path, which keeps qkv and allocates dqkv."""
+    calls = []
+    kernel = _backend.kernel
+
+    def counting(family, backend, name):
+        f = kernel(family, backend, name)
+        if name != "attention_bwd_":
+            return f
+        return lambda *a: (calls.append(name), f(*a))[1]
+
+    monkeypatch.setattr(_backend, "kernel", counting)
+    m = make_attn(32, 4, 2, rope=True, norm="rmsnorm", p=0.2, level=level, backend="cpu")
+    x = torch.randn(2, 6, 32, requires_grad=True)
+    dy = torch.randn(2, 6, 32)
+    out = m(x)
+    kept = torch.autograd.grad(out, [x, *m.parameters()], dy, retain_graph=True)
+    assert calls == []
+    freed = torch.autograd.grad(out, [x, *m.parameters()], dy)
+    assert calls == ["attention_bwd_"]
+    assert all(torch.equal(a, b) for a, b in zip(kept, freed))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("level", ["full", "keep_attn"])
 def test_compile_fullgraph(backend, level):

@@ -171,6 +171,37 @@ def test_attention_no_mask_equals_all_true_mask():
         assert_close(l1, l2, rtol=1e-6, atol=1e-6, name="lse")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("own", [None, "window", "softcap", "dropout"])
+@pytest.mark.parametrize("heads", HEADS, ids=HEAD_IDS)
+def test_attention_bwd_in_place_equals_attention_bwd(heads, own, dtype):
+    """attention_bwd_ (the CPU backward that frees qkv) writes attention_bwd's dqkv over qkv,
+    bitwise, in qkv's own pages; on ATen's flash kernels and on ours (window / softcap /
+    dropout, whose fp32 accumulators are copied back)."""
+    h, kv = heads
+    s, hd = 37, 16
+    qkv, do = make_inputs(s, hd, h, kv, dtype, seed=7)
+    mask = make_mask("right_bool", B, s)
+    extra = {None: (), "window": (0.0, None, 5), "softcap": (0.0, None, 0, 3.0),
+             "dropout": (0.25, torch.tensor([123], dtype=torch.int64))}[own]
+    o, lse = ops.attention_fwd(qkv, mask, h, kv, True, 0.3, *extra)
+    want = ops.attention_bwd(do, qkv, o, lse, mask, h, kv, True, 0.3, *extra)
+    buf = qkv.clone()
+    ptr = buf.data_ptr()
+    assert ops.attention_bwd_(do, buf, o, lse, mask, h, kv, True, 0.3, *extra) is None
+    assert buf.data_ptr() == ptr and torch.equal(buf, want)
+
+
+def test_attention_bwd_in_place_rejects_aliased_outputs():
+    """dqkv over a tensor the backward still reads would be silently wrong: a clear error."""
+    h, kv, s, hd = 4, 4, 8, 16
+    qkv, do = make_inputs(s, hd, h, kv, torch.float32, seed=1)
+    o, lse = ops.attention_fwd(qkv, None, h, kv, True, 0.3)
+    on_qkv = qkv.view(-1)[: do.numel()].view(do.shape)  # a contiguous do lying inside qkv
+    with pytest.raises(RuntimeError, match="memory location"):
+        ops.attention_bwd_(on_qkv, qkv, o, lse, None, h, kv, True, 0.3)
+
+
 # ---- rope_ -----------------------------------------------------------------------------------
 def rope_tables_fp64(s, hd, theta=10000.0):
     """reference.rope_tables computed in fp64 (its are fp32: cos^2 + sin^2 = 1 only to fp32)."""
@@ -327,6 +358,7 @@ def test_opcheck(mask_kind):
     torch.library.opcheck(ops.attention_fwd.default, (qkv, mask, h, kv, True, 0.35))
     o, lse = ops.attention_fwd(qkv, mask, h, kv, True, 0.35)
     torch.library.opcheck(ops.attention_bwd.default, (do, qkv, o, lse, mask, h, kv, True, 0.35))
+    torch.library.opcheck(ops.attention_bwd_.default, (do, qkv.clone(), o, lse, mask, h, kv, True, 0.35))
 
 
 def test_bad_arguments():

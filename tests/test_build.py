@@ -19,14 +19,14 @@ EXPECT_CUDA = os.environ.get("CKPT_OPS_EXPECT_CUDA_BUILD") == "1"
 # the per-device registration check below).
 EXTENSION_OPS = {"layer_norm_fwd", "layer_norm_bwd", "rms_norm_fwd", "rms_norm_bwd",
                  "act_fwd", "act_bwd", "act_bwd_", "act_bwd_rebuild_", "dropout_fwd", "dropout_bwd",
-                 "rope_", "attention_fwd", "attention_bwd"}
+                 "rope_", "attention_fwd", "attention_bwd", "attention_bwd_"}
 # Ops the extension implements on CPU only, on purpose: the CUDA attention core is the Triton
 # flash kernel (triton_kernels/), so the extension registers no CUDA attention_fwd/bwd. Every
 # other op must have a CUDA kernel in a CUDA build. act_bwd_ (dh written into da) and
 # act_bwd_rebuild_ (every output over its input) exist for the CPU's allocator: each saves
 # activation-sized allocations (and their page faults) per backward; the CUDA caching allocator
 # has no such cost, so CUDA runs act_bwd.
-CPU_ONLY_OPS = {"attention_fwd", "attention_bwd", "act_bwd_", "act_bwd_rebuild_"}
+CPU_ONLY_OPS = {"attention_fwd", "attention_bwd", "attention_bwd_", "act_bwd_", "act_bwd_rebuild_"}
 
 
 def ckpt_op_names():

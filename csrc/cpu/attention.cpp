@@ -36,9 +36,10 @@
 //    of such a row has score -inf, and exp(-inf - lse) = 0 for lse = +inf.
 //  * lse is returned (B, H, S) contiguous in the accumulation dtype: fp32, fp64
 //    for fp64 inputs (ATen's is (B, S, H)-strided), so fp64 keeps fp64 accuracy.
-//  * dq/dk/dv are packed into one (B, S, (H + 2KV) * hd) tensor (one copy).
+//  * dq/dk/dv are packed into one (B, S, (H + 2KV) * hd) tensor (one copy);
+//    attention_bwd_ packs them into qkv itself (a backward that frees qkv).
 // No S x S matrix is materialised beyond ATen's own per-tile buffers. Inputs
-// are never written.
+// are never written, but qkv by attention_bwd_, after it has been read.
 //
 // Attention-probability dropout (dropout_p > 0), a sliding window shorter than
 // S (window > 0, causal) and logit soft-capping (softcap > 0): ATen's CPU flash
@@ -64,6 +65,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/_scaled_dot_product_flash_attention_for_cpu.h>
 #include <ATen/ops/_scaled_dot_product_flash_attention_for_cpu_backward.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -411,10 +413,10 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& qkv, const c1
   return {o, lse};
 }
 
-at::Tensor attention_bwd(const at::Tensor& dout, const at::Tensor& qkv, const at::Tensor& o, const at::Tensor& lse,
-                         const c10::optional<at::Tensor>& key_mask, int64_t num_heads, int64_t num_kv_heads,
-                         bool causal, double scale, double dropout_p, const c10::optional<at::Tensor>& seed,
-                         int64_t window, double softcap) {
+at::Tensor attention_bwd_impl(const at::Tensor& dout, const at::Tensor& qkv, const at::Tensor& o,
+                              const at::Tensor& lse, const c10::optional<at::Tensor>& key_mask, int64_t num_heads,
+                              int64_t num_kv_heads, bool causal, double scale, double dropout_p,
+                              const c10::optional<at::Tensor>& seed, int64_t window, double softcap, bool into_qkv) {
   const attn::QkvShape sh = attn::check_qkv(qkv, num_heads, num_kv_heads);
   attn::check_key_mask(key_mask, sh, qkv);
   TORCH_CHECK(qkv.device().is_cpu(), "ckpt_ops: attention_bwd (C++) takes CPU tensors; got ", qkv.device());
@@ -426,15 +428,44 @@ at::Tensor attention_bwd(const at::Tensor& dout, const at::Tensor& qkv, const at
               acc_dtype(qkv.scalar_type()), " (float64 for float64 qkv, else float32); got ", lse.scalar_type());
   TORCH_CHECK(lse.device() == qkv.device() && lse.is_contiguous(), "ckpt_ops: lse must be contiguous on ",
               qkv.device());
-  if (sh.B == 0 || sh.S == 0) return at::empty_like(qkv);
+  if (sh.B == 0 || sh.S == 0) return into_qkv ? qkv : at::empty_like(qkv);
   const OwnArgs own = own_args(dropout_p, seed, window, softcap, causal, sh, qkv);
-  if (needs_own(own)) return attention_own_bwd(dout, qkv, o, lse, key_mask, sh, causal, scale, own);
+  if (needs_own(own)) {  // its dK/dV accumulate in fp32 buffers of its own: one copy back into qkv
+    at::Tensor dqkv = attention_own_bwd(dout, qkv, o, lse, key_mask, sh, causal, scale, own);
+    return into_qkv ? qkv.copy_(dqkv) : dqkv;
+  }
   const Heads x = split_heads(qkv, sh);
   const at::Tensor& lse_in = lse;  // already the accumulation dtype ATen wants (fp64 for fp64)
   auto [dq, dk, dv] = at::_scaled_dot_product_flash_attention_for_cpu_backward(
       heads_view(dout, sh, sh.H), x.q, x.k, x.v, heads_view(o, sh, sh.H), lse_in, /*dropout_p=*/0.0, causal,
       additive_mask(key_mask, sh, qkv), scale);
-  return at::cat({rows_view(dq, sh), rows_view(dk, sh), rows_view(dv, sh)}, 2);
+  const std::vector<at::Tensor> parts{rows_view(dq, sh), rows_view(dk, sh), rows_view(dv, sh)};
+  if (into_qkv) {  // q, k and v are read: the packing copy lands in qkv's own pages
+    at::Tensor out = qkv;  // (attention_bwd_ took qkv mutable; the handle here is const)
+    at::cat_out(out, parts, 2);
+    return out;
+  }
+  return at::cat(parts, 2);
+}
+
+at::Tensor attention_bwd(const at::Tensor& dout, const at::Tensor& qkv, const at::Tensor& o, const at::Tensor& lse,
+                         const c10::optional<at::Tensor>& key_mask, int64_t num_heads, int64_t num_kv_heads,
+                         bool causal, double scale, double dropout_p, const c10::optional<at::Tensor>& seed,
+                         int64_t window, double softcap) {
+  return attention_bwd_impl(dout, qkv, o, lse, key_mask, num_heads, num_kv_heads, causal, scale, dropout_p, seed,
+                            window, softcap, /*into_qkv=*/false);
+}
+
+// attention_bwd writing dqkv over qkv (a backward that may free qkv: no fresh qkv-sized buffer).
+void attention_bwd_(const at::Tensor& dout, at::Tensor& qkv, const at::Tensor& o, const at::Tensor& lse,
+                    const c10::optional<at::Tensor>& key_mask, int64_t num_heads, int64_t num_kv_heads, bool causal,
+                    double scale, double dropout_p, const c10::optional<at::Tensor>& seed, int64_t window,
+                    double softcap) {
+  at::assert_no_overlap(qkv, dout);
+  at::assert_no_overlap(qkv, o);
+  at::assert_no_overlap(qkv, lse);
+  attention_bwd_impl(dout, qkv, o, lse, key_mask, num_heads, num_kv_heads, causal, scale, dropout_p, seed, window,
+                     softcap, /*into_qkv=*/true);
 }
 
 }  // namespace
@@ -442,6 +473,7 @@ at::Tensor attention_bwd(const at::Tensor& dout, const at::Tensor& qkv, const at
 TORCH_LIBRARY_IMPL(ckpt_ops, CPU, m) {
   m.impl("attention_fwd", attention_fwd);
   m.impl("attention_bwd", attention_bwd);
+  m.impl("attention_bwd_", attention_bwd_);
 }
 
 }  // namespace ckpt_ops
