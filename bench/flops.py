@@ -3,10 +3,13 @@
 FlopCounterMode only counts ops it has a formula for. Registered here, so recomputation inside
 fused kernels shows up in the count:
 
-- ``ckpt_ops::attention_fwd`` / ``attention_bwd`` (C++ / CUDA extension) and their Triton twins
+- ``ckpt_ops::attention_fwd`` / ``attention_bwd`` / ``attention_bwd_`` (C++ / CUDA extension; the
+  in-place backward of a freeing CPU backward) and the Triton twins
   ``attention_fwd_triton`` / ``attention_bwd_triton`` (registered once their module is imported);
 - ``aten::_scaled_dot_product_flash_attention_for_cpu`` and its ``_backward``: what eager SDPA runs
-  on CPU, for which torch 2.14.1 has no formula (attention would count as 0).
+  on CPU, for which torch 2.14.1 has no formula (attention would count as 0);
+- ``aten::addmm_``, which the fused backwards use to accumulate input gradients (torch counts
+  ``addmm`` only).
 
 Forward = ``sdpa_flop_count`` (2 GEMMs, 4·B·H·S²·hd), backward = ``sdpa_backward_flop_count``
 (5 GEMMs, 2.5x forward), both halved when causal for every op registered here (the kernels skip
@@ -56,12 +59,20 @@ def cpu_flash_bwd_flop(grad_out_shape, q_shape, k_shape, v_shape, out_shape_, ls
     return _causal(sdpa_backward_flop_count(grad_out_shape, q_shape, k_shape, v_shape), is_causal)
 
 
+def addmm_inplace_flop(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """self += a @ b: the GEMM's 2*m*k*n, as torch counts addmm (the add is not counted)."""
+    m, k = a_shape
+    return 2 * m * k * b_shape[1]
+
+
 _FORMULAS = {
     ("ckpt_ops", "attention_fwd"): ckpt_attention_fwd_flop,
     ("ckpt_ops", "attention_bwd"): ckpt_attention_bwd_flop,
+    ("ckpt_ops", "attention_bwd_"): ckpt_attention_bwd_flop,  # the same backward, dqkv over qkv
     ("ckpt_ops", "attention_fwd_triton"): ckpt_attention_fwd_flop,
     ("ckpt_ops", "attention_bwd_triton"): ckpt_attention_bwd_flop,
     ("aten", "_scaled_dot_product_flash_attention_for_cpu"): cpu_flash_fwd_flop,
+    ("aten", "addmm_"): addmm_inplace_flop,
     ("aten", "_scaled_dot_product_flash_attention_for_cpu_backward"): cpu_flash_bwd_flop,
 }
 

@@ -65,12 +65,12 @@ def test_modes_forward_backward(tmp_path, capsys):
     assert eager["forward"] > 0 and eager["forward"] + eager["backward"] == eager["step"]
 
 
-def _step_flops(level, backend="reference"):
+def _step_flops(level, backend="reference", retain=False):
     torch.manual_seed(0)
     blk = ckpt_ops.nn.TransformerBlock(32, 2, style="gpt2", recompute=level)
     blk.backend = backend
     x = torch.randn(1, 16, 32, requires_grad=True)
-    return flops.count_flops(lambda: blk(x).sum().backward())
+    return flops.count_flops(lambda: blk(x).sum().backward(retain_graph=retain))
 
 
 def test_recompute_shows_in_flops():
@@ -80,6 +80,9 @@ def test_recompute_shows_in_flops():
     for be in backends:
         full, keep, none = (_step_flops(lv, be) for lv in ("full", "keep_attn", "none"))
         assert full > keep > none > 0, (be, full, keep, none)
+        # the in-place kernels of a backward that frees its graph (attention_bwd_) count as their
+        # out-of-place forms do under retain_graph
+        assert [_step_flops(lv, be, retain=True) for lv in ("full", "keep_attn", "none")] == [full, keep, none]
 
 
 def test_cpu_flash_attention_formula():
@@ -90,6 +93,11 @@ def test_cpu_flash_attention_formula():
     fl_causal = flops.count_flops(
         lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True).sum().backward())
     assert fl_causal == fl // 2
+
+
+def test_in_place_addmm_counts_as_its_gemm():
+    a, b, c = torch.randn(8, 5), torch.randn(8, 3), torch.randn(3, 5)
+    assert flops.count_flops(lambda: a.clone().addmm_(b, c)) == flops.count_flops(lambda: a + b @ c) == 2 * 8 * 3 * 5
 
 
 def test_triton_smoke_roofline(tmp_path):
