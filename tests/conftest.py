@@ -29,6 +29,30 @@ def available_backends(family: str, device: torch.device = DEVICE):
     return params
 
 
+def count_kernel_calls(monkeypatch, name: str) -> list:
+    """A list that gets `name` appended each time a segment calls that kernel op (through
+    ckpt_ops._backend.kernel, which every segment resolves its kernels with)."""
+    calls = []
+    kernel = _backend.kernel
+
+    def counting(family, backend, op):
+        f = kernel(family, backend, op)
+        return f if op != name else (lambda *a: (calls.append(op), f(*a))[1])
+
+    monkeypatch.setattr(_backend, "kernel", counting)
+    return calls
+
+
+def assert_freeing_backward_takes(calls, name, out, inputs, dy):
+    """The first-order backward that frees the graph calls `name` once (the retain_graph one
+    never) and gives the retain_graph path's gradients bit for bit."""
+    kept = torch.autograd.grad(out, inputs, dy, retain_graph=True)
+    assert calls == []
+    freed = torch.autograd.grad(out, inputs, dy)
+    assert calls == [name]
+    assert all(torch.equal(a, b) for a, b in zip(kept, freed))
+
+
 def report_mismatch(actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol: float, name: str) -> str:
     """A message with the mismatch count and the first bad indices (Liger-style)."""
     a, e = actual.detach().double().cpu(), expected.detach().double().cpu()

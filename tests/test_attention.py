@@ -8,7 +8,8 @@ import torch.nn.functional as F
 import ckpt_ops
 from ckpt_ops import _backend
 from ckpt_ops import reference as R
-from conftest import DEVICE, assert_fp32_close, assert_low_precision_ok, available_backends
+from conftest import (DEVICE, assert_fp32_close, assert_freeing_backward_takes, assert_low_precision_ok,
+                      available_backends, count_kernel_calls)
 
 BACKENDS = available_backends("attention")
 LEVELS = ["full", "keep_attn", "selective", "none"]
@@ -239,25 +240,10 @@ def test_retain_graph_twice_and_inputs_untouched(backend, level):
 def test_freeing_backward_writes_dqkv_over_qkv(monkeypatch, level):
     """A backward that frees the graph (CPU) packs dqkv into the dead qkv (attention_bwd_: no
     fresh qkv-sized buffer); bitwise the retain_graph path, which keeps qkv and allocates dqkv."""
-    calls = []
-    kernel = _backend.kernel
-
-    def counting(family, backend, name):
-        f = kernel(family, backend, name)
-        if name != "attention_bwd_":
-            return f
-        return lambda *a: (calls.append(name), f(*a))[1]
-
-    monkeypatch.setattr(_backend, "kernel", counting)
+    calls = count_kernel_calls(monkeypatch, "attention_bwd_")
     m = make_attn(32, 4, 2, rope=True, norm="rmsnorm", p=0.2, level=level, backend="cpu")
     x = torch.randn(2, 6, 32, requires_grad=True)
-    dy = torch.randn(2, 6, 32)
-    out = m(x)
-    kept = torch.autograd.grad(out, [x, *m.parameters()], dy, retain_graph=True)
-    assert calls == []
-    freed = torch.autograd.grad(out, [x, *m.parameters()], dy)
-    assert calls == ["attention_bwd_"]
-    assert all(torch.equal(a, b) for a, b in zip(kept, freed))
+    assert_freeing_backward_takes(calls, "attention_bwd_", m(x), [x, *m.parameters()], torch.randn(2, 6, 32))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

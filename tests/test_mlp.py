@@ -10,7 +10,8 @@ import torch.nn.functional as F
 import ckpt_ops
 from ckpt_ops import _backend
 from ckpt_ops import functional as cf
-from conftest import DEVICE, assert_fp32_close, assert_low_precision_ok, available_backends
+from conftest import (DEVICE, assert_fp32_close, assert_freeing_backward_takes, assert_low_precision_ok,
+                      available_backends, count_kernel_calls)
 
 BACKENDS = available_backends("mlp")
 ACTS = ["gelu", "gelu_tanh", "relu", "silu", "swiglu", "geglu"]
@@ -242,25 +243,10 @@ def test_freeing_backward_rebuilds_a_over_h(monkeypatch, act, level):
     """A backward that frees the graph (CPU) rebuilds `a` in h's pages, dh in da's and dg in g's
     (act_bwd_rebuild_: no fresh activation-sized buffer); bitwise the retain_graph path, which
     must keep h and so allocates `a`."""
-    calls = []
-    kernel = _backend.kernel
-
-    def counting(family, backend, name):
-        f = kernel(family, backend, name)
-        if name != "act_bwd_rebuild_":
-            return f
-        return lambda *a: (calls.append(name), f(*a))[1]
-
-    monkeypatch.setattr(_backend, "kernel", counting)
+    calls = count_kernel_calls(monkeypatch, "act_bwd_rebuild_")
     m = make_mlp(16, 24, act, "layernorm", True, True, 0.0, level, "cpu", dtype=torch.float32)
     x = torch.randn(3, 5, 16, requires_grad=True)
-    dy = torch.randn(3, 5, 16)
-    out = m(x)
-    kept = torch.autograd.grad(out, [x, *m.parameters()], dy, retain_graph=True)
-    assert calls == []
-    freed = torch.autograd.grad(out, [x, *m.parameters()], dy)
-    assert calls == ["act_bwd_rebuild_"]
-    assert all(torch.equal(a, b) for a, b in zip(kept, freed))
+    assert_freeing_backward_takes(calls, "act_bwd_rebuild_", m(x), [x, *m.parameters()], torch.randn(3, 5, 16))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
