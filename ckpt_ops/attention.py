@@ -473,6 +473,7 @@ def segment_backward(cfg: AttnConfig, plan: _Plan, need, dout: Tensor, t: dict, 
         dqkv = k("attention_bwd")(do, t["qkv"], *args)
         _autograd.release(free, t["qkv"])
     del do, args
+    packed = dqkv  # (in qkv's pages on the freeing CPU path: released with the gradients below)
     _autograd.release(free, t["o"], t["lse"])
     if cfg.rope:  # RoPE's transpose, in place on the fresh gradient
         c, sn = _tables(cfg, t["cos"], t["sin"], s, dqkv.shape[-1] // (cfg.num_heads + 2 * cfg.num_kv_heads),
@@ -486,7 +487,8 @@ def segment_backward(cfg: AttnConfig, plan: _Plan, need, dout: Tensor, t: dict, 
     if cfg.qkv_layout == "head_interleaved":  # back into the weight's row order (one copy)
         dqkv = _packed_to_interleaved(dqkv, cfg.num_heads)
     dn = _qkv_backward(cfg, dqkv, n, t, need, grads, plan.dn, lc)
-    del dqkv, n
+    _autograd.release(free, packed, dqkv)  # the QKV gradient: its last use
+    del dqkv, n, packed
     if cfg.norm is not None:
         _autograd.release(free, t["n"])  # the norm's output, not x
     if not plan.dn:

@@ -346,12 +346,14 @@ def segment_backward(cfg: MLPConfig, plan: _Plan, need, dout: Tensor, t: dict, l
         _autograd.release(free, n)  # the norm's output (kept or replayed), not x
     nm = None  # (a closure cell of replay_nh: assigned, not `del`, which torch.compile cannot trace)
     if not plan.dn:
+        _autograd.release(free, dh, dg)  # they may sit in kept pages (a, g): freed like them
         return grads
     dn = dh @ t["w1"]
     for dl in (_lora.input_grad(lc, "w1", du1, dn.dtype), _lora.input_grad(lc, "wg", dug, dn.dtype)):
         dn = dn if dl is None else dn + dl
     if cfg.gated:
         dn = dn.addmm_(dg, t["wg"])  # dn: this backward's own product; accumulated in the GEMM
+    _autograd.release(free, dh, dg)  # they may sit in kept pages (a, g): freed like them
     del dh, dg
     dx = norm_backward(cfg, dn, x, t["nw"], mean, rstd, need[:3], grads)
     del dn
