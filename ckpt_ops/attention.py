@@ -6,8 +6,9 @@ The QKV projection writes one packed buffer qkv (B, S, (H + 2KV) * hd), rows [q 
 rotates its q and k heads in place; the attention kernels read q/k/v straight from it (query head
 h uses KV head h // (H/KV): grouped-query attention without repeating K/V) and write o
 (B, S, H * hd), which feeds the output projection without a copy, plus the per-(row, head)
-log-sum-exp. The backward kernels write the gradient into one packed dqkv, RoPE's transpose is
-applied to it in place, and dqkv feeds the QKV projection's two backward GEMMs directly.
+log-sum-exp. The backward kernels write the gradient into one packed dqkv (on CPU, in a backward
+that frees its graph, over the dead qkv itself: ``attention_bwd_``), RoPE's transpose is applied to
+it in place, and dqkv feeds the QKV projection's two backward GEMMs directly.
 GPT-NeoX's per-head interleaved projection (``qkv_layout="head_interleaved"``: weight rows
 [q_h | k_h | v_h] per head) runs the same GEMM and permutes its output's columns into the packed
 layout (one activation copy, never a weight copy); the backward permutes dqkv back before the QKV
