@@ -8,7 +8,6 @@ import datetime
 import math
 import multiprocessing as mp
 import os
-import socket
 import time
 import traceback
 
@@ -303,12 +302,6 @@ DIST_TIMEOUT_S = 60      # collectives / rendezvous inside the children
 JOIN_TIMEOUT_S = 150     # the parent's bound on the whole run
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _two_blocks(style, level):
     torch.manual_seed(0)
     kv = 2 if style == "llama" else None
@@ -323,16 +316,21 @@ def _two_blocks(style, level):
     return model
 
 
-def _dist_worker(rank, port, engine, result_dir):
+def _dist_worker(rank, engine, result_dir):
     """One rank: for both styles, a 2-block model under `engine` on half of the global batch vs a
-    plain copy on the whole batch in this process. Writes 'ok' or the traceback to a file."""
+    plain copy on the whole batch in this process. Writes 'ok' or the traceback to a file; its
+    stderr goes to another, so that a crash the traceback cannot show (an abort in C++ during
+    teardown) is still explained in the parent's assertion."""
     import torch.distributed as dist
 
+    err = os.open(os.path.join(result_dir, f"rank{rank}.stderr"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(err, 2)
     torch.set_num_threads(1)
     status = "ok"
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                                timeout=datetime.timedelta(seconds=DIST_TIMEOUT_S))
+        # a FileStore rendezvous: no TCPStore server thread inside rank 0 and no free-port race
+        dist.init_process_group("gloo", init_method="file://" + os.path.join(result_dir, "store"), rank=rank,
+                                world_size=WORLD, timeout=datetime.timedelta(seconds=DIST_TIMEOUT_S))
         for style, level in (("gpt2", "full"), ("llama", "keep_attn")):
             model = _two_blocks(style, level)
             ref = copy.deepcopy(model)
@@ -379,10 +377,8 @@ def _dist_worker(rank, port, engine, result_dir):
 def _run_distributed(engine, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")     # inherited by the spawned children
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")  # loopback only
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_dist_worker, args=(r, port, engine, str(tmp_path)), daemon=True)
+    procs = [ctx.Process(target=_dist_worker, args=(r, engine, str(tmp_path)), daemon=True)
              for r in range(WORLD)]
     for p in procs:
         p.start()
@@ -394,14 +390,16 @@ def _run_distributed(engine, tmp_path, monkeypatch):
     for p in hung:
         p.kill()
         p.join(5)
-    results = {}
-    for r in range(WORLD):
-        path = tmp_path / f"rank{r}"
-        results[r] = path.read_text() if path.exists() else "<no result>"
-    assert not hung, f"{engine}: {len(hung)} rank(s) hung past {JOIN_TIMEOUT_S}s; results: {results}"
+    def read(name):
+        path = tmp_path / name
+        return path.read_text(errors="replace") if path.exists() else "<none>"
+
+    results = {r: read(f"rank{r}") for r in range(WORLD)}
+    stderr = {r: read(f"rank{r}.stderr")[-4000:] for r in range(WORLD)}
+    assert not hung, f"{engine}: {len(hung)} rank(s) hung past {JOIN_TIMEOUT_S}s; results: {results}; stderr: {stderr}"
     for r, p in enumerate(procs):
-        assert results[r] == "ok", f"{engine} rank {r} (exit {p.exitcode}):\n{results[r]}"
-        assert p.exitcode == 0, f"{engine} rank {r} exit code {p.exitcode}"
+        assert results[r] == "ok", f"{engine} rank {r} (exit {p.exitcode}):\n{results[r]}\nstderr:\n{stderr[r]}"
+        assert p.exitcode == 0, f"{engine} rank {r} exit code {p.exitcode}; its stderr:\n{stderr[r]}"
 
 
 def test_ddp_two_ranks_equal_one_process(tmp_path, monkeypatch):
