@@ -325,6 +325,7 @@ def _dist_worker(rank, engine, result_dir):
 
     err = os.open(os.path.join(result_dir, f"rank{rank}.stderr"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     os.dup2(err, 2)
+    os.close(err)
     torch.set_num_threads(1)
     status = "ok"
     try:
