@@ -54,13 +54,24 @@ def train_step(model, ids, am, labels):
 
 
 def assert_same_step(conv, ref, ids, am, labels):
-    """One training step of each: loss and every gradient of `conv` vs `ref` by DESIGN 4's fp32 rule."""
+    """One training step of each: loss and every gradient of `conv` vs `ref` by DESIGN 4's fp32 rule.
+
+    The truth is the unconverted model's step in fp64 (a deep copy of `ref`, cast), not eager fp32:
+    eager fp32's own rounding follows the CPU's vector width, and on an AVX2-only machine it misses
+    the 1e-5 relative-norm bar by itself on sharp models (Gemma2 with a biting soft-cap: 1.2e-5 for
+    a norm weight's gradient, where the fused step is at 5.9e-6). Where eager fp32 misses the bar,
+    the bar becomes "no worse than 2x eager fp32" (assert_fp32_close's `eager_fp32`)."""
+    truth = None
+    if all(p.dtype == torch.float32 for p in ref.parameters()):
+        truth = copy.deepcopy(ref).double()
     l_ref, g_ref = train_step(ref, ids, am, labels)
     l_conv, g_conv = train_step(conv, ids, am, labels)
-    assert_fp32_close(l_conv, l_ref, "loss")
-    assert g_ref.keys() == g_conv.keys() and g_ref
+    l_t, g_t = train_step(truth, ids, am, labels) if truth is not None else (l_ref, g_ref)
+    eager = (lambda t: t) if truth is not None else (lambda t: None)
+    assert_fp32_close(l_conv, l_t, "loss", eager_fp32=eager(l_ref))
+    assert g_ref.keys() == g_conv.keys() == g_t.keys() and g_ref
     for name in g_ref:
-        assert_fp32_close(g_conv[name], g_ref[name], name)
+        assert_fp32_close(g_conv[name], g_t[name], name, eager_fp32=eager(g_ref[name]))
     return l_ref
 
 
