@@ -65,12 +65,12 @@ CKPT_CPU_ALWAYS_INLINE void from_float(const float* src, scalar_t* dst, int64_t 
 
 // One chunk of a kernel, inlined into each ISA copy (ckpt_ops/cpu_isa.h) so that its
 // `omp simd` loop (and the activation math inlined into it) is vectorised for
-// that wrapper's instruction set. The forward runs fp32 / fp64 in place; bf16 /
+// that wrapper's instruction set. fp32 / fp64 run straight over the tensors; bf16 /
 // fp16 are widened to fp32 a block at a time, run through the fp32 loop (so they
-// get the fp32 results, rounded once), and narrowed back. The backward takes fp32
-// through the same L1-resident blocks (to_float / from_float copy it): straight over the
-// tensors its loop ran at about half the speed (gelu_tanh 10.0 vs 6.0 ms on
-// 2048 x 3072, AVX-512), the forward's does not gain.
+// get the fp32 results, rounded once), and narrowed back. (Until the math was forced
+// inline -- CKPT_HD_INLINE, host_math.h -- the fp32 backward ran faster through
+// the same blocks; with it, straight is faster: silu's backward 12.3 -> 9.7 ms,
+// gelu_tanh's 21.9 -> 18.4 ms on 2048 x 3072, AVX2, 2 threads.)
 constexpr int64_t kBlock = 256;
 
 template <int kAct, bool kGated, typename acc>
@@ -118,9 +118,9 @@ CKPT_CPU_ALWAYS_INLINE void act_bwd_block(const acc* da, const acc* h, const acc
 template <int kAct, bool kGated, bool kNeedA, typename scalar_t>
 CKPT_CPU_ALWAYS_INLINE void act_bwd_chunk(const scalar_t* da, const scalar_t* h, const scalar_t* g, scalar_t* a,
                                           scalar_t* dh, scalar_t* dg, int64_t begin, int64_t end) {
-  if constexpr (std::is_same_v<scalar_t, double>) {
-    act_bwd_block<kAct, kGated, kNeedA, double>(da, h, g, a, dh, dg, begin, end);
-  } else {  // fp32 too (to_float / from_float copy it): the loop straight over the tensors ran ~2x slower
+  if constexpr (std::is_same_v<scalar_t, double> || std::is_same_v<scalar_t, float>) {
+    act_bwd_block<kAct, kGated, kNeedA, scalar_t>(da, h, g, a, dh, dg, begin, end);
+  } else {
     alignas(64) float dab[kBlock], hb[kBlock], gb[kBlock], ab[kBlock], dhb[kBlock], dgb[kBlock];
     for (int64_t i0 = begin; i0 < end; i0 += kBlock) {
       const int64_t n = std::min(kBlock, end - i0);
@@ -136,9 +136,9 @@ CKPT_CPU_ALWAYS_INLINE void act_bwd_chunk(const scalar_t* da, const scalar_t* h,
 }
 
 // The chunks as ISA bodies (ckpt_ops/cpu_isa.h): one copy per instruction set,
-// picked once per kernel call. The activation math uses no FMA (host_math.h,
-// -ffp-contract=off), so every copy returns the same bits; a forward and a
-// backward kernel run the same copy anyway.
+// picked once per kernel call. The activation math contracts nothing itself
+// (-ffp-contract=off) and its explicit FMAs are exact (host_math::fma_), so every
+// copy returns the same bits; a forward and a backward kernel run the same copy anyway.
 template <int kAct, bool kGated>
 struct ActFwd {
   template <typename scalar_t>

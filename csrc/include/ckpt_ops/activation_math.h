@@ -24,7 +24,8 @@
 // Transcendentals: the device code and the fp64 host code call libm (erff /
 // tanhf / expf on the GPU, erf / tanh / exp on the host). The fp32 host code
 // calls ckpt_ops/host_math.h instead (host-only, behind #if !__CUDA_ARCH__):
-// branch-free exp / tanh / Phi that `omp simd` vectorises, where libm calls
+// branch-free exp / tanh / Phi (their Horner steps written as exact FMAs) that
+// `omp simd` vectorises, where libm calls
 // would keep the CPU loops scalar. Two fp32 host terms are evaluated in a
 // mathematically equal but more accurate form than the contract's expression:
 //   Phi(x)          0.5 erfc(-x / sqrt 2)  (no cancellation of 1 + erf for x << 0)
@@ -60,8 +61,8 @@ CKPT_HD_INLINE double exp_(double x) { return exp(x); }
 CKPT_HD_INLINE float tanh_(float x) { return tanhf(x); }
 CKPT_HD_INLINE float exp_(float x) { return expf(x); }
 #else
-inline float tanh_(float x) { return host_math::tanh_(x); }
-inline float exp_(float x) { return host_math::exp_(x); }
+CKPT_HD_INLINE float tanh_(float x) { return host_math::tanh_(x); }
+CKPT_HD_INLINE float exp_(float x) { return host_math::exp_(x); }
 #endif
 
 // Phi(x) = 0.5 * (1 + erf(x * (1/sqrt 2))), the contract's expression; on the
@@ -78,8 +79,8 @@ CKPT_HD_INLINE float normal_cdf_(float x) {
 }
 CKPT_HD_INLINE float exp_neg_half_sq_(float x) { return expf(mul_rn(mul_rn(-0.5f, x), x)); }
 #else
-inline float normal_cdf_(float x) { return host_math::normal_cdf(x); }
-inline float exp_neg_half_sq_(float x) { return host_math::exp_neg_half_sq(x); }
+CKPT_HD_INLINE float normal_cdf_(float x) { return host_math::normal_cdf(x); }
+CKPT_HD_INLINE float exp_neg_half_sq_(float x) { return host_math::exp_neg_half_sq(x); }
 #endif
 
 // c ? 1 : 0. On the host as bit operations: a `?:` of constants lets the

@@ -32,7 +32,7 @@ CKPT_HD_INLINE double tanh_acc(double x) { return tanh(x); }
 #if defined(__CUDA_ARCH__)
 CKPT_HD_INLINE float tanh_acc(float x) { return tanhf(x); }
 #else
-inline float tanh_acc(float x) { return host_math::tanh_(x); }
+CKPT_HD_INLINE float tanh_acc(float x) { return host_math::tanh_</*kFma=*/false>(x); }  // outside the ISA copies
 #endif
 
 // The capped score c * tanh(dot * inv) of a raw dot product q.k, inv = scale / c

@@ -17,8 +17,9 @@
 // that call (no silent fallback); ckpt_ops.backend_info()["cpu_isa"] reports
 // the choice.
 //
-// Bits: the elementwise math uses no FMA (-ffp-contract=off, host_math.h), so
-// the activation, dropout and RoPE kernels return the same bits on every copy;
+// Bits: the elementwise math leaves no FMA to the compiler (-ffp-contract=off)
+// and writes its fused multiply-adds out (host_math::fma_, exact on every copy),
+// so the activation, dropout and RoPE kernels return the same bits on every copy;
 // the norms' row sums are split across vector lanes, so their last bits depend
 // on the copy (never on the thread count).
 #pragma once
