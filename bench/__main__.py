@@ -82,6 +82,10 @@ def parse(argv=None) -> argparse.Namespace:
     m.add_argument("--peak-gbs", type=float, default=None, help="roofline: peak GB/s (default: GPU table)")
     m.add_argument("--out", default=None, help="results folder (default bench/results/)")
     args = p.parse_args(argv)
+    if args.family != "gpt2" and args.op not in ("model", "all"):
+        # the other ops build their own fixed stacks (bench_block's and bench_planner's docstrings):
+        # refuse rather than measure a GPT-2 stack under a Llama label
+        p.error(f"--family {args.family} applies to --op model (or all) only; --op {args.op} builds its own stack")
     args.block_dropouts = args.dropout or [0.1, 0.0]
     args.dropout = (args.dropout or [0.1])[0]
     if args.reps is None:

@@ -276,9 +276,12 @@ def test_model_family_option_builds_that_family(tmp_path, capsys):
     from bench import bench_model
     from bench.__main__ import parse
 
-    assert parse(["--family", "qwen2"]).family == "qwen2"
+    assert parse(["--op", "model", "--family", "qwen2"]).family == "qwen2"
     for fam in bench_model.FAMILIES:
-        assert parse(["--family", fam]).family == fam  # the CLI offers every family the builder knows
+        assert parse(["--op", "model", "--family", fam]).family == fam  # the CLI offers every family the builder knows
+    with pytest.raises(SystemExit):  # the other ops build their own stacks: no Llama label on a GPT-2 stack
+        parse(["--op", "block", "--family", "llama"])
+    assert parse(["--op", "block", "--family", "gpt2"]).family == "gpt2"
     model = bench_model.build_model({"family": "mistral", "seq": 16, "d_model": 48, "heads": 3, "layers": 2,
                                      "vocab": 64, "dropout": 0.0})
     assert type(model).__name__ == "MistralForCausalLM" and model.config.num_key_value_heads == 1
